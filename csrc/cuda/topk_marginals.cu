@@ -1,0 +1,9 @@
+// STUB: to be replaced by the real CUDA kernel.
+#include <ATen/ATen.h>
+#include "ops.h"
+
+namespace ddtree::cuda {
+
+TopkResult topk_marginals(const at::Tensor& logits, int64_t k, double temperature) { TORCH_CHECK(false, "stub"); }
+
+}  // namespace ddtree::cuda

@@ -1,0 +1,100 @@
+// The op surface of ddtree: one declaration per (op, backend).
+//
+// The contracts are in DESIGN.md ("The ops"); the points that contract leaves open are pinned down
+// here, because the CPU and CUDA kernels must agree on them bit for bit:
+//
+// topk_marginals
+//   * Values compared are v = float(logit) / float(temperature) (fp32 division). NaN counts as -inf.
+//   * Row with a +inf: the +inf entries share the mass evenly (the limit of softmax), logprob
+//     -log(count of +inf), every other entry -inf. Row of only -inf/NaN: every logprob is -inf.
+//   * Top k by v, ties by smaller token id; the output is sorted the same way.
+//
+// build_tree
+//   * A NaN log-prob counts as -inf. Scores are fp32, s(child) = s(parent) + logprob.
+//   * The best-first heap order is (larger score, then lexicographically smaller rank sequence).
+//   * Cost-aware stop: phi and theta are computed in double; phi(n) = sum_{k<=n} exp(double(s_k)),
+//     theta(n) = (1 + phi(n)) / (double(draft_cost) + double(verify_cost[b, n])); node n+1 is taken
+//     only while theta(n+1) > theta(n).
+//   * Unused slots: tokens 0, parents -1, depths 0, positions context_len, scores -inf, mask 0.
+//     expected_tokens = float(1 + phi(num_nodes)).
+//
+// tree_attention
+//   * Row i attends to cache positions [0, ctx) and to ctx + j for every j <= num_nodes whose bit is
+//     set in mask row i. A row that sees no key at all outputs zeros.
+//
+// accept_tree
+//   * At slot c the walk moves to the smallest slot j in (c, num_nodes] with parents[j] == c and
+//     tokens[j] == target_tokens[c]. accepted_slots has max_depth + 1 columns (N + 1 when
+//     max_depth < 0); the walk also stops when they are full.
+//
+// Value checks that need the data (context lengths against the cache, slot indices against the tree)
+// raise on CPU. On CUDA they would cost a host synchronisation, so the kernels instead clamp or skip
+// such entries: they never read or write out of bounds, but the result for invalid input is unspecified.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace ddtree {
+
+using TopkResult = std::tuple<at::Tensor, at::Tensor>;
+// num_nodes, tokens, parents, depths, positions, scores, tree_mask, expected_tokens
+using TreeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                              at::Tensor, at::Tensor>;
+// accepted_slots, accept_len, next_token
+using AcceptResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// Shape, dtype and device checks shared by both backends (validate.cpp). They raise a RuntimeError
+// naming the argument. They never look at tensor values, so they never synchronise.
+void check_topk_marginals(const at::Tensor& logits, int64_t k, double temperature);
+void check_build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids,
+                      const at::Tensor& root_tokens, const at::Tensor& context_lens, int64_t max_nodes,
+                      const std::optional<at::Tensor>& verify_cost, double draft_cost);
+void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& context_lens, const at::Tensor& tree_mask,
+                          const at::Tensor& num_nodes, double scale);
+void check_accept_tree(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& num_nodes,
+                       const at::Tensor& target_tokens, int64_t max_depth);
+void check_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& context_lens,
+                      const at::Tensor& accepted_slots, const at::Tensor& accept_len);
+
+// Output width of the packed ancestor mask for n slots.
+inline int64_t mask_words(int64_t slots) { return (slots + 31) / 32; }
+// Output width of accepted_slots.
+inline int64_t accept_width(int64_t slots, int64_t max_depth) {
+  return max_depth < 0 ? slots : std::min<int64_t>(max_depth + 1, slots);
+}
+
+namespace cpu {
+TopkResult topk_marginals(const at::Tensor& logits, int64_t k, double temperature);
+TreeResult build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids,
+                      const at::Tensor& root_tokens, const at::Tensor& context_lens, int64_t max_nodes,
+                      const std::optional<at::Tensor>& verify_cost, double draft_cost);
+at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& context_lens, const at::Tensor& tree_mask,
+                          const at::Tensor& num_nodes, double scale);
+AcceptResult accept_tree(const at::Tensor& tokens, const at::Tensor& parents,
+                         const at::Tensor& num_nodes, const at::Tensor& target_tokens,
+                         int64_t max_depth);
+void compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& context_lens,
+                const at::Tensor& accepted_slots, const at::Tensor& accept_len);
+}  // namespace cpu
+
+namespace cuda {
+TopkResult topk_marginals(const at::Tensor& logits, int64_t k, double temperature);
+TreeResult build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids,
+                      const at::Tensor& root_tokens, const at::Tensor& context_lens, int64_t max_nodes,
+                      const std::optional<at::Tensor>& verify_cost, double draft_cost);
+at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& context_lens, const at::Tensor& tree_mask,
+                          const at::Tensor& num_nodes, double scale);
+AcceptResult accept_tree(const at::Tensor& tokens, const at::Tensor& parents,
+                         const at::Tensor& num_nodes, const at::Tensor& target_tokens,
+                         int64_t max_depth);
+void compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& context_lens,
+                const at::Tensor& accepted_slots, const at::Tensor& accept_len);
+}  // namespace cuda
+
+}  // namespace ddtree

@@ -1,0 +1,178 @@
+// Argument checks shared by the CPU and CUDA kernels. Every message starts with the op and names the
+// argument, so a user sees which of their tensors is wrong. None of these reads tensor values.
+#include <ATen/ATen.h>
+
+#include "ops.h"
+
+namespace ddtree {
+namespace {
+
+void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t rank) {
+  TORCH_CHECK(t.dim() == rank, op, ": ", name, " must have ", rank, " dimensions, got shape ", t.sizes());
+}
+
+void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device());
+}
+
+void check_size(const char* op, const char* name, const at::Tensor& t, int64_t dim, int64_t expected,
+                const char* what) {
+  TORCH_CHECK(t.size(dim) == expected, op, ": ", name, ".size(", dim, ") must equal ", what, " (",
+              expected, "), got ", t.size(dim), " (shape ", t.sizes(), ")");
+}
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace
+
+void check_topk_marginals(const at::Tensor& logits, int64_t k, double temperature) {
+  const char* op = "topk_marginals";
+  check_rank(op, "logits", logits, 3);
+  TORCH_CHECK(is_float_type(logits.scalar_type()), op, ": logits must be float32, float16 or bfloat16, got ",
+              logits.scalar_type());
+  TORCH_CHECK(k >= 1, op, ": k must be at least 1, got ", k);
+  TORCH_CHECK(k <= logits.size(2), op, ": k (", k, ") must not exceed the vocabulary size logits.size(2) (",
+              logits.size(2), ")");
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), op,
+              ": temperature must be positive and finite, got ", temperature);
+}
+
+void check_build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids, const at::Tensor& root_tokens,
+                      const at::Tensor& context_lens, int64_t max_nodes,
+                      const std::optional<at::Tensor>& verify_cost, double draft_cost) {
+  const char* op = "build_tree";
+  check_rank(op, "logprobs", logprobs, 3);
+  check_dtype(op, "logprobs", logprobs, at::kFloat);
+  check_rank(op, "token_ids", token_ids, 3);
+  check_dtype(op, "token_ids", token_ids, at::kLong);
+  TORCH_CHECK(token_ids.sizes() == logprobs.sizes(), op, ": token_ids shape ", token_ids.sizes(),
+              " must equal logprobs shape ", logprobs.sizes());
+  const int64_t B = logprobs.size(0);
+  TORCH_CHECK(logprobs.size(1) >= 1, op, ": logprobs must have at least one depth (size(1) >= 1)");
+  TORCH_CHECK(logprobs.size(2) >= 1, op, ": logprobs must have at least one candidate (size(2) >= 1)");
+  check_rank(op, "root_tokens", root_tokens, 1);
+  check_dtype(op, "root_tokens", root_tokens, at::kLong);
+  check_size(op, "root_tokens", root_tokens, 0, B, "the batch size logprobs.size(0)");
+  check_rank(op, "context_lens", context_lens, 1);
+  check_dtype(op, "context_lens", context_lens, at::kLong);
+  check_size(op, "context_lens", context_lens, 0, B, "the batch size logprobs.size(0)");
+  check_same_device(op, "token_ids", token_ids, logprobs, "logprobs");
+  check_same_device(op, "root_tokens", root_tokens, logprobs, "logprobs");
+  check_same_device(op, "context_lens", context_lens, logprobs, "logprobs");
+  TORCH_CHECK(max_nodes >= 0, op, ": max_nodes must be non-negative, got ", max_nodes);
+  TORCH_CHECK(std::isfinite(draft_cost) && draft_cost >= 0.0, op,
+              ": draft_cost must be finite and non-negative, got ", draft_cost);
+  if (verify_cost.has_value()) {
+    const at::Tensor& c = *verify_cost;
+    check_rank(op, "verify_cost", c, 2);
+    check_dtype(op, "verify_cost", c, at::kFloat);
+    check_size(op, "verify_cost", c, 0, B, "the batch size logprobs.size(0)");
+    TORCH_CHECK(c.size(1) >= max_nodes + 1, op, ": verify_cost must have at least max_nodes + 1 (",
+                max_nodes + 1, ") columns, got ", c.size(1));
+    check_same_device(op, "verify_cost", c, logprobs, "logprobs");
+  }
+}
+
+void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& context_lens, const at::Tensor& tree_mask,
+                          const at::Tensor& num_nodes, double scale) {
+  const char* op = "tree_attention";
+  check_rank(op, "q", q, 4);
+  check_rank(op, "k_cache", k_cache, 4);
+  check_rank(op, "v_cache", v_cache, 4);
+  TORCH_CHECK(is_float_type(q.scalar_type()), op, ": q must be float32, float16 or bfloat16, got ",
+              q.scalar_type());
+  check_dtype(op, "k_cache", k_cache, q.scalar_type());
+  check_dtype(op, "v_cache", v_cache, q.scalar_type());
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), d = q.size(3);
+  TORCH_CHECK(T >= 1, op, ": q must have at least one tree slot (q.size(2) >= 1)");
+  TORCH_CHECK(d >= 1, op, ": q must have a non-empty head dimension");
+  check_size(op, "k_cache", k_cache, 0, B, "the batch size q.size(0)");
+  check_size(op, "k_cache", k_cache, 3, d, "the head dim q.size(3)");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache shape ", v_cache.sizes(),
+              " must equal k_cache shape ", k_cache.sizes());
+  const int64_t Hkv = k_cache.size(1);
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": the query heads q.size(1) (", Hq,
+              ") must be a multiple of the key/value heads k_cache.size(1) (", Hkv, ")");
+  TORCH_CHECK(k_cache.size(2) >= T, op, ": k_cache holds ", k_cache.size(2),
+              " positions, fewer than the tree slots q.size(2) (", T, ")");
+  check_rank(op, "context_lens", context_lens, 1);
+  check_dtype(op, "context_lens", context_lens, at::kLong);
+  check_size(op, "context_lens", context_lens, 0, B, "the batch size q.size(0)");
+  check_rank(op, "tree_mask", tree_mask, 3);
+  check_dtype(op, "tree_mask", tree_mask, at::kInt);
+  check_size(op, "tree_mask", tree_mask, 0, B, "the batch size q.size(0)");
+  check_size(op, "tree_mask", tree_mask, 1, T, "the tree slots q.size(2)");
+  check_size(op, "tree_mask", tree_mask, 2, mask_words(T), "ceil(tree slots / 32)");
+  check_rank(op, "num_nodes", num_nodes, 1);
+  check_dtype(op, "num_nodes", num_nodes, at::kInt);
+  check_size(op, "num_nodes", num_nodes, 0, B, "the batch size q.size(0)");
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"k_cache", &k_cache},
+                         {"v_cache", &v_cache},
+                         {"context_lens", &context_lens},
+                         {"tree_mask", &tree_mask},
+                         {"num_nodes", &num_nodes}}) {
+    check_same_device(op, name, *t, q, "q");
+  }
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+}
+
+void check_accept_tree(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& num_nodes,
+                       const at::Tensor& target_tokens, int64_t max_depth) {
+  const char* op = "accept_tree";
+  check_rank(op, "tokens", tokens, 2);
+  check_dtype(op, "tokens", tokens, at::kLong);
+  const int64_t B = tokens.size(0), slots = tokens.size(1);
+  TORCH_CHECK(slots >= 1, op, ": tokens must hold at least the root slot (size(1) >= 1)");
+  check_rank(op, "parents", parents, 2);
+  check_dtype(op, "parents", parents, at::kInt);
+  TORCH_CHECK(parents.sizes() == tokens.sizes(), op, ": parents shape ", parents.sizes(),
+              " must equal tokens shape ", tokens.sizes());
+  check_rank(op, "num_nodes", num_nodes, 1);
+  check_dtype(op, "num_nodes", num_nodes, at::kInt);
+  check_size(op, "num_nodes", num_nodes, 0, B, "the batch size tokens.size(0)");
+  check_rank(op, "target_tokens", target_tokens, 2);
+  check_dtype(op, "target_tokens", target_tokens, at::kLong);
+  TORCH_CHECK(target_tokens.sizes() == tokens.sizes(), op, ": target_tokens shape ", target_tokens.sizes(),
+              " must equal tokens shape ", tokens.sizes());
+  check_same_device(op, "parents", parents, tokens, "tokens");
+  check_same_device(op, "num_nodes", num_nodes, tokens, "tokens");
+  check_same_device(op, "target_tokens", target_tokens, tokens, "tokens");
+  (void)max_depth;  // any value is meaningful: < 0 means "as many columns as slots"
+}
+
+void check_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& context_lens,
+                      const at::Tensor& accepted_slots, const at::Tensor& accept_len) {
+  const char* op = "compact_kv";
+  check_rank(op, "accepted_slots", accepted_slots, 2);
+  check_dtype(op, "accepted_slots", accepted_slots, at::kLong);
+  const int64_t B = accepted_slots.size(0);
+  check_rank(op, "context_lens", context_lens, 1);
+  check_dtype(op, "context_lens", context_lens, at::kLong);
+  check_size(op, "context_lens", context_lens, 0, B, "the batch size accepted_slots.size(0)");
+  check_rank(op, "accept_len", accept_len, 1);
+  check_dtype(op, "accept_len", accept_len, at::kInt);
+  check_size(op, "accept_len", accept_len, 0, B, "the batch size accepted_slots.size(0)");
+  check_same_device(op, "context_lens", context_lens, accepted_slots, "accepted_slots");
+  check_same_device(op, "accept_len", accept_len, accepted_slots, "accepted_slots");
+  for (size_t i = 0; i < caches.size(); ++i) {
+    const at::Tensor& c = caches[i];
+    TORCH_CHECK(c.dim() == 4, op, ": caches[", i, "] must have 4 dimensions [B, H, S, d], got shape ",
+                c.sizes());
+    TORCH_CHECK(c.size(0) == B, op, ": caches[", i, "].size(0) (", c.size(0),
+                ") must equal the batch size accepted_slots.size(0) (", B, ")");
+    TORCH_CHECK(c.device() == accepted_slots.device(), op, ": caches[", i, "] is on ", c.device(),
+                " but accepted_slots is on ", accepted_slots.device());
+    TORCH_CHECK(c.stride(3) == 1, op, ": caches[", i, "] must be contiguous in its last dimension");
+  }
+}
+
+}  // namespace ddtree

@@ -1,0 +1,196 @@
+"""Typed wrappers over ``torch.ops.ddtree.*``, their fake (meta) implementations, and ``DraftTree``.
+
+Every op takes its arguments positionally in the order of ``shared/DESIGN.md`` and runs on CPU and,
+when the extension was built with CUDA, on CUDA. Shapes below use: ``B`` requests, ``D`` draft depth,
+``V`` vocabulary, ``K`` candidates per depth, ``N`` max_nodes (tree arrays have ``N + 1`` slots, slot 0
+is the root), ``W = ceil((N + 1) / 32)`` mask words, ``S`` cache positions, ``d`` head dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: registers torch.ops.ddtree.*)
+
+_ops = torch.ops.ddtree
+
+
+def _mask_words(slots: int) -> int:
+    return (slots + 31) // 32
+
+
+# --------------------------------------------------------------------------------------------------
+# topk_marginals
+
+
+def topk_marginals(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``k`` of ``log_softmax(logits / temperature)`` per (request, depth).
+
+    logits: ``[B, D, V]`` fp32/fp16/bf16. Returns ``(logprobs [B, D, k] f32, token_ids [B, D, k] i64)``
+    sorted by descending log-prob, ties by smaller token id. NaN logits count as ``-inf``; a row with
+    ``+inf`` logits spreads its mass evenly over them.
+    """
+    return _ops.topk_marginals(logits, k, temperature)
+
+
+@torch.library.register_fake("ddtree::topk_marginals")
+def _topk_marginals_fake(logits, k, temperature=1.0):
+    torch._check(logits.dim() == 3, lambda: "topk_marginals: logits must have 3 dimensions")
+    B, D, _ = logits.shape
+    return (logits.new_empty((B, D, k), dtype=torch.float32), logits.new_empty((B, D, k), dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------------------------------
+# build_tree
+
+
+@dataclass
+class DraftTree:
+    """The draft trees of a batch, padded to ``N + 1`` slots (slot 0 is the root).
+
+    Nodes occupy slots ``1..num_nodes[b]`` in selection order, which is topological.
+    """
+
+    num_nodes: torch.Tensor  # [B] i32
+    tokens: torch.Tensor  # [B, N+1] i64, slot 0 = root token, unused slots 0
+    parents: torch.Tensor  # [B, N+1] i32, root and unused slots -1
+    depths: torch.Tensor  # [B, N+1] i32, root 0
+    positions: torch.Tensor  # [B, N+1] i64, context_len + depth
+    scores: torch.Tensor  # [B, N+1] f32, path log-probability (root 0, unused -inf)
+    tree_mask: torch.Tensor  # [B, N+1, W] i32, bit j of row i: slot j is i or an ancestor of i
+    expected_tokens: torch.Tensor  # [B] f32, 1 + sum of the chosen nodes' path probabilities
+
+    @property
+    def num_slots(self) -> int:
+        return self.tokens.shape[1]
+
+    def to(self, device) -> "DraftTree":
+        return DraftTree(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def dense_mask(self) -> torch.Tensor:
+        """``[B, N+1, N+1]`` bool ancestor mask unpacked from ``tree_mask`` (for tests and reference paths)."""
+        T = self.num_slots
+        bits = torch.arange(32, device=self.tree_mask.device, dtype=torch.int32)
+        unpacked = (self.tree_mask.unsqueeze(-1) >> bits) & 1  # [B, T, W, 32]
+        return unpacked.flatten(-2)[..., :T].bool()
+
+
+def build_tree(
+    logprobs: torch.Tensor,
+    token_ids: torch.Tensor,
+    root_tokens: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_nodes: int,
+    verify_cost: Optional[torch.Tensor] = None,
+    draft_cost: float = 0.0,
+) -> DraftTree:
+    """Best-first draft tree over the factorised marginals.
+
+    logprobs ``[B, D, K]`` f32 and token_ids ``[B, D, K]`` i64 (as from :func:`topk_marginals`),
+    root_tokens ``[B]`` i64, context_lens ``[B]`` i64. Without ``verify_cost`` (DDTree) it takes
+    ``min(max_nodes, #candidates)`` nodes; with ``verify_cost [B, >= max_nodes+1]`` f32 (CaDDTree) it
+    stops at the first ``n`` where ``theta(n+1) <= theta(n)``,
+    ``theta(n) = (1 + sum_{k<=n} p_k) / (draft_cost + verify_cost[b, n])``.
+    """
+    return DraftTree(*_ops.build_tree(logprobs, token_ids, root_tokens, context_lens, max_nodes, verify_cost, draft_cost))
+
+
+@torch.library.register_fake("ddtree::build_tree")
+def _build_tree_fake(logprobs, token_ids, root_tokens, context_lens, max_nodes, verify_cost=None, draft_cost=0.0):
+    B = logprobs.shape[0]
+    T = max_nodes + 1
+    e = logprobs.new_empty
+    return (
+        e((B,), dtype=torch.int32),
+        e((B, T), dtype=torch.int64),
+        e((B, T), dtype=torch.int32),
+        e((B, T), dtype=torch.int32),
+        e((B, T), dtype=torch.int64),
+        e((B, T), dtype=torch.float32),
+        e((B, T, _mask_words(T)), dtype=torch.int32),
+        e((B,), dtype=torch.float32),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# tree_attention
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    context_lens: torch.Tensor,
+    tree_mask: torch.Tensor,
+    num_nodes: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of the ``T`` tree slots over the committed context and their own ancestors.
+
+    q ``[B, Hq, T, d]``; k_cache, v_cache ``[B, Hkv, S, d]`` (Hugging Face layout, ``Hq % Hkv == 0``)
+    with the tree's keys/values already at positions ``context_len + slot``; context_lens ``[B]`` i64;
+    tree_mask ``[B, T, ceil(T/32)]`` i32; num_nodes ``[B]`` i32. Returns ``[B, Hq, T, d]`` in q's dtype.
+    Softmax in fp32; a row that sees no key returns zeros.
+    """
+    return _ops.tree_attention(q, k_cache, v_cache, context_lens, tree_mask, num_nodes, scale)
+
+
+@torch.library.register_fake("ddtree::tree_attention")
+def _tree_attention_fake(q, k_cache, v_cache, context_lens, tree_mask, num_nodes, scale):
+    return torch.empty_like(q)
+
+
+# --------------------------------------------------------------------------------------------------
+# accept_tree
+
+
+def accept_tree(
+    tokens: torch.Tensor,
+    parents: torch.Tensor,
+    num_nodes: torch.Tensor,
+    target_tokens: torch.Tensor,
+    max_depth: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Walk from the root along children whose token equals the target's token at their parent.
+
+    tokens ``[B, N+1]`` i64, parents ``[B, N+1]`` i32, num_nodes ``[B]`` i32, target_tokens ``[B, N+1]``
+    i64 (argmax or one sample per slot). Returns ``accepted_slots [B, max_depth+1]`` i64 (root first, -1
+    padded; ``N + 1`` columns when ``max_depth < 0``), ``accept_len [B]`` i32 (root counted) and
+    ``next_token [B]`` i64 (the bonus token: the target's token at the last accepted slot).
+    """
+    return _ops.accept_tree(tokens, parents, num_nodes, target_tokens, max_depth)
+
+
+@torch.library.register_fake("ddtree::accept_tree")
+def _accept_tree_fake(tokens, parents, num_nodes, target_tokens, max_depth=-1):
+    B, T = tokens.shape
+    width = T if max_depth < 0 else min(max_depth + 1, T)
+    return (
+        tokens.new_empty((B, width), dtype=torch.int64),
+        tokens.new_empty((B,), dtype=torch.int32),
+        tokens.new_empty((B,), dtype=torch.int64),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# compact_kv
+
+
+def compact_kv(
+    caches: Sequence[torch.Tensor],
+    context_lens: torch.Tensor,
+    accepted_slots: torch.Tensor,
+    accept_len: torch.Tensor,
+) -> None:
+    """In place, for every cache ``[B, H, S, d]`` (all layers' K and V in one launch): position
+    ``context_len + i`` receives position ``context_len + accepted_slots[b, i]`` for ``i < accept_len[b]``,
+    as if every read happened before any write.
+    """
+    _ops.compact_kv(list(caches), context_lens, accepted_slots, accept_len)
+
+
+@torch.library.register_fake("ddtree::compact_kv")
+def _compact_kv_fake(caches, context_lens, accepted_slots, accept_len):
+    return None
