@@ -69,7 +69,10 @@ void build_one(const RequestView& in, int64_t root_token, int64_t ctx, int64_t m
   auto push = [&](float parent_score, int32_t parent_slot, int32_t depth, int32_t rank, int64_t parent_seq) {
     const float lp = sanitize(in.lp[(depth - 1) * in.K + rank]);
     const int64_t seq = static_cast<int64_t>(ranks.size());
-    for (int32_t i = 0; i < depth - 1; ++i) ranks.push_back(ranks[parent_seq + i]);
+    for (int32_t i = 0; i < depth - 1; ++i) {
+      const int32_t r = ranks[parent_seq + i];  // copied first: push_back may reallocate `ranks`
+      ranks.push_back(r);
+    }
     ranks.push_back(rank);
     pool.push_back({sanitize(parent_score + lp), parent_score, parent_slot, depth, rank, seq});
     heap.push(static_cast<int32_t>(pool.size() - 1));

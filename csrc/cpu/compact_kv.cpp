@@ -46,8 +46,8 @@ void compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& context
       TORCH_CHECK(ctx[b] + alen[b] <= S, op, ": context_lens[", b, "] + accept_len[", b, "] = ",
                   ctx[b] + alen[b], " exceeds caches[", c, "].size(2) (", S, ")");
       for (int64_t i = 0; i < alen[b]; ++i) {
-        TORCH_CHECK(ctx[b] + slots[b * A + i] < S, op, ": context_lens[", b, "] + accepted_slots[", b, ", ", i,
-                    "] = ", ctx[b] + slots[b * A + i], " is outside caches[", c, "] (size(2) = ", S, ")");
+        TORCH_CHECK(ctx[b] + slots[b * A + i] < S, op, ": context_lens[", b, "] + accepted_slots[", b, ", ",
+                    i, "] = ", ctx[b] + slots[b * A + i], " is outside caches[", c, "] (size(2) = ", S, ")");
       }
     }
   }
@@ -66,8 +66,8 @@ void compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& context
       scratch.resize(H * a * row_bytes);
       for (int64_t h = 0; h < H; ++h)
         for (int64_t i = 0; i < a; ++i)
-          std::memcpy(scratch.data() + (h * a + i) * row_bytes, base + h * sh + (ctx[b] + slots[b * A + i]) * ss,
-                      row_bytes);
+          std::memcpy(scratch.data() + (h * a + i) * row_bytes,
+                      base + h * sh + (ctx[b] + slots[b * A + i]) * ss, row_bytes);
       for (int64_t h = 0; h < H; ++h)
         for (int64_t i = 0; i < a; ++i)
           std::memcpy(base + h * sh + (ctx[b] + i) * ss, scratch.data() + (h * a + i) * row_bytes, row_bytes);
