@@ -1,0 +1,265 @@
+"""Plain PyTorch/Python reference of every ddtree op, written from the contracts alone.
+
+The contracts are ``DESIGN.md`` ("The ops") and the clarifications at the top of ``csrc/ops.h``. Each
+function here is the slow, obvious version of one op: a dense softmax, a Python heap, a Python walk,
+clone-then-write. The C++ kernels are tested against these functions, never the other way round, so
+when they disagree the contract decides which one is wrong.
+
+Shapes: ``B`` requests, ``D`` draft depth, ``V`` vocabulary, ``K`` candidates per depth, ``N``
+max_nodes (tree arrays have ``T = N + 1`` slots, slot 0 is the root), ``W = ceil(T / 32)`` mask words,
+``S`` cache positions, ``d`` head dim.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------------------------------
+# topk_marginals
+
+
+def topk_marginals(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``k`` of ``log_softmax(logits / temperature)``, ties by smaller token id.
+
+    logits ``[B, D, V]`` fp32/fp16/bf16. Returns ``(logprobs [B, D, k] f32, token_ids [B, D, k] i64)``.
+    ``v = float(logit) / float(temperature)`` in fp32; NaN counts as -inf; a row with +inf entries gives
+    each of them ``-log(count)`` and every other entry -inf; a row of only -inf/NaN is all -inf.
+    """
+    x = logits.float()
+    # Divide by a full fp32 tensor rather than a Python scalar: a scalar divisor may be turned into a
+    # multiplication by its reciprocal, which is not the fp32 division the contract names.
+    v = x / torch.full_like(x, float(np.float32(temperature)))
+    v = torch.where(torch.isnan(v), torch.full_like(v, NEG_INF), v)
+
+    logp = torch.log_softmax(v, dim=-1)  # finite rows: the ordinary case
+    pos_inf = torch.isposinf(v)
+    n_pos_inf = pos_inf.sum(dim=-1, keepdim=True)
+    inf_row_logp = torch.where(pos_inf, -torch.log(n_pos_inf.float()), torch.full_like(v, NEG_INF))
+    logp = torch.where(n_pos_inf > 0, inf_row_logp, logp)
+    all_neg_inf = torch.isneginf(v).all(dim=-1, keepdim=True)
+    logp = torch.where(all_neg_inf, torch.full_like(v, NEG_INF), logp)
+
+    # Order by v (not by the rounded log-prob), descending; a stable sort keeps equal values in token
+    # id order, which is the tie rule.
+    order = torch.sort(v, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.gather(logp, -1, order), order.to(torch.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# build_tree
+
+
+def _f32(x) -> np.float32:
+    """An fp32 value with NaN counted as -inf (the contract's rule for log-probs and their sums)."""
+    x = np.float32(x)
+    return np.float32(NEG_INF) if np.isnan(x) else x
+
+
+def _exp(x: float) -> float:
+    """exp in double, inf on overflow (math.exp is the C library's exp, as a C++ kernel calls)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _theta(phi: float, draft_cost: float, verify_cost: float) -> float:
+    """theta = (1 + phi) / (draft_cost + verify_cost) in double, with IEEE results for a zero cost."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.float64(1.0 + phi) / (np.float64(draft_cost) + np.float64(verify_cost)))
+
+
+def select_nodes(logprobs: torch.Tensor, max_nodes: int, verify_cost: Optional[Sequence[float]] = None,
+                 draft_cost: float = 0.0) -> list[tuple[tuple[int, ...], np.float32]]:
+    """One request's chosen nodes, in selection order, as ``(rank_sequence, fp32 score)``.
+
+    logprobs ``[D, K]`` f32. The best-first heap of DESIGN.md: it starts from ``(0,)`` and each pop of
+    ``(..., r)`` pushes ``(..., r + 1)`` and ``(..., r, 0)``; the key ``(-score, rank_sequence)`` pops the
+    larger score first and equal scores by the lexicographically smaller rank sequence (a prefix first).
+    With ``verify_cost`` (``max_nodes + 1`` values) node ``n + 1`` is taken only while
+    ``theta(n + 1) > theta(n)``.
+    """
+    lp = logprobs.tolist()
+    D, K = len(lp), len(lp[0])
+    heap = [(-_f32(lp[0][0]), (0,), np.float32(0.0))]  # (-score, ranks, parent score)
+    chosen: list[tuple[tuple[int, ...], np.float32]] = []
+    phi = 0.0
+    while heap and len(chosen) < max_nodes:
+        neg_score, ranks, parent_score = heap[0]
+        score = -neg_score
+        if verify_cost is not None:
+            n = len(chosen)
+            theta_now = _theta(phi, draft_cost, verify_cost[n])
+            theta_next = _theta(phi + _exp(float(score)), draft_cost, verify_cost[n + 1])
+            if not theta_next > theta_now:
+                break
+        heapq.heappop(heap)
+        chosen.append((ranks, score))
+        phi += _exp(float(score))
+        d, r = len(ranks), ranks[-1]
+        if r + 1 < K:  # next sibling: same parent, next rank at this depth
+            heapq.heappush(heap, (-_f32(parent_score + _f32(lp[d - 1][r + 1])), ranks[:-1] + (r + 1,), parent_score))
+        if d < D:  # first child
+            heapq.heappush(heap, (-_f32(score + _f32(lp[d][0])), ranks + (0,), score))
+    return chosen
+
+
+def build_tree(logprobs: torch.Tensor, token_ids: torch.Tensor, root_tokens: torch.Tensor,
+               context_lens: torch.Tensor, max_nodes: int, verify_cost: Optional[torch.Tensor] = None,
+               draft_cost: float = 0.0) -> dict[str, torch.Tensor]:
+    """The draft trees, as a dict with the fields of ``ddtree.DraftTree``.
+
+    logprobs ``[B, D, K]`` f32, token_ids ``[B, D, K]`` i64, root_tokens ``[B]`` i64, context_lens ``[B]``
+    i64, verify_cost ``[B, >= max_nodes + 1]`` f32 or None. Returns num_nodes ``[B]`` i32, tokens
+    ``[B, T]`` i64, parents ``[B, T]`` i32, depths ``[B, T]`` i32, positions ``[B, T]`` i64, scores
+    ``[B, T]`` f32, tree_mask ``[B, T, W]`` i32, expected_tokens ``[B]`` f32. Unused slots: token 0,
+    parent -1, depth 0, position context_len, score -inf, mask 0.
+    """
+    B = logprobs.shape[0]
+    T = max_nodes + 1
+    W = (T + 31) // 32
+    out = {
+        "num_nodes": torch.zeros(B, dtype=torch.int32),
+        "tokens": torch.zeros(B, T, dtype=torch.int64),
+        "parents": torch.full((B, T), -1, dtype=torch.int32),
+        "depths": torch.zeros(B, T, dtype=torch.int32),
+        "positions": context_lens.reshape(B, 1).repeat(1, T).to(torch.int64),
+        "scores": torch.full((B, T), NEG_INF, dtype=torch.float32),
+        "tree_mask": torch.zeros(B, T, W, dtype=torch.int32),
+        "expected_tokens": torch.zeros(B, dtype=torch.float32),
+    }
+    for b in range(B):
+        costs = None if verify_cost is None else [float(c) for c in verify_cost[b].tolist()]
+        chosen = select_nodes(logprobs[b], max_nodes, costs, draft_cost)
+        slot_of = {(): 0}
+        ancestors = {0: {0}}  # slot -> set of slots on its root path, itself included
+        out["tokens"][b, 0] = root_tokens[b]
+        out["scores"][b, 0] = 0.0
+        for slot, (ranks, score) in enumerate(chosen, start=1):
+            d = len(ranks)
+            parent = slot_of[ranks[:-1]]
+            slot_of[ranks] = slot
+            ancestors[slot] = ancestors[parent] | {slot}
+            out["tokens"][b, slot] = token_ids[b, d - 1, ranks[-1]]
+            out["parents"][b, slot] = parent
+            out["depths"][b, slot] = d
+            out["positions"][b, slot] = int(context_lens[b]) + d
+            out["scores"][b, slot] = float(score)
+        for slot, anc in ancestors.items():
+            bits = sum(1 << j for j in anc)
+            words = [(bits >> (32 * w)) & 0xFFFFFFFF for w in range(W)]
+            out["tree_mask"][b, slot] = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words],
+                                                     dtype=torch.int32)
+        n = len(chosen)
+        out["num_nodes"][b] = n
+        phi = sum(_exp(float(s)) for _, s in chosen)  # summed in selection order, as the kernel does
+        out["expected_tokens"][b] = float(np.float32(1.0 + phi))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# tree_attention
+
+
+def visible_keys(context_len: int, tree_mask_row: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """Cache positions that one query row attends to, as a ``[n]`` i64 tensor.
+
+    tree_mask_row ``[W]`` i32. Positions ``[0, context_len)`` and ``context_len + j`` for every
+    ``j <= num_nodes`` (and ``j < 32 W``) whose bit is set.
+    """
+    bits = [(int(w) & 0xFFFFFFFF) for w in tree_mask_row.tolist()]
+    tree = [j for j in range(min(num_nodes + 1, 32 * len(bits))) if (bits[j // 32] >> (j % 32)) & 1]
+    return torch.tensor(list(range(context_len)) + [context_len + j for j in tree], dtype=torch.int64)
+
+
+def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
+                   tree_mask: torch.Tensor, num_nodes: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense-mask attention in float64, returned as ``[B, Hq, T, d]`` float64.
+
+    q ``[B, Hq, T, d]``, k_cache / v_cache ``[B, Hkv, S, d]`` (query head h reads key/value head
+    ``h // (Hq // Hkv)``), context_lens ``[B]`` i64, tree_mask ``[B, T, W]`` i32, num_nodes ``[B]`` i32.
+    A row that sees no key is zero. Computed in float64 from the inputs' exact values, so it is the
+    "true" result that every dtype is compared to with its own tolerance.
+    """
+    B, Hq, T, d = q.shape
+    Hkv = k_cache.shape[1]
+    group = Hq // Hkv
+    out = torch.zeros(B, Hq, T, d, dtype=torch.float64)
+    for b in range(B):
+        ctx, n = int(context_lens[b]), int(num_nodes[b])
+        for i in range(T):
+            keys = visible_keys(ctx, tree_mask[b, i], n)
+            if keys.numel() == 0:
+                continue
+            for h in range(Hq):
+                kh = k_cache[b, h // group, keys].double()  # [n, d]
+                vh = v_cache[b, h // group, keys].double()
+                logits = (kh @ q[b, h, i].double()) * scale
+                out[b, h, i] = torch.softmax(logits, dim=0) @ vh
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# accept_tree
+
+
+def accept_tree(tokens: torch.Tensor, parents: torch.Tensor, num_nodes: torch.Tensor, target_tokens: torch.Tensor,
+                max_depth: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The accepted root path and the bonus token.
+
+    tokens ``[B, T]`` i64, parents ``[B, T]`` i32, num_nodes ``[B]`` i32, target_tokens ``[B, T]`` i64.
+    At slot c the walk moves to the smallest slot j in (c, num_nodes] with parents[j] == c and
+    tokens[j] == target_tokens[c]; it stops when there is none or when accepted_slots is full.
+    Returns accepted_slots ``[B, A]`` i64 (-1 padded; ``A = T`` when max_depth < 0, else
+    ``min(max_depth + 1, T)``), accept_len ``[B]`` i32 (root counted), next_token ``[B]`` i64.
+    """
+    B, T = tokens.shape
+    A = T if max_depth < 0 else min(max_depth + 1, T)
+    accepted = torch.full((B, A), -1, dtype=torch.int64)
+    accept_len = torch.zeros(B, dtype=torch.int32)
+    next_token = torch.zeros(B, dtype=torch.int64)
+    for b in range(B):
+        tok, par, tgt = tokens[b].tolist(), parents[b].tolist(), target_tokens[b].tolist()
+        n = int(num_nodes[b])
+        path = [0]
+        while len(path) < A:
+            c = path[-1]
+            nxt = next((j for j in range(c + 1, n + 1) if par[j] == c and tok[j] == tgt[c]), None)
+            if nxt is None:
+                break
+            path.append(nxt)
+        accepted[b, : len(path)] = torch.tensor(path)
+        accept_len[b] = len(path)
+        next_token[b] = tgt[path[-1]]
+    return accepted, accept_len, next_token
+
+
+# --------------------------------------------------------------------------------------------------
+# compact_kv
+
+
+def compact_kv(caches: Sequence[torch.Tensor], context_lens: torch.Tensor, accepted_slots: torch.Tensor,
+               accept_len: torch.Tensor) -> list[torch.Tensor]:
+    """New caches (the inputs are left alone) after the commit move, read-all-then-write.
+
+    caches: each ``[B, H, S, d]``; context_lens ``[B]`` i64; accepted_slots ``[B, A]`` i64; accept_len
+    ``[B]`` i32. Position ``ctx + i`` receives the old entry at ``ctx + accepted_slots[b, i]`` for
+    ``i < accept_len[b]``; every other position keeps its old value.
+    """
+    result = []
+    for cache in caches:
+        old = cache.clone()
+        new = cache.clone()
+        for b in range(cache.shape[0]):
+            ctx = int(context_lens[b])
+            for i in range(int(accept_len[b])):
+                new[b, :, ctx + i] = old[b, :, ctx + int(accepted_slots[b, i])]
+        result.append(new)
+    return result
