@@ -10,11 +10,13 @@
 //   * Top k by v, ties by smaller token id; the output is sorted the same way.
 //
 // build_tree
-//   * A NaN log-prob counts as -inf. Scores are fp32, s(child) = s(parent) + logprob.
+//   * A NaN log-prob counts as -inf, and so does a NaN score (only -inf + +inf, from a +inf
+//     log-prob). Scores are fp32, s(child) = s(parent) + logprob.
 //   * The best-first heap order is (larger score, then lexicographically smaller rank sequence).
 //   * Cost-aware stop: phi and theta are computed in double; phi(n) = sum_{k<=n} exp(double(s_k)),
 //     theta(n) = (1 + phi(n)) / (double(draft_cost) + double(verify_cost[b, n])); node n+1 is taken
-//     only while theta(n+1) > theta(n).
+//     only while theta(n+1) > theta(n). CPU raises unless draft_cost + verify_cost[b, n] is finite
+//     and > 0 for every n <= max_nodes.
 //   * Unused slots: tokens 0, parents -1, depths 0, positions context_len, scores -inf, mask 0.
 //     expected_tokens = float(1 + phi(num_nodes)).
 //
