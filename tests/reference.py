@@ -62,6 +62,12 @@ def _f32(x) -> np.float32:
     return np.float32(NEG_INF) if np.isnan(x) else x
 
 
+def _add(score: np.float32, logprob: float) -> np.float32:
+    """s(child) = s(parent) + logprob in fp32, a NaN log-prob or a NaN sum (-inf + inf) counting as -inf."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _f32(score + _f32(logprob))
+
+
 def _exp(x: float) -> float:
     """exp in double, inf on overflow (math.exp is the C library's exp, as a C++ kernel calls)."""
     try:
@@ -105,9 +111,9 @@ def select_nodes(logprobs: torch.Tensor, max_nodes: int, verify_cost: Optional[S
         phi += _exp(float(score))
         d, r = len(ranks), ranks[-1]
         if r + 1 < K:  # next sibling: same parent, next rank at this depth
-            heapq.heappush(heap, (-_f32(parent_score + _f32(lp[d - 1][r + 1])), ranks[:-1] + (r + 1,), parent_score))
+            heapq.heappush(heap, (-_add(parent_score, lp[d - 1][r + 1]), ranks[:-1] + (r + 1,), parent_score))
         if d < D:  # first child
-            heapq.heappush(heap, (-_f32(score + _f32(lp[d][0])), ranks + (0,), score))
+            heapq.heappush(heap, (-_add(score, lp[d][0]), ranks + (0,), score))
     return chosen
 
 
@@ -125,43 +131,45 @@ def build_tree(logprobs: torch.Tensor, token_ids: torch.Tensor, root_tokens: tor
     B = logprobs.shape[0]
     T = max_nodes + 1
     W = (T + 31) // 32
-    out = {
-        "num_nodes": torch.zeros(B, dtype=torch.int32),
-        "tokens": torch.zeros(B, T, dtype=torch.int64),
-        "parents": torch.full((B, T), -1, dtype=torch.int32),
-        "depths": torch.zeros(B, T, dtype=torch.int32),
-        "positions": context_lens.reshape(B, 1).repeat(1, T).to(torch.int64),
-        "scores": torch.full((B, T), NEG_INF, dtype=torch.float32),
-        "tree_mask": torch.zeros(B, T, W, dtype=torch.int32),
-        "expected_tokens": torch.zeros(B, dtype=torch.float32),
-    }
+    fields = {name: [] for name in ("num_nodes", "tokens", "parents", "depths", "positions", "scores",
+                                    "tree_mask", "expected_tokens")}
     for b in range(B):
+        ctx = int(context_lens[b])
         costs = None if verify_cost is None else [float(c) for c in verify_cost[b].tolist()]
         chosen = select_nodes(logprobs[b], max_nodes, costs, draft_cost)
+        ids = token_ids[b].tolist()
+        # Slot 0 is the root; every other slot starts with the unused-slot values.
+        tokens, parents, depths = [int(root_tokens[b])] + [0] * max_nodes, [-1] * T, [0] * T
+        scores = [0.0] + [NEG_INF] * max_nodes
+        ancestors = [1] + [0] * max_nodes  # bitmask over slots: the slot itself and its ancestors
         slot_of = {(): 0}
-        ancestors = {0: {0}}  # slot -> set of slots on its root path, itself included
-        out["tokens"][b, 0] = root_tokens[b]
-        out["scores"][b, 0] = 0.0
         for slot, (ranks, score) in enumerate(chosen, start=1):
-            d = len(ranks)
             parent = slot_of[ranks[:-1]]
             slot_of[ranks] = slot
-            ancestors[slot] = ancestors[parent] | {slot}
-            out["tokens"][b, slot] = token_ids[b, d - 1, ranks[-1]]
-            out["parents"][b, slot] = parent
-            out["depths"][b, slot] = d
-            out["positions"][b, slot] = int(context_lens[b]) + d
-            out["scores"][b, slot] = float(score)
-        for slot, anc in ancestors.items():
-            bits = sum(1 << j for j in anc)
-            words = [(bits >> (32 * w)) & 0xFFFFFFFF for w in range(W)]
-            out["tree_mask"][b, slot] = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words],
-                                                     dtype=torch.int32)
-        n = len(chosen)
-        out["num_nodes"][b] = n
+            tokens[slot] = ids[len(ranks) - 1][ranks[-1]]
+            parents[slot] = parent
+            depths[slot] = len(ranks)
+            scores[slot] = float(score)
+            ancestors[slot] = ancestors[parent] | (1 << slot)
+        words = [[(bits >> (32 * w)) & 0xFFFFFFFF for w in range(W)] for bits in ancestors]
         phi = sum(_exp(float(s)) for _, s in chosen)  # summed in selection order, as the kernel does
-        out["expected_tokens"][b] = float(np.float32(1.0 + phi))
-    return out
+        fields["num_nodes"].append(len(chosen))
+        fields["tokens"].append(tokens)
+        fields["parents"].append(parents)
+        fields["depths"].append(depths)
+        fields["positions"].append([ctx + d for d in depths])
+        fields["scores"].append(scores)
+        fields["tree_mask"].append([[w - (1 << 32) if w >= 1 << 31 else w for w in row] for row in words])
+        fields["expected_tokens"].append(float(np.float32(1.0 + phi)))
+    dtypes = {"num_nodes": torch.int32, "tokens": torch.int64, "parents": torch.int32, "depths": torch.int32,
+              "positions": torch.int64, "scores": torch.float32, "tree_mask": torch.int32,
+              "expected_tokens": torch.float32}
+    return {name: torch.tensor(values, dtype=dtypes[name]).reshape(_shape(name, B, T, W))
+            for name, values in fields.items()}
+
+
+def _shape(name: str, B: int, T: int, W: int) -> tuple[int, ...]:
+    return {"num_nodes": (B,), "expected_tokens": (B,), "tree_mask": (B, T, W)}.get(name, (B, T))
 
 
 # --------------------------------------------------------------------------------------------------
