@@ -277,3 +277,13 @@ def test_cuda_graph_verify_matches_eager(tmp_path):
     for (l0, f0), (l1, f1) in zip(*out):
         torch.testing.assert_close(l1, l0, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(f1.float(), f0.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_from_model_equals_from_pretrained(tmp_path):
+    model, path = make_hf("qwen3", tmp_path, layers=2)
+    ids = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(9))
+    outs = []
+    for fast in (FastTarget.from_model(model), FastTarget.from_pretrained(path, device="cpu", dtype=torch.float32)):
+        fast.reset(1, 16)
+        outs.append(fast.prefill(ids, torch.tensor([6]))[0])
+    assert torch.equal(outs[0], outs[1])

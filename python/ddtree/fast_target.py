@@ -268,6 +268,13 @@ class FastTarget:
         """From tensors named as in a Hugging Face checkpoint (e.g. ``model.state_dict()``)."""
         return cls(config, state, device, dtype, **kw)
 
+    @classmethod
+    def from_model(cls, model, **kw) -> "FastTarget":
+        """From a loaded Hugging Face Llama/Qwen3 causal LM, on its device and in its dtype. The fused
+        projections are copies: the HF model may be freed afterwards."""
+        p = next(model.parameters())
+        return cls(model.config, dict(model.state_dict()), p.device, p.dtype, **kw)
+
     # ---- interface: small pieces ----------------------------------------------------------------
 
     def set_feature_layers(self, layer_ids: list[int]) -> None:
