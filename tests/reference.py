@@ -176,15 +176,17 @@ def _shape(name: str, B: int, T: int, W: int) -> tuple[int, ...]:
 # tree_attention
 
 
-def visible_keys(context_len: int, tree_mask_row: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    """Cache positions that one query row attends to, as a ``[n]`` i64 tensor.
+def dense_visibility(context_len: int, tree_mask: torch.Tensor, num_nodes: int, T: int) -> torch.Tensor:
+    """``[T, context_len + T]`` bool: which cache positions each query row of one request attends to.
 
-    tree_mask_row ``[W]`` i32. Positions ``[0, context_len)`` and ``context_len + j`` for every
-    ``j <= num_nodes`` (and ``j < 32 W``) whose bit is set.
+    tree_mask ``[T, W]`` i32. Row i sees positions ``[0, context_len)`` and ``context_len + j`` for every
+    ``j <= num_nodes`` whose bit j is set in row i.
     """
-    bits = [(int(w) & 0xFFFFFFFF) for w in tree_mask_row.tolist()]
-    tree = [j for j in range(min(num_nodes + 1, 32 * len(bits))) if (bits[j // 32] >> (j % 32)) & 1]
-    return torch.tensor(list(range(context_len)) + [context_len + j for j in tree], dtype=torch.int64)
+    bits = torch.arange(32, dtype=torch.int64)
+    words = tree_mask.to(torch.int64) & 0xFFFFFFFF  # the 32 bits of each word, unsigned
+    tree = ((words.unsqueeze(-1) >> bits) & 1).flatten(-2)[:, :T].bool()  # [T, T]: bit j of row i
+    tree[:, num_nodes + 1:] = False
+    return torch.cat([torch.ones(T, context_len, dtype=torch.bool), tree], dim=1)
 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
@@ -197,20 +199,19 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     "true" result that every dtype is compared to with its own tolerance.
     """
     B, Hq, T, d = q.shape
-    Hkv = k_cache.shape[1]
-    group = Hq // Hkv
+    group = Hq // k_cache.shape[1]
     out = torch.zeros(B, Hq, T, d, dtype=torch.float64)
     for b in range(B):
-        ctx, n = int(context_lens[b]), int(num_nodes[b])
-        for i in range(T):
-            keys = visible_keys(ctx, tree_mask[b, i], n)
-            if keys.numel() == 0:
-                continue
-            for h in range(Hq):
-                kh = k_cache[b, h // group, keys].double()  # [n, d]
-                vh = v_cache[b, h // group, keys].double()
-                logits = (kh @ q[b, h, i].double()) * scale
-                out[b, h, i] = torch.softmax(logits, dim=0) @ vh
+        ctx = int(context_lens[b])
+        visible = dense_visibility(ctx, tree_mask[b], int(num_nodes[b]), T)  # [T, ctx + T]
+        k = k_cache[b, :, : ctx + T].double().repeat_interleave(group, dim=0)  # [Hq, ctx + T, d]
+        v = v_cache[b, :, : ctx + T].double().repeat_interleave(group, dim=0)
+        logits = (q[b].double() @ k.transpose(1, 2)) * scale  # [Hq, T, ctx + T]
+        # Invisible keys get weight exactly 0 (masked_fill, not a -inf logit times a possibly NaN value).
+        weights = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+        weights = torch.where(visible, weights, torch.zeros_like(weights))  # rows that see nothing: 0
+        v = torch.where(visible.any(0)[:, None], v, 0.0)  # values no row sees are never read (may be NaN)
+        out[b] = torch.einsum("hts,hsd->htd", weights, v)
     return out
 
 

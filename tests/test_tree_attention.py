@@ -1,0 +1,143 @@
+"""tree_attention against a dense-mask float64 reference, with a tolerance from the dtype."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import ddtree
+import reference as ref
+from conftest import devices
+from inputs import context_lens, make_logits, random_cost, seed_of
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative error allowed, as a fraction of max|v| (outputs are convex combinations of v).
+
+    Half types: the output is rounded to the dtype (half an ulp, eps/2) and a kernel may also round the
+    softmax weights to it before P @ V (another eps/2 of max|v|): eps in all. fp32: accumulation over
+    the head dim and the keys, 2^-16 (about 128 eps) with random unit-scale inputs.
+    """
+    return 2.0**-16 if dtype == torch.float32 else torch.finfo(dtype).eps
+
+
+def make_tree(B, T, gen, ctx, shrink=False):
+    """A tree with ``T`` slots from build_tree over random marginals; ``shrink`` uses a random cost table
+    so that some trees stop early and leave rows past num_nodes."""
+    D, K = 4, 5
+    logprobs, ids = ref.topk_marginals(make_logits(B, D, 50, torch.float32, "normal", gen), K)
+    roots = torch.randint(0, 50, (B,), generator=gen)
+    cost = random_cost(B, T, gen) if shrink else None
+    return ddtree.build_tree(logprobs, ids, roots, ctx, T - 1, cost, 0.01)
+
+
+def make_qkv(B, Hq, Hkv, T, d, S, dtype, gen):
+    q = torch.randn(B, Hq, T, d, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, S, d, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, S, d, generator=gen).to(dtype)
+    return q, k, v
+
+
+def run_and_compare(q, k, v, ctx, tree_mask, num_nodes, scale, device):
+    """Runs the op and checks rows 0..num_nodes against the reference, later rows for finiteness."""
+    args = [t.to(device) for t in (q, k, v, ctx, tree_mask, num_nodes)]
+    out = ddtree.tree_attention(*args, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    out = out.cpu().double()
+    expected = ref.tree_attention(q, k, v, ctx, tree_mask, num_nodes, scale)
+    tol = tolerance(q.dtype)
+    for b in range(q.shape[0]):
+        n = int(num_nodes[b])
+        vmax = float(v[b, :, : int(ctx[b]) + n + 1].double().abs().max())  # over the keys a row may see
+        got, exp = out[b, :, : n + 1], expected[b, :, : n + 1]
+        err = (got - exp).abs()
+        bound = tol * (vmax + exp.abs())
+        assert (err <= bound).all(), f"request {b}: max error {float(err.max())}, bound {float(bound.min())}"
+        assert torch.isfinite(out[b, :, n + 1:]).all(), "rows past num_nodes must be finite"
+    return out, expected
+
+
+SHAPES = list(itertools.product(DTYPES, ((1, 1), (4, 1), (4, 4), (8, 2)), (64, 128, 7), (1, 2, 17, 33)))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype,heads,d,T", SHAPES, ids=str)
+def test_matches_reference(dtype, heads, d, T, device):
+    Hq, Hkv = heads
+    gen = torch.Generator().manual_seed(seed_of(dtype, heads, d, T))
+    B = 3
+    ctx = context_lens(B, 40, gen)  # ragged, the first one 0
+    tree = make_tree(B, T, gen, ctx, shrink=(T % 2 == 1))
+    S = int(ctx.max()) + T + 5
+    q, k, v = make_qkv(B, Hq, Hkv, T, d, S, dtype, gen)
+    run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), device)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_tree(dtype, device):
+    """301 slots: a ten-word mask, and a long context."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, d = 2, 301, 64
+    ctx = torch.tensor([0, 700])
+    tree = make_tree(B, T, gen, ctx)
+    q, k, v = make_qkv(B, 4, 2, T, d, 700 + T, dtype, gen)
+    run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), device)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_arbitrary_mask_bits(dtype, device):
+    """Masks that are not ancestor closures, with bits set past num_nodes (which must be ignored), rows
+    that see nothing (context 0 and an empty row: zeros), and a scale other than 1/sqrt(d)."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, d, W = 4, 40, 16, 2
+    ctx = torch.tensor([0, 3, 0, 9])
+    num_nodes = torch.tensor([39, 20, 7, 0], dtype=torch.int32)
+    mask = torch.randint(-(2**31), 2**31, (B, T, W), generator=gen, dtype=torch.int64).to(torch.int32)
+    mask[0, 5] = 0  # context 0 and no bit: sees nothing
+    mask[2, 3] = 0
+    q, k, v = make_qkv(B, 2, 1, T, d, 9 + T, dtype, gen)
+    out, expected = run_and_compare(q, k, v, ctx, mask, num_nodes, 0.3, device)
+    assert (out[0, :, 5] == 0).all() and (out[2, :, 3] == 0).all()
+    assert (expected[0, :, 5] == 0).all()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty_tree_and_context(dtype, device):
+    """max_nodes = 0 (one slot, the root) and context 0: the root sees only itself, so out = v[root]."""
+    gen = torch.Generator().manual_seed(6)
+    ctx = torch.zeros(2, dtype=torch.long)
+    tree = make_tree(2, 1, gen, ctx)
+    q, k, v = make_qkv(2, 4, 4, 1, 64, 3, dtype, gen)
+    out, _ = run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 0.125, device)
+    torch.testing.assert_close(out.to(dtype), v[:, :, :1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_invisible_positions_do_not_leak(dtype, device):
+    """Cache positions past ctx + num_nodes, which no row may see, hold huge values and NaN: the output
+    must not change (an uninitialised torch.empty cache holds such values)."""
+    gen = torch.Generator().manual_seed(8)
+    B, T, d = 2, 17, 64
+    ctx = torch.tensor([5, 0])
+    tree = make_tree(B, T, gen, ctx, shrink=True)
+    S = 5 + T + 40
+    q, k, v = make_qkv(B, 4, 2, T, d, S, dtype, gen)
+    clean = ddtree.tree_attention(q.to(device), k.to(device), v.to(device), ctx.to(device),
+                                  tree.tree_mask.to(device), tree.num_nodes.to(device), 0.125).cpu()
+    for b in range(B):
+        end = int(ctx[b]) + int(tree.num_nodes[b]) + 1
+        k[b, :, end:] = float("nan")
+        v[b, :, end:] = float("nan")
+        k[b, :, end:end + 3] = 1e4
+    out, _ = run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 0.125, device)
+    for b in range(B):
+        n = int(tree.num_nodes[b])
+        assert torch.equal(out[b, :, : n + 1], clean[b, :, : n + 1].double())
