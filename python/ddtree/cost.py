@@ -1,0 +1,546 @@
+"""The CaDDTree cost model: drafter cost ``Cd`` and verification cost ``Cv(n; l)``, in milliseconds.
+
+``Cv(n; l)`` is the time of one target verify forward over a tree of ``n`` nodes (``n + 1`` slots with the
+root) at context length ``l``; ``Cd`` the time of one drafter round. CaDDTree picks the node budget per
+round by maximising ``theta(n) = (1 + phi(n)) / (Cd + Cv(n; l))`` (see ``build_tree``), so ``Cv`` must be
+non-decreasing and convex in ``n``.
+
+* :func:`profile` measures both through the same runner generation uses and fits a :class:`CostModel`.
+* :meth:`CostModel.default` estimates them from the model's shape and the device's measured bandwidth and
+  matrix rate (a roofline), for use without a profile.
+* :meth:`CostModel.table` gives ``build_tree`` its ``[B, max_nodes + 1]`` float32 table on the device.
+* :meth:`CostModel.save` / :meth:`CostModel.load`: versioned JSON (``"format": "ddtree-cost-model"``).
+
+Representation: one curve per profiled context ``l_c``, its fitted values at a shared node grid
+(piecewise linear between grid points, see :mod:`ddtree.cost_fit`). Across contexts: linear interpolation
+between profiled contexts, flat below the first, and past the last the last curve scaled by
+``1 + r (l - l_last)`` with ``r >= 0`` the relative growth per token between the last two contexts (a
+positive scale keeps it positive, non-decreasing and convex in ``n``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .cost_fit import check_monotone_convex, eval_curves, fit_monotone_convex
+
+FORMAT = "ddtree-cost-model"
+VERSION = 1
+
+# Drafter cost as a fraction of Cv(0; 0) when nothing better is known: the CaDDTree A800 profiles give
+# Cd / Cv(0) = 6.5 ms / 34 ms = 0.19 for the published DFlash drafters of Qwen3-4B/8B.
+DRAFT_FRACTION = 0.2
+# Fixed per-forward overhead in the roofline default (kernel launches of a graph-captured forward):
+# a guess, not a measurement; a profile replaces it.
+OVERHEAD_MS = 0.1
+OVERHEAD_MS_PER_LAYER = 0.01
+
+
+def default_node_grid(max_nodes: int) -> list[int]:
+    """Node counts to profile: every ``n`` in ``0..16`` (where the curve bends), then four per octave
+    (20, 24, 28, 32, 40, 48, ...), ending exactly at ``max_nodes``."""
+    if max_nodes < 0:
+        raise ValueError(f"max_nodes must be non-negative, got {max_nodes}")
+    grid = list(range(min(max_nodes, 16) + 1))
+    step = 4
+    while grid[-1] < max_nodes:
+        nxt = grid[-1] + step
+        if nxt >= 2 * step * 4:  # 4 points per octave: step doubles when n doubles
+            step *= 2
+        grid.append(min(nxt, max_nodes))
+    return grid
+
+
+@dataclass(eq=False)
+class CostModel:
+    """``Cd`` and ``Cv(n; l)`` in milliseconds.
+
+    node_grid ``[G]`` strictly increasing node counts; contexts ``[C]`` strictly increasing context
+    lengths (tokens); verify_ms ``[C, G]`` fitted ``Cv`` at those points, each row non-decreasing and
+    convex; draft_cost ``Cd`` (ms). ``meta`` (device, versions, model identity, how it was made) and
+    ``measured`` (raw medians and IQRs of a profile) are carried into the JSON untouched.
+    ``bucket`` and ``max_context`` shape :meth:`table`'s cache (runtime settings, not saved).
+    """
+
+    node_grid: list[int]
+    contexts: list[int]
+    verify_ms: np.ndarray
+    draft_cost: float
+    meta: dict = field(default_factory=dict)
+    measured: Optional[dict] = None
+    bucket: int = 64
+    max_context: int = 32768
+    _tables: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.node_grid = [int(n) for n in self.node_grid]
+        self.contexts = [int(c) for c in self.contexts]
+        self.verify_ms = np.asarray(self.verify_ms, dtype=np.float64)
+        self.draft_cost = float(self.draft_cost)
+        C, G = len(self.contexts), len(self.node_grid)
+        if C == 0 or G == 0:
+            raise ValueError("cost model needs at least one context and one node count")
+        if self.node_grid[0] < 0 or any(b <= a for a, b in zip(self.node_grid, self.node_grid[1:])):
+            raise ValueError(f"node_grid must be non-negative and strictly increasing, got {self.node_grid}")
+        if self.contexts[0] < 0 or any(b <= a for a, b in zip(self.contexts, self.contexts[1:])):
+            raise ValueError(f"contexts must be non-negative and strictly increasing, got {self.contexts}")
+        if self.verify_ms.shape != (C, G):
+            raise ValueError(f"verify_ms must have shape [contexts, node_grid] = {[C, G]}, got {list(self.verify_ms.shape)}")
+        if not np.all(np.isfinite(self.verify_ms)) or np.any(self.verify_ms <= 0):
+            raise ValueError("verify_ms must be finite and positive")
+        if not (math.isfinite(self.draft_cost) and self.draft_cost >= 0):
+            raise ValueError(f"draft_cost must be finite and non-negative, got {self.draft_cost}")
+        for c, row in zip(self.contexts, self.verify_ms):
+            try:
+                check_monotone_convex(self.node_grid, row)
+            except ValueError as e:
+                raise ValueError(f"verify_ms at context {c}: {e}") from None
+
+    # ---------------------------------------------------------------------------------------------
+    # Evaluation
+
+    def _curves_at(self, context_lens: np.ndarray) -> np.ndarray:
+        """``[L]`` contexts -> ``[L, G]`` curve values at the node grid (interpolated in ``l``)."""
+        ctx = np.asarray(self.contexts, dtype=np.float64)
+        v = self.verify_ms
+        x = np.asarray(context_lens, dtype=np.float64)
+        if len(ctx) == 1:
+            return np.repeat(v, len(x), axis=0)
+        j = np.clip(np.searchsorted(ctx, x, side="right") - 1, 0, len(ctx) - 2)
+        t = np.clip((x - ctx[j]) / (ctx[j + 1] - ctx[j]), 0.0, 1.0)[:, None]
+        rows = v[j] * (1 - t) + v[j + 1] * t
+        # Past the last context: scale the last curve by 1 + r (l - l_last), r = relative growth per token.
+        r = max(0.0, (v[-1].mean() / v[-2].mean() - 1.0) / (ctx[-1] - ctx[-2]))
+        past = x > ctx[-1]
+        rows[past] = v[-1] * (1.0 + r * (x[past] - ctx[-1]))[:, None]
+        return rows
+
+    def verify_cost(self, n, context: float) -> np.ndarray:
+        """``Cv(n; context)`` in ms, float64, for node counts ``n`` (int or ``[M]``), one context."""
+        return eval_curves(self.node_grid, self._curves_at(np.array([context]))[0], np.atleast_1d(n))
+
+    def table(self, context_lens: torch.Tensor, max_nodes: int, max_context: Optional[int] = None) -> torch.Tensor:
+        """Per-request verify-cost table for ``build_tree``.
+
+        context_lens: ``[B]`` int64 (any device). Returns ``[B, max_nodes + 1]`` float32 on
+        context_lens' device, ``out[b, n] = Cv(n; context_lens[b])`` in ms (same unit as
+        :attr:`draft_cost`).
+
+        Cheap per round and free of host syncs: contexts are bucketed by ``bucket`` tokens (each bucket
+        evaluated at its centre, so within half a bucket of the exact context); a dense
+        ``[num_buckets, max_nodes + 1]`` table per (device, max_nodes) covering ``0..max_context`` is
+        built once and cached, and a call is one gather indexed by ``context_lens // bucket`` on the
+        device. ``max_context`` (default :attr:`max_context`; pass the KV cache capacity) is the largest
+        context covered: longer ones get its bucket's row. Building the cache once copies it to the device
+        (a sync); later calls with the same (device, max_nodes, max_context) do not sync.
+        """
+        if max_nodes < 0:
+            raise ValueError(f"max_nodes must be non-negative, got {max_nodes}")
+        num_buckets = int(max_context if max_context is not None else self.max_context) // self.bucket + 1
+        key = (context_lens.device, int(max_nodes), self.bucket, num_buckets)
+        dense = self._tables.get(key)
+        if dense is None:
+            centres = np.arange(num_buckets) * self.bucket + self.bucket / 2
+            values = eval_curves(self.node_grid, self._curves_at(centres), np.arange(max_nodes + 1))
+            dense = torch.tensor(values, dtype=torch.float32, device=context_lens.device)
+            self._tables[key] = dense
+        idx = torch.clamp(torch.div(context_lens, self.bucket, rounding_mode="floor"), 0, num_buckets - 1)
+        return dense.index_select(0, idx)
+
+    # ---------------------------------------------------------------------------------------------
+    # Construction
+
+    @classmethod
+    def fit(
+        cls,
+        node_grid: Sequence[int],
+        contexts: Sequence[int],
+        verify_median_ms,
+        draft_cost: float,
+        *,
+        verify_iqr_ms=None,
+        draft_iqr_ms: Optional[float] = None,
+        meta: Optional[dict] = None,
+    ) -> "CostModel":
+        """Fit a monotone convex curve per context to measured medians.
+
+        verify_median_ms / verify_iqr_ms: ``[C, G]`` ms at ``contexts [C]`` x ``node_grid [G]``;
+        draft_cost: measured ``Cd`` median (ms). The raw measurements are kept in ``measured``.
+        """
+        med = np.asarray(verify_median_ms, dtype=np.float64)
+        if med.shape != (len(contexts), len(node_grid)):
+            raise ValueError(f"medians must have shape {[len(contexts), len(node_grid)]}, got {list(med.shape)}")
+        fitted = np.stack([fit_monotone_convex(node_grid, row) for row in med])
+        measured = {"verify_median_ms": med.tolist(), "draft_median_ms": float(draft_cost)}
+        if verify_iqr_ms is not None:
+            measured["verify_iqr_ms"] = np.asarray(verify_iqr_ms, dtype=np.float64).tolist()
+        if draft_iqr_ms is not None:
+            measured["draft_iqr_ms"] = float(draft_iqr_ms)
+        return cls(list(node_grid), list(contexts), fitted, draft_cost, meta=dict(meta or {}), measured=measured)
+
+    @classmethod
+    def default(cls, config, device=None, dtype: torch.dtype = torch.bfloat16, drafter_config=None) -> "CostModel":
+        """Roofline estimate from the target's shape and the device, for use without a profile.
+
+        ``Cv(n; l) = overhead + max(W / bw, (n+1) F / rate) + max(l K / bw, (n+1) l A / rate)`` with
+        ``W`` the bytes of the weights one forward reads (decoder layers + LM head), ``F`` the matmul
+        FLOPs per token, ``K`` the KV bytes per context token and ``A`` the attention FLOPs per
+        (query, context token). Each max of affine functions of ``n`` is convex and non-decreasing,
+        so ``Cv`` is too. ``bw`` and ``rate`` are measured once per device and cached
+        (:func:`device_rates`). ``Cd``: the same roofline over the drafter's layers (plus the shared
+        LM head) for ``block_size`` tokens if ``drafter_config`` is given, else ``DRAFT_FRACTION *
+        Cv(0; 0)``.
+        """
+        device = torch.device(device) if device is not None else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        rates = device_rates(device, dtype)
+        bw = rates["bandwidth_gbs"] * 1e9 / 1e3  # bytes per ms
+        rate = rates["matmul_tflops"] * 1e12 / 1e3  # FLOPs per ms
+        shape = _model_shape(config)
+        elt = torch.empty((), dtype=dtype).element_size()
+        weights = shape["layer_params"] * shape["layers"] + shape["vocab"] * shape["hidden"]
+        kv_per_token = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * elt
+        attn_per_pair = 4 * shape["layers"] * shape["heads"] * shape["head_dim"]
+        overhead = OVERHEAD_MS + OVERHEAD_MS_PER_LAYER * shape["layers"]
+
+        # Both maxima switch from the memory to the compute term at a node count independent of l; put
+        # the integers either side of each switch on the grid so interpolation is exact at every n.
+        switches = (rate * elt / (2 * bw) - 1, rate * kv_per_token / (bw * attn_per_pair) - 1)
+        extra = {f(s) for s in switches for f in (math.floor, math.ceil) if 0 < s < 4096}
+        node_grid = sorted(set(default_node_grid(4096)) | extra)
+        contexts = [0, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+        tokens = np.asarray(node_grid, dtype=np.float64)[None, :] + 1  # [1, G] slots
+        ctx = np.asarray(contexts, dtype=np.float64)[:, None]  # [C, 1]
+        dense = np.maximum(weights * elt / bw, tokens * 2 * weights / rate)
+        attn = np.maximum(ctx * kv_per_token / bw, tokens * ctx * attn_per_pair / rate)
+        verify = overhead + dense + attn  # [C, G]
+
+        if drafter_config is not None:
+            d = _model_shape(drafter_config, vocab=shape["vocab"])
+            block = int(getattr(drafter_config, "block_size", None) or 16)
+            d_weights = d["layer_params"] * d["layers"] + shape["vocab"] * shape["hidden"]
+            draft = (OVERHEAD_MS + OVERHEAD_MS_PER_LAYER * d["layers"]
+                     + max(d_weights * elt / bw, block * 2 * d_weights / rate))
+        else:
+            draft = DRAFT_FRACTION * float(verify[0, 0])
+        meta = {
+            "source": "default (roofline estimate)",
+            "created": _now(),
+            "device": {"name": rates["name"], "bandwidth_gbs": rates["bandwidth_gbs"],
+                       "matmul_tflops": rates["matmul_tflops"]},
+            "software": _software(),
+            "model": model_identity(config, dtype),
+        }
+        if drafter_config is not None:
+            meta["drafter"] = model_identity(drafter_config, dtype)
+        return cls(node_grid, contexts, verify, draft, meta=meta)
+
+    # ---------------------------------------------------------------------------------------------
+    # JSON
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "units": "ms",
+            **{k: v for k, v in self.meta.items() if k not in _CORE_KEYS},
+            "draft_cost_ms": self.draft_cost,
+            "contexts": self.contexts,
+            "node_grid": self.node_grid,
+            "verify_ms": self.verify_ms.tolist(),
+            "measured": self.measured,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "CostModel":
+        """Inverse of :meth:`to_dict`; raises ``ValueError`` naming what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"cost model JSON must be an object, got {type(d).__name__}")
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a ddtree cost model: 'format' is {d.get('format')!r}, expected {FORMAT!r}")
+        version = d.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"cost model 'version' must be a positive integer, got {version!r}")
+        if version > VERSION:
+            raise ValueError(f"cost model version {version} is newer than this ddtree supports ({VERSION}); "
+                             "upgrade ddtree or re-run `ddtree profile`")
+        if d.get("units", "ms") != "ms":
+            raise ValueError(f"cost model 'units' must be 'ms', got {d.get('units')!r}")
+        missing = [k for k in ("draft_cost_ms", "contexts", "node_grid", "verify_ms") if k not in d]
+        if missing:
+            raise ValueError(f"cost model JSON is missing {', '.join(repr(k) for k in missing)}")
+        try:
+            verify = np.asarray(d["verify_ms"], dtype=np.float64)
+            draft = float(d["draft_cost_ms"])
+            contexts, node_grid = list(d["contexts"]), list(d["node_grid"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"cost model JSON has a malformed field: {e}") from None
+        for name, seq in (("contexts", contexts), ("node_grid", node_grid)):
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in seq):
+                raise ValueError(f"cost model {name!r} must be a list of integers")
+        meta = {k: v for k, v in d.items() if k not in _CORE_KEYS}
+        return cls(node_grid, contexts, verify, draft, meta=meta, measured=d.get("measured"))
+
+    def save(self, path) -> None:
+        """Write the model as JSON (never pickle) to ``path``."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "CostModel":
+        """Read a model written by :meth:`save`; ``ValueError`` if malformed, truncated or too new."""
+        text = Path(path).read_text()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON (truncated or corrupt?): {e}") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+_CORE_KEYS = {"format", "version", "units", "draft_cost_ms", "contexts", "node_grid", "verify_ms", "measured"}
+
+
+# -------------------------------------------------------------------------------------------------
+# Model identity and shape
+
+
+def model_identity(config, dtype: Optional[torch.dtype] = None) -> dict:
+    """What identifies the profiled model: name_or_path, a hash of its config, layer count, hidden size."""
+    if hasattr(config, "to_dict"):
+        cfg = config.to_dict()
+    else:
+        cfg = dict(vars(config))
+    # Drop bookkeeping that does not change the architecture (paths, library versions, dtype choice).
+    arch = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {
+        "name_or_path": getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None),
+        "model_type": cfg.get("model_type"),
+        "config_hash": digest,
+        "num_hidden_layers": cfg.get("num_hidden_layers"),
+        "hidden_size": cfg.get("hidden_size"),
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+    }
+
+
+def _model_shape(config, vocab: Optional[int] = None) -> dict:
+    """Layer count, widths and parameters per decoder layer of a Llama/Qwen-style config."""
+    g = lambda name, default=None: getattr(config, name, None) or default  # noqa: E731
+    hidden = int(g("hidden_size"))
+    heads = int(g("num_attention_heads"))
+    kv_heads = int(g("num_key_value_heads", heads))
+    head_dim = int(g("head_dim", hidden // heads))
+    inter = int(g("intermediate_size", 4 * hidden))
+    attn = hidden * head_dim * (2 * heads + 2 * kv_heads)  # q, o and k, v projections
+    mlp = 3 * hidden * inter  # gated MLP: gate, up, down
+    return {"layers": int(g("num_hidden_layers")), "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
+            "head_dim": head_dim, "vocab": int(vocab or g("vocab_size")), "layer_params": attn + mlp}
+
+
+# -------------------------------------------------------------------------------------------------
+# Device rates (measured once, cached)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DDTREE_CACHE_DIR") or Path.home() / ".cache" / "ddtree")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type}: {platform.processor() or platform.machine()}"
+
+
+def device_rates(device, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """``{"name", "bandwidth_gbs", "matmul_tflops"}`` of a device, measured once and cached in
+    ``$DDTREE_CACHE_DIR`` (default ``~/.cache/ddtree``)/device_rates.json.
+
+    Bandwidth from a large device-to-device copy (bytes read + written), matrix rate from a large
+    square matmul in ``dtype`` (float32 on CPU, where bf16 matmuls are not representative).
+    """
+    device = torch.device(device)
+    name = _device_name(device)
+    mm_dtype = dtype if device.type == "cuda" else torch.float32
+    key = f"{name}|{str(mm_dtype).removeprefix('torch.')}"
+    path = _cache_dir() / "device_rates.json"
+    try:
+        cache = json.loads(path.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    rates = {"name": name, **_measure_rates(device, mm_dtype)}
+    cache[key] = rates
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache, indent=1) + "\n")
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return rates
+
+
+def _measure_rates(device: torch.device, dtype: torch.dtype) -> dict:
+    big = device.type == "cuda"
+    nbytes = (1 << 30) if big else (64 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    copy_ms = _median_ms(lambda: dst.copy_(src), device, warmup=2, repeats=5)
+    m = 8192 if big else 512
+    a = torch.randn(m, m, device=device).to(dtype)
+    b = torch.randn(m, m, device=device).to(dtype)
+    mm_ms = _median_ms(lambda: torch.mm(a, b), device, warmup=2, repeats=5)
+    return {"bandwidth_gbs": 2 * nbytes / (copy_ms * 1e-3) / 1e9, "matmul_tflops": 2 * m**3 / (mm_ms * 1e-3) / 1e12}
+
+
+# -------------------------------------------------------------------------------------------------
+# Profiling
+
+
+def _time_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of one call in ms: CUDA events on CUDA (queue drained before and after), perf_counter
+    elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _samples_ms(fn, device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    return [_time_ms(fn, device) for _ in range(repeats)]
+
+
+def _median_ms(fn, device, warmup: int, repeats: int) -> float:
+    return statistics.median(_samples_ms(fn, device, warmup, repeats))
+
+
+def _median_iqr(samples: Sequence[float]) -> tuple[float, float]:
+    q1, q2, q3 = np.percentile(samples, [25, 50, 75])
+    return float(q2), float(q3 - q1)
+
+
+def synthetic_tree(num_nodes: int, context_len: int, *, batch_size: int = 1, depth: int = 16, topk: int = 8,
+                   vocab_size: int = 32000, generator: Optional[torch.Generator] = None):
+    """A DDTree of exactly ``num_nodes`` nodes (``num_nodes + 1`` slots) from random peaked marginals,
+    built on CPU with :func:`ddtree.build_tree` at ``max_nodes = num_nodes``; positions start at
+    ``context_len``. Shapes as in :class:`ddtree.DraftTree` with ``B = batch_size``."""
+    from .ops import build_tree
+
+    if sum(topk**d for d in range(1, depth + 1)) < num_nodes:  # candidates: rank sequences of length 1..depth
+        raise ValueError(f"depth {depth} x topk {topk} cannot hold {num_nodes} nodes")
+    logits = 3.0 * torch.randn(batch_size, depth, topk, generator=generator)
+    logprobs = torch.log_softmax(logits, dim=-1).sort(dim=-1, descending=True).values
+    token_ids = torch.randint(0, vocab_size, (batch_size, depth, topk), generator=generator)
+    roots = torch.randint(0, vocab_size, (batch_size,), generator=generator)
+    ctx = torch.full((batch_size,), int(context_len), dtype=torch.int64)
+    return build_tree(logprobs, token_ids, roots, ctx, int(num_nodes))
+
+
+def profile(
+    runner,
+    drafter_round: Optional[Callable[[], Any]] = None,
+    *,
+    max_nodes: int,
+    contexts: Sequence[int],
+    node_grid: Optional[Sequence[int]] = None,
+    warmup: int = 3,
+    repeats: int = 10,
+    batch_size: int = 1,
+    progress: bool = True,
+    seed: int = 0,
+) -> CostModel:
+    """Measure ``Cd`` and ``Cv(n; l)`` on a target runner and fit a :class:`CostModel`.
+
+    runner: a target runner (``ddtree.target.TargetRunner``: ``reset``, ``verify``, ``context_lens``,
+    ``device``, ``dtype``, ``config``, ``vocab_size``). For each context ``l`` in ``contexts`` and each
+    ``n`` in ``node_grid`` (default :func:`default_node_grid` of ``max_nodes``) it times
+    ``runner.verify(tree)`` on a synthetic tree of exactly ``n`` nodes with ``context_lens`` filled with
+    ``l`` (verify leaves ``context_lens`` unchanged, so repeats see the same state): ``warmup`` untimed
+    calls, then ``repeats`` timed ones (CUDA events on CUDA, perf_counter on CPU); median and IQR in ms.
+    The cache is reset once to ``batch_size`` x ``max(contexts) + max(node_grid) + 1`` positions (the
+    KV contents are whatever reset leaves: timing does not depend on them).
+
+    drafter_round: a zero-argument callable that runs one full drafter round (timed the same way); if
+    ``None``, ``Cd`` is estimated as ``DRAFT_FRACTION * Cv(0; contexts[0])``.
+    """
+    from tqdm.auto import tqdm
+
+    grid = list(node_grid) if node_grid is not None else default_node_grid(max_nodes)
+    contexts = sorted(int(c) for c in contexts)
+    if not contexts or contexts[0] < 0:
+        raise ValueError(f"contexts must be a non-empty list of non-negative lengths, got {contexts}")
+    device = torch.device(runner.device)
+    gen = torch.Generator().manual_seed(seed)
+    runner.reset(batch_size, contexts[-1] + grid[-1] + 1)
+    trees = {n: synthetic_tree(n, 0, batch_size=batch_size, vocab_size=int(runner.vocab_size), generator=gen)
+             for n in grid}
+
+    med = np.zeros((len(contexts), len(grid)))
+    iqr = np.zeros_like(med)
+    bar = tqdm(total=len(contexts) * len(grid), desc="profile Cv(n; l)", unit="pt", disable=not progress)
+    with torch.inference_mode():
+        for i, ctx in enumerate(contexts):
+            for j, n in enumerate(grid):
+                bar.set_postfix(l=ctx, n=n)
+                tree = trees[n]
+                tree.positions = tree.depths.to(torch.int64) + ctx  # positions = context_len + depth
+                tree = tree.to(device)
+                runner.context_lens.fill_(ctx)  # in place: a graph-captured verify reads this buffer
+                med[i, j], iqr[i, j] = _median_iqr(_samples_ms(lambda: runner.verify(tree), device, warmup, repeats))
+                bar.update()
+        bar.close()
+        if drafter_round is not None:
+            draft_med, draft_iqr = _median_iqr(_samples_ms(drafter_round, device, warmup, repeats))
+        else:
+            draft_med, draft_iqr = None, None
+
+    meta = {
+        "source": "profile",
+        "created": _now(),
+        "device": {"name": _device_name(device)},
+        "software": _software(),
+        "model": model_identity(runner.config, getattr(runner, "dtype", None)),
+        "profile": {"warmup": warmup, "repeats": repeats, "batch_size": batch_size, "seed": seed,
+                    "draft_cost": "measured" if drafter_round is not None else "estimated"},
+    }
+    model = CostModel.fit(grid, contexts, med, draft_med if draft_med is not None else 0.0,
+                          verify_iqr_ms=iqr, draft_iqr_ms=draft_iqr, meta=meta)
+    if draft_med is None:
+        model.draft_cost = DRAFT_FRACTION * float(model.verify_ms[0, 0])
+        model.measured["draft_median_ms"] = None
+    return model
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _software() -> dict:
+    try:
+        from . import __version__ as ddtree_version
+    except ImportError:  # pragma: no cover - the extension failed to load
+        ddtree_version = None
+    return {"torch": torch.__version__, "ddtree": ddtree_version}
