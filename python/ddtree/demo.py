@@ -20,7 +20,7 @@ from .drafter import DFlashConfig, DFlashDrafter
 
 SPECIALS = ["<unk>", "<eos>", "<mask>"]
 CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
-DEMO_VOCAB = 128  # >= len(SPECIALS) + len(CHARS); the spare ids are never produced by the tokenizer
+DEMO_VOCAB = len(SPECIALS) + len(CHARS)  # every id the model can produce is a character (or a special)
 
 
 def target_config(arch: str = "qwen3", vocab_size: int = DEMO_VOCAB, hidden_size: int = 64, num_layers: int = 2,
@@ -105,7 +105,7 @@ def format_tree(tree, tokenizer=None, row: int = 0) -> str:
     children: dict[int, list[int]] = {}
     for s in range(1, n + 1):
         children.setdefault(parents[s], []).append(s)
-    show = (lambda t: repr(tokenizer.decode([t]))) if tokenizer is not None else str
+    show = (lambda t: repr(tokenizer.convert_ids_to_tokens(t))) if tokenizer is not None else str
     lines = [f"root {show(tokens[0])}"]
 
     def walk(slot: int, indent: int) -> None:
@@ -124,9 +124,13 @@ def run(prompt: str = "The tree of", max_new_tokens: int = 32, max_nodes: int = 
     from transformers import AutoTokenizer
 
     from . import decode, ops
-    from .cost import CostModel
     from .target import load_target
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)  # a model this small only loses time to thread hand-offs
     out("ddtree demo: a tiny RANDOMLY initialised target and drafter (built here, nothing downloaded).")
     out("The drafter's guesses are random, so expect an acceptance length of about 1 and gibberish text.")
     results = {}
@@ -136,7 +140,7 @@ def run(prompt: str = "The tree of", max_new_tokens: int = 32, max_nodes: int = 
         target = load_target(tdir, device=device)
         drafter = DFlashDrafter.from_pretrained(ddir, device=device, dtype=target.dtype)
         ids = tok(prompt).input_ids
-        cost = CostModel.default(target.config, target.device, target.dtype)
+        cost = decode.default_cost_model(target)
         for method in decode.METHODS:
             t0 = time.perf_counter()
             res = decode.generate(target, drafter, [ids], method=method, max_new_tokens=max_new_tokens,

@@ -17,7 +17,7 @@ import torch
 from . import hf_attention
 from .ops import DraftTree, compact_kv
 
-FAST_MODEL_TYPES = ("llama", "qwen3", "qwen2")
+FAST_MODEL_TYPES = ("llama", "qwen3")  # what fast_target.FastTarget runs
 
 
 @runtime_checkable
@@ -162,16 +162,19 @@ class HFTarget:
 
 
 def _fast_runner(source, device, dtype):
-    """The hook for the fast runner: ``FastTarget.from_pretrained(path, device=, dtype=)`` for a folder,
-    ``FastTarget.from_model(model)`` for a loaded model. ``None`` when it is not available."""
+    """The hook for the fast runner (``ddtree.fast_target.FastTarget``): ``from_pretrained(path, device=,
+    dtype=)`` for a folder, ``from_state_dict(config, state, device=, dtype=)`` for a loaded model.
+    ``None`` when it is not importable or does not support the checkpoint (the HF runner is used then)."""
     try:
-        from .fast_target import FastTarget  # written separately; absent in some builds
+        from .fast_target import FastTarget
     except ImportError:
         return None
     try:
         if isinstance(source, (str, os.PathLike)):
-            return FastTarget.from_pretrained(source, device=device, dtype=dtype)
-        return FastTarget.from_model(source)
+            return FastTarget.from_pretrained(str(source), device=device, dtype=dtype)
+        if not FastTarget.supports(source.config):
+            return None
+        return FastTarget.from_state_dict(source.config, source.state_dict(), device=device, dtype=dtype)
     except Exception as e:  # an unsupported checkpoint must not stop decoding: fall back, loudly
         warnings.warn(f"fast target runner unavailable ({type(e).__name__}: {e}); using the Hugging Face runner")
         return None
