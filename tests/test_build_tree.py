@@ -244,3 +244,18 @@ def test_a800_budget_is_used():
     tree = ddtree.build_tree(uniform, ids, roots, ctx, N, costs, draft)
     assert (tree.num_nodes < N).all()
     assert_same_tree(tree, ref.build_tree(uniform, ids, roots, ctx, N, costs, draft))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("max_nodes", [0, 1, 5])
+def test_outputs_do_not_alias_inputs(max_nodes, device):
+    """The schema declares no aliasing: writing to an output must leave every input as it was."""
+    gen = torch.Generator().manual_seed(12)
+    case = make_case(3, 2, 2, max_nodes, "fixed", "normal", torch.float32, gen)
+    inputs = [t.to(device) for t in case[:4]]
+    before = [t.clone() for t in inputs]
+    tree = ddtree.build_tree(*inputs, max_nodes)
+    for f in fields(tree):
+        getattr(tree, f.name).fill_(-7)
+    for name, t, b in zip(("logprobs", "token_ids", "root_tokens", "context_lens"), inputs, before):
+        assert torch.equal(t, b), f"an output aliases {name}"

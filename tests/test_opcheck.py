@@ -1,0 +1,95 @@
+"""torch.library.opcheck on every op: schema (including compact_kv's mutated list), fake tensor impls,
+autograd registration and AOT dispatch with dynamic shapes, on a few sample inputs each."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ddtree
+from conftest import devices
+
+ops = torch.ops.ddtree
+
+
+def samples_topk(device):
+    gen = torch.Generator().manual_seed(0)
+    yield (torch.randn(2, 3, 50, generator=gen).to(device), 4, 1.0)
+    yield (torch.randn(1, 5, 17, generator=gen).bfloat16().to(device), 17, 0.7)
+    yield (torch.randn(3, 1, 8, generator=gen).half().to(device), 1, 2.0)
+
+
+def tree_inputs(B, D, K, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lp, ids = ddtree.topk_marginals(torch.randn(B, D, 40, generator=gen), K)
+    roots = torch.randint(0, 40, (B,), generator=gen)
+    ctx = torch.randint(0, 100, (B,), generator=gen)
+    return [t.to(device) for t in (lp, ids, roots, ctx)]
+
+
+def samples_build_tree(device):
+    yield (*tree_inputs(2, 4, 3, device, 1), 10, None, 0.0)  # DDTree: fixed budget
+    yield (*tree_inputs(1, 1, 1, device, 2), 0, None, 0.0)  # empty tree
+    costs = 1.0 + 0.01 * torch.arange(41.0).repeat(3, 1)
+    yield (*tree_inputs(3, 5, 4, device, 3), 40, costs.to(device), 0.2)  # CaDDTree: with a cost table
+
+
+def samples_tree_attention(device):
+    for B, Hq, Hkv, T, d, dtype in ((2, 4, 2, 5, 64, torch.float32), (1, 2, 2, 33, 16, torch.bfloat16),
+                                    (3, 4, 1, 2, 7, torch.float16)):
+        gen = torch.Generator().manual_seed(T)
+        lp, ids, roots, ctx = tree_inputs(B, 3, 3, "cpu", T)
+        ctx = ctx % 20
+        tree = ddtree.build_tree(lp, ids, roots, ctx, T - 1)
+        S = 20 + T
+        q = torch.randn(B, Hq, T, d, generator=gen).to(dtype)
+        k = torch.randn(B, Hkv, S, d, generator=gen).to(dtype)
+        v = torch.randn(B, Hkv, S, d, generator=gen).to(dtype)
+        args = (q, k, v, ctx, tree.tree_mask, tree.num_nodes)
+        yield (*(t.to(device) for t in args), 1 / math.sqrt(d))
+
+
+def samples_accept_tree(device):
+    lp, ids, roots, ctx = tree_inputs(3, 4, 3, "cpu", 4)
+    tree = ddtree.build_tree(lp, ids, roots, ctx, 20)
+    target = tree.tokens.roll(-1, dims=1)  # agrees with some children
+    for max_depth in (-1, 2):
+        yield (*(t.to(device) for t in (tree.tokens, tree.parents, tree.num_nodes, target)), max_depth)
+
+
+def samples_compact_kv(device):
+    gen = torch.Generator().manual_seed(5)
+    caches = [torch.randn(2, 2, 12, 8, generator=gen), torch.randn(2, 1, 12, 4, generator=gen).bfloat16()]
+    slots = torch.tensor([[0, 2, 3, -1], [0, 3, 1, 2]])
+    args = (torch.tensor([0, 6]), slots, torch.tensor([3, 4], dtype=torch.int32))
+    yield ([c.to(device) for c in caches], *(t.to(device) for t in args))
+    yield ([caches[0].to(device)], *(t.to(device) for t in args[:2]), torch.zeros(2, dtype=torch.int32, device=device))
+
+
+CASES = {
+    "topk_marginals": samples_topk,
+    "build_tree": samples_build_tree,
+    "tree_attention": samples_tree_attention,
+    "accept_tree": samples_accept_tree,
+    "compact_kv": samples_compact_kv,
+}
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_opcheck(name, device):
+    samples = list(CASES[name](device))
+    assert samples
+    for args in samples:
+        torch.library.opcheck(getattr(ops, name).default, args)
+
+
+def test_compact_kv_schema_declares_mutation():
+    """The caches are annotated as mutated, so functionalisation and torch.compile see the write."""
+    schema = ops.compact_kv.default._schema
+    caches = schema.arguments[0]
+    assert caches.name == "caches" and caches.alias_info is not None and caches.alias_info.is_write
+    assert all(a.alias_info is None for a in schema.arguments[1:])
+    for name in ("topk_marginals", "build_tree", "tree_attention", "accept_tree"):
+        assert not any(a.alias_info for a in getattr(ops, name).default._schema.arguments), name
