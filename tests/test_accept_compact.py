@@ -163,7 +163,7 @@ def test_aliasing_slots(device):
     gen = torch.Generator().manual_seed(9)
     slots = torch.tensor([[0, 3, 1, 2, 5],   # position ctx+2 must get the OLD ctx+1, which ctx+1 overwrites
                           [4, 3, 2, 1, 0],   # full reversal
-                          [1, 2, 3, 4, 5],   # every read is the next write's target
+                          [1, 2, 3, 4, 5],   # each read is the next write: a backward loop would break
                           [0, 1, 2, 3, 4]])  # identity
     alen = torch.tensor([5, 5, 5, 5], dtype=torch.int32)
     run_compact(device, 4, 20, torch.tensor([0, 7, 3, 14]), slots, alen, gen)
