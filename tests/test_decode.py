@@ -1,0 +1,146 @@
+"""generate(): every method's greedy output equals transformers' greedy generate token for token
+(tiny random Qwen3 and Llama targets, fp32 on CPU), for single prompts and ragged batches, with stop
+tokens and a max_new_tokens that is not a multiple of the block; an oracle-ish drafter makes long
+accepted paths (and so real KV compaction) happen."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from ddtree import decode
+from ddtree.target import HFTarget
+
+from models import OracleDrafter, hf_greedy, tiny_drafter, tiny_target
+
+MAX_NEW = 11  # not a multiple of the block (4) nor of the oracle's block (6)
+NUM_PROMPTS = 20
+
+
+class _Setup:
+    def __init__(self, arch: str):
+        self.model = tiny_target(arch, seed=21)
+        self.V = self.model.config.vocab_size
+        self.target = HFTarget(self.model)
+        self.drafter = tiny_drafter(self.model.config, block_size=4, seed=22)
+        rng = random.Random(23)
+        self.prompts = [[rng.randrange(3, self.V) for _ in range(rng.randint(1, 12))] for _ in range(NUM_PROMPTS)]
+        self.refs = [hf_greedy(self.model, p, MAX_NEW) for p in self.prompts]
+        # A stop token that the greedy continuations actually produce mid-way, plus one that never occurs.
+        middle = Counter(t for r in self.refs for t in r[1:-2])
+        self.stops = [middle.most_common(1)[0][0], 1]
+        self.refs_stop = [hf_greedy(self.model, p, MAX_NEW, self.stops) for p in self.prompts]
+        assert sum(len(r) < MAX_NEW for r in self.refs_stop) >= 2, "the stop token should end some requests early"
+
+
+_SETUPS: dict[str, _Setup] = {}
+
+
+def setup(arch: str) -> _Setup:
+    if arch not in _SETUPS:
+        _SETUPS[arch] = _Setup(arch)
+    return _SETUPS[arch]
+
+
+def _batches(items, size):
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("method", decode.METHODS)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_equals_transformers(arch, method, batch):
+    s = setup(arch)
+    use_stops = batch == 4  # batch 1: plain max_new_tokens; batch 4: ragged prompts and stop tokens
+    refs = s.refs_stop if use_stops else s.refs
+    got = []
+    for prompts in _batches(s.prompts, batch):
+        out = decode.generate(s.target, s.drafter, prompts, method=method, max_new_tokens=MAX_NEW, max_nodes=8,
+                              stop_token_ids=s.stops if use_stops else ())
+        got += out.tokens
+    assert got == refs
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("method", ["dflash", "ddtree", "caddtree"])
+def test_oracle_drafter_long_paths(arch, method):
+    """With a drafter that mostly knows the future, rounds accept several tokens; output is unchanged."""
+    s = setup(arch)
+    drafter = tiny_drafter(s.model.config, block_size=6, seed=24)
+    max_new = 23
+    prompts = s.prompts[:8]
+    refs = [hf_greedy(s.model, p, max_new) for p in prompts]
+    got, accept = [], []
+    for i, batch in enumerate(_batches(prompts, 4)):
+        oracle = OracleDrafter(drafter, [p + r for p, r in zip(batch, refs[4 * i :])], s.V, hit=0.7, seed=i)
+        out = decode.generate(s.target, oracle, batch, method=method, max_new_tokens=max_new, max_nodes=12)
+        got += out.tokens
+        accept.append(out.acceptance_length)
+    assert got == refs
+    # dflash follows only top-1 guesses (right 70% of the time); trees also hold the runner-up.
+    assert min(accept) > (1.8 if method == "dflash" else 2.5), accept
+
+
+class _Cost:
+    """A duck-typed cost model: verifying n nodes costs 1 + slope * n, drafting costs 1."""
+
+    def __init__(self, slope):
+        self.slope, self.draft_cost = slope, 1.0
+
+    def table(self, context_lens, max_nodes):
+        n = torch.arange(max_nodes + 1, dtype=torch.float32)
+        return (1.0 + self.slope * n).expand(context_lens.shape[0], -1).contiguous()
+
+
+def test_caddtree_budget_follows_cost_model():
+    s = setup("qwen3")
+    prompts = s.prompts[:4]
+    free = decode.generate(s.target, s.drafter, prompts, method="caddtree", max_new_tokens=MAX_NEW, max_nodes=8,
+                           cost_model=_Cost(0.0))
+    costly = decode.generate(s.target, s.drafter, prompts, method="caddtree", max_new_tokens=MAX_NEW, max_nodes=8,
+                             cost_model=_Cost(1e3))
+    assert free.tokens == costly.tokens == s.refs[:4]
+    live = lambda out: [n for r in out.rounds for n, a in zip(r.tree_size, r.accept_len) if a]  # noqa: E731
+    assert set(live(free)) == {8}  # verification is free: take the whole budget
+    assert set(live(costly)) == {0}  # every node costs more than it can return: autoregressive
+
+
+def test_round_stats():
+    s = setup("llama")
+    prompts = s.prompts[4:8]
+    out = decode.generate(s.target, s.drafter, prompts, method="ddtree", max_new_tokens=MAX_NEW, max_nodes=8,
+                          stop_token_ids=s.stops)
+    assert out.tokens == s.refs_stop[4:8]
+    for r in out.rounds:
+        assert len(r.accept_len) == len(r.tree_size) == 4
+        assert all(0 <= a <= 4 for a in r.accept_len)  # at most D + 1 = block_size
+        assert all(0 <= n <= 8 for n in r.tree_size)
+        assert min(r.draft_s, r.build_s, r.verify_s, r.commit_s) >= 0 and r.verify_s > 0
+    # Every generated token after the first (the prefill's) was committed by some round.
+    for b, toks in enumerate(out.tokens):
+        assert sum(r.accept_len[b] for r in out.rounds) >= len(toks) - 1
+    assert out.acceptance_length >= 1.0 and out.total_s >= out.prefill_s > 0
+    ar = decode.generate(s.target, None, prompts, method="ar", max_new_tokens=5)
+    assert ar.acceptance_length == 1.0 and all(n == 0 for r in ar.rounds for n in r.tree_size)
+    assert len(ar.rounds) == 4  # the first token comes from the prefill
+
+
+def test_streaming_and_hf_model_input():
+    """A bare transformers model is wrapped automatically; on_tokens streams exactly the output."""
+    s = setup("qwen3")
+    streamed = {0: [], 1: []}
+    out = decode.generate(s.model, s.drafter, s.prompts[:2], method="ddtree", max_new_tokens=MAX_NEW, max_nodes=8,
+                          on_tokens=lambda b, new: streamed[b].extend(new))
+    assert out.tokens == s.refs[:2] == [streamed[0], streamed[1]]
+
+
+def test_argument_errors():
+    s = setup("qwen3")
+    with pytest.raises(ValueError, match="unknown method"):
+        decode.generate(s.target, s.drafter, [[5]], method="medusa")
+    with pytest.raises(ValueError, match="needs a drafter"):
+        decode.generate(s.target, None, [[5]], method="ddtree")
+    with pytest.raises(ValueError, match="at least one token"):
+        decode.generate(s.target, s.drafter, [[5], []])
