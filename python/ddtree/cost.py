@@ -81,7 +81,7 @@ class CostModel:
     measured: Optional[dict] = None
     bucket: int = 64
     max_context: int = 32768
-    _tables: dict = field(default_factory=dict, repr=False)
+    _tables: dict = field(default_factory=dict, init=False, repr=False)  # (device, N, bucket, buckets) -> table
 
     def __post_init__(self):
         self.node_grid = [int(n) for n in self.node_grid]
@@ -99,6 +99,8 @@ class CostModel:
             raise ValueError(f"verify_ms must have shape [contexts, node_grid] = {[C, G]}, got {list(self.verify_ms.shape)}")
         if not np.all(np.isfinite(self.verify_ms)) or np.any(self.verify_ms <= 0):
             raise ValueError("verify_ms must be finite and positive")
+        if self.bucket < 1 or self.max_context < 0:
+            raise ValueError(f"bucket must be >= 1 and max_context >= 0, got {self.bucket}, {self.max_context}")
         if not (math.isfinite(self.draft_cost) and self.draft_cost >= 0):
             raise ValueError(f"draft_cost must be finite and non-negative, got {self.draft_cost}")
         for c, row in zip(self.contexts, self.verify_ms):
@@ -143,7 +145,8 @@ class CostModel:
         built once and cached, and a call is one gather indexed by ``context_lens // bucket`` on the
         device. ``max_context`` (default :attr:`max_context`; pass the KV cache capacity) is the largest
         context covered: longer ones get its bucket's row. Building the cache once copies it to the device
-        (a sync); later calls with the same (device, max_nodes, max_context) do not sync.
+        (a sync); later calls with the same (device, max_nodes, max_context) do not sync, so make that
+        first call before capturing a CUDA graph that calls this.
         """
         if max_nodes < 0:
             raise ValueError(f"max_nodes must be non-negative, got {max_nodes}")
@@ -528,7 +531,7 @@ def profile(
     }
     model = CostModel.fit(grid, contexts, med, draft_med if draft_med is not None else 0.0,
                           verify_iqr_ms=iqr, draft_iqr_ms=draft_iqr, meta=meta)
-    if draft_med is None:
+    if draft_med is None:  # no drafter to time: the same estimate as CostModel.default without a drafter
         model.draft_cost = DRAFT_FRACTION * float(model.verify_ms[0, 0])
         model.measured["draft_median_ms"] = None
     return model
