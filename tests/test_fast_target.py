@@ -287,3 +287,24 @@ def test_from_model_equals_from_pretrained(tmp_path):
         fast.reset(1, 16)
         outs.append(fast.prefill(ids, torch.tensor([6]))[0])
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+def test_reset_same_shape_keeps_buffers_and_restarts(tmp_path):
+    """A reset to the same shape keeps the cache buffers (captured graphs hold their addresses) yet the
+    runner behaves as fresh: the same prompt and tree give the same logits."""
+    _, path = make_hf("qwen3", tmp_path, layers=2)
+    fast = FastTarget.from_pretrained(path, device="cpu", dtype=torch.float32, buckets=(32,))
+    fast.set_feature_layers([1])
+    outs, ptrs = [], []
+    for seed in (11, 12, 11):  # the middle run leaves different stale K/V behind
+        fast.reset(1, 48)
+        ptrs.append((fast.k_cache[0].data_ptr(), fast.context_lens.data_ptr()))
+        assert fast.context_lens.tolist() == [0]
+        ids = torch.randint(0, 320, (1, 8 + seed % 2), generator=torch.Generator().manual_seed(seed))
+        fast.prefill(ids, torch.tensor([ids.shape[1]]))
+        tree = random_tree(fast.context_lens.clone(), torch.tensor([2]), 320, seed=seed)
+        outs.append(fast.verify(tree)[0])
+    assert ptrs[0] == ptrs[1] == ptrs[2]
+    assert torch.equal(outs[0], outs[2])
+    fast.reset(2, 48)  # a new shape reallocates
+    assert fast.k_cache[0].shape[0] == 2

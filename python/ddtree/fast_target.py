@@ -282,8 +282,9 @@ class FastTarget:
         bad = [i for i in layer_ids if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"fast target: feature layer ids {bad} out of range [0, {self.num_hidden_layers})")
-        self.feature_layer_ids = list(layer_ids)
-        self._graphs.clear()  # captured graphs return the old feature set
+        if list(layer_ids) != self.feature_layer_ids:
+            self.feature_layer_ids = list(layer_ids)
+            self._graphs.clear()  # captured graphs return the old feature set
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids ``[...]`` i64 -> ``[..., H]`` in the model dtype."""
@@ -294,7 +295,8 @@ class FastTarget:
         return F.linear(hidden.to(self.dtype), self.lm_head_weight).float()
 
     def reset(self, batch_size: int, max_len: int) -> None:
-        """Allocate the static caches ``[B, Hkv, S, d]`` per layer and set ``context_lens = 0``.
+        """Allocate the static caches ``[B, Hkv, S, d]`` per layer and set ``context_lens = 0`` (buffers of
+        the same shape are kept, and with them the captured graphs).
 
         ``S = max_len + largest bucket``: padding slots of a bucketed tree are written past the real
         ones, and the headroom keeps them inside the cache whenever ``ctx + real slots <= max_len``.
@@ -302,10 +304,15 @@ class FastTarget:
         s = self.shape
         S = max_len + (max(self.buckets) if self.buckets else 0)
         shape = (batch_size, s.kv_heads, S, s.head_dim)
+        self.max_len = max_len
+        if self.k_cache and tuple(self.k_cache[0].shape) == shape:
+            # Same shape: keep the buffers (stale entries lie past context_lens and are never read), so the
+            # captured graphs, which hold their addresses, stay valid across generate() calls.
+            self.context_lens.zero_()
+            return
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.layers)]
         self.context_lens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
-        self.max_len = max_len
         # RoPE table over every cache position: a gather in the forward (capturable), values identical
         # to transformers' cos(pos * inv_freq) computed in fp32 then cast.
         freqs = torch.arange(S, device=self.device, dtype=torch.int64).float()[:, None] * self.inv_freq[None]
@@ -474,7 +481,7 @@ class _VerifyGraph:
     """The verify forward of one bucket captured in a CUDA graph (static inputs, static outputs).
 
     Capture is lazy (first tree of that size). It reads the runner's caches and ``context_lens`` by
-    address, so :meth:`FastTarget.reset` and :meth:`FastTarget.set_feature_layers` drop all graphs.
+    address, so a :meth:`FastTarget.reset` to a new shape and a new feature set drop all graphs.
     Graphs of all buckets share one memory pool (they never run concurrently).
     """
 
@@ -499,8 +506,9 @@ class _VerifyGraph:
         T = tree.num_slots
         self.inputs.load(tree)
         self.graph.replay()
-        # Views of the static outputs: valid until the next replay of this bucket. Callers that keep
-        # them across rounds must clone.
+        # Views of the static outputs: valid until the next replay of any bucket (the buckets share a
+        # memory pool, so one graph's scratch may overlay another's outputs). Callers that keep them
+        # across rounds must clone (the decode loop gathers the accepted features: a copy).
         return self.logits[:, :T], self.features[:, :T]
 
 
