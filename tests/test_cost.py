@@ -357,3 +357,20 @@ def test_profile_medians_and_fit_with_a_fake_clock(monkeypatch):
     # 608 is the centre of bucket 9 (64-token buckets); grid points only (truth is quadratic between them).
     np.testing.assert_allclose(model.table(torch.tensor([600]), 40)[0, grid].double().numpy(),
                                [truth(608, n + 1) for n in grid], rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_table_on_cuda_is_a_sync_free_gather():
+    model, _ = _a800("Qwen3-8B")
+    ctx = torch.tensor([0, 1000, 5000, 40000])
+    expect = model.table(ctx, 128)
+    model.table(ctx.cuda(), 128)  # builds and uploads the CUDA cache (one copy)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync below raises
+    try:
+        got = model.table(ctx.cuda(), 128)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert got.device.type == "cuda" and got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu(), expect, rtol=0, atol=0)
