@@ -144,3 +144,71 @@ def test_argument_errors():
         decode.generate(s.target, None, [[5]], method="ddtree")
     with pytest.raises(ValueError, match="at least one token"):
         decode.generate(s.target, s.drafter, [[5], []])
+
+
+def test_fast_runner_through_the_same_loop():
+    """The fast runner (ddtree.fast_target) implements the same interface: same greedy output on CPU."""
+    fast_target = pytest.importorskip("ddtree.fast_target")
+    s = setup("llama")
+    runner = fast_target.FastTarget.from_model(s.model)
+    for method in ("ar", "ddtree"):
+        got = []
+        for prompts in _batches(s.prompts[:8], 4):
+            got += decode.generate(runner, s.drafter, prompts, method=method, max_new_tokens=MAX_NEW, max_nodes=8,
+                                   stop_token_ids=s.stops).tokens
+        assert got == s.refs_stop[:8], method
+
+
+# ---- GPU (bf16): item 6 -------------------------------------------------------------------------------
+# Run on a CUDA machine (real checkpoints via DDTREE_TARGET / DDTREE_DRAFTER, else the tiny random pair):
+#   DDTREE_TARGET=/ckpt/Qwen3-8B DDTREE_DRAFTER=/ckpt/Qwen3-8B-DFlash-b16 \
+#     PYTHONPATH=python python3 -m pytest tests/test_decode.py -q -m gpu -k cuda_bf16
+
+
+def _agree_up_to_near_tie(ours, ref, ref_logits, rel=4 * 2**-8):
+    """True when ``ours`` equals ``ref``, or first differs at a step where the reference's logits for the two
+    tokens are within bf16 precision (relative ``rel`` of the largest logit): a tie that rounding may break
+    either way, after which the two continuations are no longer comparable."""
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            row = ref_logits[i].float()
+            return bool((row[b] - row[a]).abs() <= rel * row.abs().max())
+    return len(ours) == len(ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fast", [False, True])
+def test_greedy_cuda_bf16(tmp_path, fast):
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ddtree.drafter import DFlashDrafter
+    from ddtree.target import as_target
+    from models import save_pair
+
+    tdir, ddir = os.environ.get("DDTREE_TARGET"), os.environ.get("DDTREE_DRAFTER")
+    if not (tdir and ddir):
+        tdir, ddir = save_pair(tmp_path, "qwen3", seed=51, block_size=8, hidden_size=256, num_heads=4,
+                               num_kv_heads=2, head_dim=64)
+    model = AutoModelForCausalLM.from_pretrained(tdir, dtype=torch.bfloat16).cuda().eval()
+    runner = as_target(model, fast=fast)
+    assert (type(runner).__name__ == "FastTarget") == fast
+    drafter = DFlashDrafter.from_pretrained(ddir, device="cuda", dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(tdir)
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 5, 8,",
+             "Speculative decoding works by", "import torch\n", "The quick brown fox", "Q: What is 17 * 3?\nA:"]
+    prompts = [tok(t).input_ids for t in texts]
+    max_new = 40
+    refs = []
+    for p in prompts:
+        g = model.generate(torch.tensor([p], device="cuda"), do_sample=False, max_new_tokens=max_new,
+                           eos_token_id=None, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+        refs.append((g.sequences[0, len(p):].tolist(), [lg[0] for lg in g.logits]))
+    for method in decode.METHODS:
+        for batch in _batches(list(range(len(prompts))), 4):
+            out = decode.generate(runner, drafter, [prompts[i] for i in batch], method=method, max_new_tokens=max_new,
+                                  max_nodes=32)
+            for i, toks in zip(batch, out.tokens):
+                assert _agree_up_to_near_tie(toks, *refs[i]), (method, texts[i], toks, refs[i][0])

@@ -163,7 +163,7 @@ class HFTarget:
 
 def _fast_runner(source, device, dtype):
     """The hook for the fast runner (``ddtree.fast_target.FastTarget``): ``from_pretrained(path, device=,
-    dtype=)`` for a folder, ``from_state_dict(config, state, device=, dtype=)`` for a loaded model.
+    dtype=)`` for a folder, ``from_model(model)`` for a loaded model (its device and dtype).
     ``None`` when it is not importable or does not support the checkpoint (the HF runner is used then)."""
     try:
         from .fast_target import FastTarget
@@ -174,7 +174,7 @@ def _fast_runner(source, device, dtype):
             return FastTarget.from_pretrained(str(source), device=device, dtype=dtype)
         if not FastTarget.supports(source.config):
             return None
-        return FastTarget.from_state_dict(source.config, source.state_dict(), device=device, dtype=dtype)
+        return FastTarget.from_model(source)
     except Exception as e:  # an unsupported checkpoint must not stop decoding: fall back, loudly
         warnings.warn(f"fast target runner unavailable ({type(e).__name__}: {e}); using the Hugging Face runner")
         return None
