@@ -32,7 +32,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def logprob_tolerance(logits: torch.Tensor, temperature: float, expected: torch.Tensor) -> torch.Tensor:
     """``[B, D, k]`` bound on |cuda - cpu|: a few fp32 roundings of the magnitudes involved
-    (largest finite |v|, the result, log V), plus fp32 summation of up to 32 terms per thread."""
+    (largest finite |v|, the result, log V), plus fp32 summation of 16 terms per thread."""
     v = logits.float() / temperature
     finite = torch.where(torch.isfinite(v), v.abs(), torch.zeros_like(v))
     vmax = finite.amax(dim=-1, keepdim=True)

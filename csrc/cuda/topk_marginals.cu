@@ -2,8 +2,8 @@
 // of the vocabulary (no softmax tensor, no sort of the vocabulary).
 //
 // Two launches:
-//   1. topk_chunk_kernel, one CTA per (row, chunk of kChunk = 16384 vocabulary entries): each thread
-//      loads 32 entries once into registers as order-preserving value keys, computes the chunk's
+//   1. topk_chunk_kernel, one CTA per (row, chunk of kChunk = 16384 vocabulary entries): each of its
+//      1024 threads loads 16 entries once into registers as order-preserving value keys, computes the chunk's
 //      max / sum-exp / count of +inf from those registers, and a block radix select over the 64-bit
 //      keys (value key, then smaller id) picks the chunk's top min(k, chunk) entries. Writes them
 //      (unsorted) and the chunk's (max, sum-exp, +inf count).
