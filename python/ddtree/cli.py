@@ -42,6 +42,9 @@ def check_pair(target_cfg: dict, drafter_cfg: dict) -> None:
     tv, dv = target_cfg.get("vocab_size"), drafter_cfg.get("vocab_size")
     if tv != dv:
         raise UsageError(f"drafter vocabulary size {dv} does not match the target's vocabulary size {tv}")
+    mask = (drafter_cfg.get("dflash_config") or {}).get("mask_token_id")
+    if mask is None or not 0 <= int(mask) < (tv or 0):
+        raise UsageError(f"drafter mask_token_id {mask} is not a token of the target's vocabulary")
     layers = target_cfg.get("num_hidden_layers", 0)
     ids = (drafter_cfg.get("dflash_config") or {}).get("target_layer_ids") or []
     bad = [i for i in ids if not 0 <= i < layers]
@@ -74,7 +77,11 @@ def _load_pair(args, need_drafter: bool):
         drafter_cfg = _read_config(args.drafter, "drafter")
         check_pair(target_cfg, drafter_cfg)
     device, dtype = _device_dtype(args)
+    from transformers.utils import logging as hf_logging
+
     from .drafter import DFlashDrafter
+
+    hf_logging.disable_progress_bar()  # the stream below is the output; no loading bars around it
     from .target import load_target
 
     target = load_target(args.target, device=device, dtype=dtype, fast=False if args.no_fast else None)

@@ -64,7 +64,8 @@ class DFlashConfig:
         d = dict(d)
         dflash = d.pop("dflash_config", {}) or {}
         rope = d.get("rope_parameters") or {}
-        if (d.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None):
+        rope_types = {(d.get("rope_scaling") or {}).get("rope_type"), rope.get("rope_type")}
+        if rope_types - {"default", None}:
             raise ValueError("DFlash drafter: only default RoPE is supported (config.json has rope_scaling)")
         H, nh = d["hidden_size"], d["num_attention_heads"]
         layers = d["num_hidden_layers"]
@@ -195,6 +196,8 @@ class DFlashDrafter(nn.Module):
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.context_lens: Optional[torch.Tensor] = None  # [B] i64
+        self._block_mask: Optional[torch.Tensor] = None  # [B, bs, ceil(bs/32)] i32, all bits set
+        self._last_slot: Optional[torch.Tensor] = None  # [B] i32 = bs - 1
 
     # the attributes the decode loop reads
     @property
@@ -217,6 +220,9 @@ class DFlashDrafter(nn.Module):
         self.k_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.context_lens = torch.zeros(batch_size, dtype=torch.long, device=p.device)
+        # Every block slot sees the whole context and the whole block: a tree mask with all bits set.
+        self._block_mask = _all_ones_mask(batch_size, self.block_size, p.device)
+        self._last_slot = torch.full((batch_size,), self.block_size - 1, dtype=torch.int32, device=p.device)
 
     @torch.inference_mode()
     def extend(self, features: torch.Tensor, lengths: torch.Tensor) -> None:
@@ -250,12 +256,9 @@ class DFlashDrafter(nn.Module):
         dev = root_tokens.device
         block = torch.cat([root_tokens[:, None], torch.full((B, bs - 1), self.mask_token_id, device=dev)], dim=1)
         positions = self.context_lens[:, None] + torch.arange(bs, device=dev)
-        # Every block slot sees the whole context and the whole block: a tree mask with all bits set.
-        block_mask = _all_ones_mask(B, bs, dev)
-        last_slot = torch.full((B,), bs - 1, dtype=torch.int32, device=dev)
         x = target.embed(block).to(self.fc.weight.dtype)
         for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
-            x = layer(x, positions, kc, vc, self.context_lens, block_mask, last_slot)
+            x = layer(x, positions, kc, vc, self.context_lens, self._block_mask, self._last_slot)
         return target.lm_head(self.norm(x[:, 1:]).to(target.dtype))
 
     # ---- checkpoints -----------------------------------------------------------------------------
@@ -273,6 +276,9 @@ class DFlashDrafter(nn.Module):
         state = {}
         for f in files:
             state.update({k.removeprefix("model."): v for k, v in load_file(str(f)).items()})
+        # The drafter uses the target's embedding and LM head; a checkpoint that carries copies of them
+        # loads all the same (they are not used).
+        state = {k: v for k, v in state.items() if not k.startswith(("embed_tokens.", "lm_head."))}
         model = cls(cfg)
         model.load_state_dict(state, strict=True)
         return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,73 @@
+"""The ``ddtree`` command line, run as a user would (``python -m ddtree`` in a subprocess): the demo, a
+streamed generation from saved folders, and one-line errors with exit code 2 for user mistakes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from models import save_pair, tiny_drafter, tiny_target
+
+
+def ddtree(*args, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "ddtree", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    target, drafter = save_pair(root, "qwen3", seed=41, block_size=4)
+    # Drafters that do not fit the target: another hidden size, another vocabulary.
+    tiny_drafter(tiny_target("qwen3", hidden_size=32, head_dim=8).config).save_pretrained(root / "wrong_hidden")
+    tiny_drafter(tiny_target("qwen3", vocab_size=64).config).save_pretrained(root / "wrong_vocab")
+    return root, target, drafter
+
+
+def test_demo():
+    r = ddtree("demo", "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    assert "RANDOMLY initialised" in r.stdout and "acceptance length of about 1" in r.stdout
+    for method in ("ar", "dflash", "ddtree", "caddtree"):
+        assert f"[{method}]" in r.stdout
+    assert r.stdout.count("acceptance length") >= 4
+    tree = r.stdout.split("one draft tree")[1].splitlines()[1:]
+    assert tree[0].startswith("root ") and len(tree) == 9  # the root and 8 nodes
+    assert any(line.startswith("    ") for line in tree), "some node below depth 1 (indented twice)"
+    assert all("p=" in line and "path=" in line for line in tree[1:])
+
+
+def test_generate_streams_and_reports(folders):
+    _, target, drafter = folders
+    r = ddtree("generate", "--target", str(target), "--drafter", str(drafter), "--prompt", "Hello tree",
+               "--method", "caddtree", "--max-new-tokens", "10", "--max-nodes", "8", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    text, summary = r.stdout.split("\n--\n")
+    assert text.startswith("Hello tree") and len(text) > len("Hello tree")
+    assert "acceptance length" in summary and "tree size" in summary and "tokens/s" in summary
+
+
+@pytest.mark.parametrize("case", ["missing_target", "missing_drafter", "wrong_hidden", "wrong_vocab", "method"])
+def test_user_errors_are_one_line(folders, case):
+    root, target, drafter = folders
+    args = {"target": str(target), "drafter": str(drafter), "method": "ddtree"}
+    expect = {
+        "missing_target": ("target", str(root / "nope"), "target folder not found"),
+        "missing_drafter": ("drafter", str(root / "nope"), "drafter folder not found"),
+        "wrong_hidden": ("drafter", str(root / "wrong_hidden"), "hidden size 32 does not match"),
+        "wrong_vocab": ("drafter", str(root / "wrong_vocab"), "vocabulary size 64 does not match"),
+        "method": ("method", "medusa", "unknown method 'medusa'"),
+    }[case]
+    args[expect[0]] = expect[1]
+    r = ddtree("generate", "--target", args["target"], "--drafter", args["drafter"], "--method", args["method"],
+               "--prompt", "x", "--device", "cpu", timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddtree: error:") and expect[2] in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
