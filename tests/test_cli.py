@@ -71,3 +71,16 @@ def test_user_errors_are_one_line(folders, case):
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+
+def test_profile_then_generate_with_the_cost_model(folders, tmp_path):
+    _, target, drafter = folders
+    out = tmp_path / "cost.json"
+    r = ddtree("profile", "--target", str(target), "--drafter", str(drafter), "--max-nodes", "8", "--contexts", "8,32",
+               "--repeats", "2", "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    cost = json.loads(out.read_text())
+    assert cost["profile"]["draft_cost"] == "measured" and cost["draft_cost_ms"] > 0
+    r = ddtree("generate", "--target", str(target), "--drafter", str(drafter), "--prompt", "ab", "--method", "caddtree",
+               "--cost-model", str(out), "--max-new-tokens", "6", "--max-nodes", "8", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "method caddtree: acceptance length" in r.stdout
