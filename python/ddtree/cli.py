@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 METHODS = ("ar", "dflash", "ddtree", "caddtree")  # = ddtree.decode.METHODS (kept here so errors need no torch import)
