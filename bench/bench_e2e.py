@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import ddtree  # noqa: E402
 from ddtree.cost import CostModel, profile  # noqa: E402
-from ddtree.fast_target import FastTarget, trim_tree  # noqa: E402
+from ddtree.fast_target import FastTarget  # noqa: E402
 
 BUDGETS = (16, 32, 64, 128, 256, 512, 1024)
 PUBLISHED = {"dflash_chain": 7.8, "ddtree_256": 10.7}  # Qwen3-8B, MATH-500, temperature 0
@@ -240,7 +240,7 @@ def run_fast(method, budget, fast: FastTarget, drafter, oracle_rounds, prompt, n
                     tree = ddtree.build_tree(lp, ids, x, ctx, N, cost_model.table(ctx, N), cost_model.draft_cost)
                 else:
                     tree = ddtree.build_tree(lp, ids, x, ctx, D if method == "dflash" else budget)
-            tree = trim_tree(tree, int(tree.num_nodes.max()) + 1)  # host sync: the graph bucket
+            tree = tree.trim(int(tree.num_nodes.max()) + 1)  # host sync: the graph bucket
             t2 = timer.mark()
             vlogits, vfeats = fast.verify(tree)
             t3 = timer.mark()

@@ -24,12 +24,16 @@ if ls .carry/_C*.so >/dev/null 2>&1; then cp .carry/_C*.so python/ddtree/; else
 fi
 export PYTHONPATH=$PWD/python
 python3 -c "import ddtree, json; print(json.dumps(ddtree.info()))" | tee -a "$OUT/device.txt"
-run gpu_tests python3 -m pytest -q tests/test_cuda_tree.py tests/test_cuda_verify.py -x
+run gpu_tests python3 -m pytest -q -m gpu tests/test_cuda_tree.py tests/test_cuda_verify.py tests/test_fast_target.py tests/test_hf_attention.py tests/test_decode.py
 run cpu_tests python3 -m pytest -q tests -m "not slow" -x --deselect tests/test_sampling.py
 if [ "${1:-}" != quick ]; then
   run sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x \
     tests/test_cuda_tree.py tests/test_cuda_verify.py -k "not graph and not large"
   run bench_tree python3 bench/bench_tree.py --out "$OUT/bench_tree.json"
   run bench_attention python3 bench/bench_attention.py --out "$OUT/bench_attention.json"
+  run bench_verify python3 bench/bench_e2e.py --verify-only --out "$OUT/verify"
+  run bench_e2e python3 bench/bench_e2e.py --out "$OUT/e2e"
+  run profile_8b python3 -m ddtree profile --target "$OUT/qwen3-8b-shape" --device cuda --dtype bfloat16 \
+    --max-nodes 512 --contexts 128,1024,2048,4096,8192 --repeats 10 --out "$OUT/qwen3_8b_cost.json"
 fi
 echo; echo "=== summary ($(cat "$OUT/device.txt" | head -1))"; printf '%s\n' "${summary[@]}"

@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import ddtree  # noqa: E402
-from ddtree.fast_target import FastTarget, rope_inv_freq, trim_tree  # noqa: E402
+from ddtree.fast_target import FastTarget, rope_inv_freq  # noqa: E402
 
 # Tolerance on logits relative to the largest |logit| of the reference. fp32: observed <= 1.1e-6 (a few
 # ulps through 3 layers). bf16: ~10 ulps (2^-8 each) of the scale, observed <= 2.3e-2: HF and we round
@@ -243,7 +243,7 @@ def test_trim_tree_keeps_used_slots(tmp_path):
     n = int(tree.num_nodes[0])
     assert 0 < n < 40 and tree.num_slots == 41
     small = ddtree.build_tree(lp, ids, torch.tensor([3]), fast.context_lens, n)
-    t = trim_tree(tree, n + 1)
+    t = tree.trim(n + 1)
     assert t.tree_mask.shape == (1, n + 1, 1)
     full, _ = fast.verify(tree)
     trimmed, _ = fast.verify(t)

@@ -156,7 +156,8 @@ TreeResult build_tree(const at::Tensor& logprobs_in, const at::Tensor& token_ids
   at::Tensor tokens = at::zeros({B, T}, opt.dtype(at::kLong));
   at::Tensor parents = at::full({B, T}, -1, opt.dtype(at::kInt));
   at::Tensor depths = at::zeros({B, T}, opt.dtype(at::kInt));
-  at::Tensor positions = context_lens.view({B, 1}).expand({B, T}).contiguous();
+  // clone, not contiguous(): with T == 1 the expand is already contiguous and would alias context_lens.
+  at::Tensor positions = context_lens.view({B, 1}).expand({B, T}).clone(at::MemoryFormat::Contiguous);
   at::Tensor scores = at::full({B, T}, kNegInf, opt.dtype(at::kFloat));
   at::Tensor tree_mask = at::zeros({B, T, W}, opt.dtype(at::kInt));
   at::Tensor expected = at::empty({B}, opt.dtype(at::kFloat));

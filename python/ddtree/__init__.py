@@ -28,7 +28,7 @@ def info() -> dict:
     return {
         "version": __version__,
         "cuda_kernels": bool(_C.with_cuda),
-        "cuda_archs": [a for a in _C.cuda_archs.split(";") if a],
+        "cuda_archs": [a for a in _C.cuda_archs.split(",") if a],
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),

@@ -8,7 +8,7 @@ target's cache:
 
 Between the drafter forward and the target forward only ``ddtree`` ops run; there is no Python loop over
 tree nodes, and the host synchronises once per round (in ``generate``, reading the committed tokens to
-stream them and to stop). Methods: ``ar`` (root-only tree, no drafter), ``dflash`` (a single chain of the
+stream them and to stop, and the tree size: see ``generate``). Methods: ``ar`` (root-only tree, no drafter), ``dflash`` (a single chain of the
 drafter's top-1 tokens, ``K = 1``), ``ddtree`` (best-first tree of ``max_nodes`` nodes) and ``caddtree``
 (the cost-aware budget from ``cost_model``).
 
@@ -89,22 +89,10 @@ def sample_tokens(
     return (probs / race).argmax(-1)
 
 
-class _DefaultCost:
-    """Used for ``caddtree`` when no cost model is given and ``ddtree.cost`` is absent: verification cost
-    grows linearly in nodes past a flat region, the drafter costs a third of a plain target step."""
-
-    draft_cost = 0.33
-
-    def table(self, context_lens: torch.Tensor, max_nodes: int) -> torch.Tensor:
-        n = torch.arange(max_nodes + 1, device=context_lens.device, dtype=torch.float32)
-        return (1.0 + 0.004 * n + 0.00002 * n * n).expand(context_lens.shape[0], -1).contiguous()
-
-
 def default_cost_model(target):
-    try:
-        from .cost import CostModel
-    except ImportError:
-        return _DefaultCost()
+    """The out-of-the-box estimate from the target's size and the device's measured rates."""
+    from .cost import CostModel
+
     return CostModel.default(target.config, target.device, target.dtype)
 
 
@@ -136,17 +124,17 @@ class _Plan:
     temperature: float
     top_k: int
     top_p: float
-    cost_model: object
+    cost_table: Optional[Callable[[torch.Tensor], torch.Tensor]]  # context_lens -> [B, N+1] Cv (caddtree)
+    draft_cost: float
     generator: torch.Generator
 
 
-def _round(target, drafter, x, feats, feat_lens, done, plan: _Plan, clock: _Clock):
-    """One speculative round for the whole batch.
+def _draft_tree(target, drafter, x, feats, feat_lens, plan: _Plan, clock: _Clock):
+    """First half of a round, for the whole batch: drafter forward, topk_marginals, build_tree.
 
     x ``[B]`` i64: last committed tokens (not yet in the target cache). feats ``[B, P, F]``, feat_lens
-    ``[B]``: target features of the tokens committed since the drafter last ran. done ``[B]`` bool:
-    finished requests commit nothing. Returns (emitted ``[B, D+1]`` i64: the new tokens, valid up to
-    accept_len; accept_len ``[B]`` i32; num_nodes ``[B]`` i32; next x, feats, feat_lens; timing marks).
+    ``[B]``: target features of the tokens committed since the drafter last ran. Returns the padded tree
+    and the timing marks (t0, t1, t2). No host synchronisation.
     """
     B = x.shape[0]
     t0 = clock.mark()
@@ -162,11 +150,18 @@ def _round(target, drafter, x, feats, feat_lens, done, plan: _Plan, clock: _Cloc
         logprobs, token_ids = topk_marginals(draft_logits, plan.candidates, draft_temp)
         cost, draft_cost = None, 0.0
         if plan.method == "caddtree":
-            cost = plan.cost_model.table(target.context_lens, plan.max_nodes)
-            draft_cost = float(plan.cost_model.draft_cost)
+            cost, draft_cost = plan.cost_table(target.context_lens), plan.draft_cost
         tree: DraftTree = build_tree(logprobs, token_ids, x, target.context_lens, plan.max_nodes, cost, draft_cost)
-    t2 = clock.mark()
+    return tree, (t0, t1, clock.mark())
 
+
+def _verify_commit(target, tree: DraftTree, x, done, plan: _Plan, clock: _Clock):
+    """Second half of a round: target forward over the tree, per-slot sample/argmax, accept_tree, commit.
+
+    done ``[B]`` bool: finished requests commit nothing. Returns (emitted ``[B, D+1]`` i64: the new
+    tokens, valid up to accept_len; accept_len ``[B]`` i32; next x, feats; timing marks (t3, t4)).
+    No host synchronisation.
+    """
     logits, vfeats = target.verify(tree)  # [B, T, V], [B, T, F]
     t3 = clock.mark()
 
@@ -184,8 +179,7 @@ def _round(target, drafter, x, feats, feat_lens, done, plan: _Plan, clock: _Cloc
     F = vfeats.shape[-1]
     next_feats = vfeats.gather(1, slots[..., None].expand(-1, -1, F)) if F else vfeats[:, : slots.shape[1]]
     next_x = torch.where(done, x, next_token)
-    t4 = clock.mark()
-    return emitted, accept_len, tree.num_nodes, next_x, next_feats, accept_len, (t0, t1, t2, t3, t4)
+    return emitted, accept_len, next_x, next_feats, (t3, clock.mark())
 
 
 @torch.inference_mode()
@@ -226,15 +220,23 @@ def generate(
     B, lens = len(prompts), [len(p) for p in prompts]
     D = drafter.block_size - 1 if method != "ar" else 0
     N = {"ar": 0, "dflash": D}.get(method, max_nodes)
-    if method == "caddtree" and cost_model is None:
-        cost_model = default_cost_model(target)
-    plan = _Plan(
-        method=method, max_nodes=N, depth=D, candidates=1 if method == "dflash" else max(1, min(N, target.vocab_size)),
-        temperature=temperature, top_k=top_k, top_p=top_p, cost_model=cost_model,
-        generator=torch.Generator(device=dev).manual_seed(seed),
-    )
     # Capacity: prompt + generated + one round's overshoot + the tree slots + the drafter's block.
     S = max(lens) + max_new_tokens + 2 * (D + 1) + N + 2
+    cost_table, draft_cost = None, 0.0
+    if method == "caddtree":
+        from .cost import CostModel
+
+        cost_model = cost_model if cost_model is not None else default_cost_model(target)
+        draft_cost = float(cost_model.draft_cost)
+        if isinstance(cost_model, CostModel):  # its cached table covers contexts up to the KV capacity
+            cost_table = lambda lens: cost_model.table(lens, N, max_context=S)  # noqa: E731
+        else:  # any object with .table(context_lens, max_nodes) and .draft_cost
+            cost_table = lambda lens: cost_model.table(lens, N)  # noqa: E731
+    plan = _Plan(
+        method=method, max_nodes=N, depth=D, candidates=1 if method == "dflash" else max(1, min(N, target.vocab_size)),
+        temperature=temperature, top_k=top_k, top_p=top_p, cost_table=cost_table, draft_cost=draft_cost,
+        generator=torch.Generator(device=dev).manual_seed(seed),
+    )
     target.set_feature_layers(list(drafter.target_layer_ids) if method != "ar" else [])
     target.reset(B, S)
     if method != "ar":
@@ -258,27 +260,45 @@ def generate(
     feat_lens = lengths
     clock, rounds = _Clock(dev), []
 
-    while not all(done_host):
-        emitted, accept_len, num_nodes, x, feats, feat_lens, marks = _round(target, drafter, x, feats, feat_lens, done, plan, clock)
+    # The one host synchronisation per round sits between build_tree and verify. It reads this round's
+    # tree size (the verify forward's shape is a host decision: CaDDTree pads its arrays to max_nodes + 1
+    # slots but verification should cost only the slots it chose) together with the previous round's
+    # committed tokens (to stream and truncate them) and whether every request has finished (to leave
+    # the loop). Deferring the previous round's read to this point costs one unused draft after the last
+    # round, instead of a second synchronisation in every round.
+    prev = None  # device results of the previous round, read at this round's synchronisation
+    while True:
+        tree, (t0, t1, t2) = _draft_tree(target, drafter, x, feats, feat_lens, plan, clock)
+        size = tree.num_nodes.max()[None].long()
+        if prev is None:
+            packet = size.tolist()
+        else:
+            emitted, accept_len, num_nodes, marks = prev
+            packet = torch.cat([size, accept_len.long(), num_nodes.long(), done.long(), emitted.flatten()]).tolist()
+            a, n, d = packet[1 : 1 + B], packet[1 + B : 1 + 2 * B], packet[1 + 2 * B : 1 + 3 * B]
+            rows = packet[1 + 3 * B :]
+            W = len(rows) // B
+            p0, p1, p2, p3, p4 = marks
+            rounds.append(RoundStats(
+                accept_len=a, tree_size=n, draft_s=clock.seconds(p0, p1), build_s=clock.seconds(p1, p2),
+                verify_s=clock.seconds(p2, p3), commit_s=clock.seconds(p3, p4),
+            ))
+            for b in range(B):
+                if not done_host[b]:
+                    _emit(out, b, rows[b * W : b * W + a[b]], stop_token_ids, max_new_tokens, on_tokens)
+            done_host = [bool(v) for v in d]
+        if all(done_host):
+            break
+        if plan.method == "caddtree":
+            tree = tree.trim(packet[0] + 1)
+        emitted, accept_len, x, feats, (t3, t4) = _verify_commit(target, tree, x, done, plan, clock)
+        feat_lens = accept_len
         # Stop bookkeeping on the device, so that the round needs nothing from the host.
         valid = torch.arange(emitted.shape[1], device=dev) < accept_len[:, None]
         count += accept_len
         hit = torch.isin(emitted, stops).logical_and(valid).any(1) if len(stops) else torch.zeros_like(done)
         done = done | hit | (count >= max_new_tokens)
-        # The one host synchronisation per round: the committed tokens (to stream and truncate them)
-        # and whether every request has finished (to leave the loop).
-        packet = torch.cat([accept_len[:, None].long(), num_nodes[:, None].long(), done[:, None].long(), emitted], 1)
-        packet = packet.tolist()
-        t0, t1, t2, t3, t4 = marks
-        rounds.append(RoundStats(
-            accept_len=[r[0] for r in packet], tree_size=[r[1] for r in packet],
-            draft_s=clock.seconds(t0, t1), build_s=clock.seconds(t1, t2),
-            verify_s=clock.seconds(t2, t3), commit_s=clock.seconds(t3, t4),
-        ))
-        for b, row in enumerate(packet):
-            if not done_host[b]:
-                _emit(out, b, row[3 : 3 + row[0]], stop_token_ids, max_new_tokens, on_tokens)
-        done_host = [bool(r[2]) for r in packet]
+        prev = (emitted, accept_len, tree.num_nodes, (t0, t1, t2, t3, t4))
     return GenerateOutput(out, rounds, prefill_s, time.perf_counter() - start)
 
 

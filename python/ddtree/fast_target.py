@@ -511,14 +511,3 @@ class _VerifyGraph:
         # across rounds must clone (the decode loop gathers the accepted features: a copy).
         return self.logits[:, :T], self.features[:, :T]
 
-
-def trim_tree(tree: DraftTree, slots: int) -> DraftTree:
-    """The first ``slots`` slots of ``tree`` (all others unused), mask words cut to ``ceil(slots/32)``.
-
-    ``slots`` is usually ``int(tree.num_nodes.max()) + 1`` (one host sync): CaDDTree pads its arrays to
-    ``max_nodes + 1`` but uses far fewer, and verify costs what it is given.
-    """
-    W = (slots + 31) // 32
-    return DraftTree(tree.num_nodes, tree.tokens[:, :slots], tree.parents[:, :slots], tree.depths[:, :slots],
-                     tree.positions[:, :slots], tree.scores[:, :slots], tree.tree_mask[:, :slots, :W].contiguous(),
-                     tree.expected_tokens)

@@ -21,6 +21,14 @@ def _mask_words(slots: int) -> int:
     return (slots + 31) // 32
 
 
+def _check_same_device(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    """validate.cpp's device check, for the fake impls: a call mixing CPU and meta tensors dispatches to
+    the Meta kernel (these fakes), not to a C++ kernel, so the mismatch must be caught here."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == ref.device, lambda: f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
 # --------------------------------------------------------------------------------------------------
 # topk_marginals
 
@@ -69,6 +77,19 @@ class DraftTree:
     def to(self, device) -> "DraftTree":
         return DraftTree(*(getattr(self, f.name).to(device) for f in fields(self)))
 
+    def trim(self, slots: int) -> "DraftTree":
+        """The first ``slots`` slots (views, but the mask is copied contiguous; mask words cut to ``ceil(slots / 32)``).
+
+        CaDDTree pads its arrays to ``max_nodes + 1`` slots but usually fills far fewer, and verification
+        costs what it is given, so callers trim to ``int(num_nodes.max()) + 1`` before verifying.
+        """
+        if not 1 <= slots <= self.num_slots:
+            raise ValueError(f"DraftTree.trim: slots must be in [1, {self.num_slots}], got {slots}")
+        W = (slots + 31) // 32
+        return DraftTree(self.num_nodes, self.tokens[:, :slots], self.parents[:, :slots], self.depths[:, :slots],
+                         self.positions[:, :slots], self.scores[:, :slots], self.tree_mask[:, :slots, :W].contiguous(),
+                         self.expected_tokens)
+
     def dense_mask(self) -> torch.Tensor:
         """``[B, N+1, N+1]`` bool ancestor mask unpacked from ``tree_mask`` (for tests and reference paths)."""
         T = self.num_slots
@@ -99,6 +120,8 @@ def build_tree(
 
 @torch.library.register_fake("ddtree::build_tree")
 def _build_tree_fake(logprobs, token_ids, root_tokens, context_lens, max_nodes, verify_cost=None, draft_cost=0.0):
+    _check_same_device("build_tree", "logprobs", logprobs, token_ids=token_ids, root_tokens=root_tokens,
+                       context_lens=context_lens, verify_cost=verify_cost)
     B = logprobs.shape[0]
     T = max_nodes + 1
     e = logprobs.new_empty
@@ -139,7 +162,9 @@ def tree_attention(
 
 @torch.library.register_fake("ddtree::tree_attention")
 def _tree_attention_fake(q, k_cache, v_cache, context_lens, tree_mask, num_nodes, scale):
-    return torch.empty_like(q)
+    _check_same_device("tree_attention", "q", q, k_cache=k_cache, v_cache=v_cache, context_lens=context_lens,
+                       tree_mask=tree_mask, num_nodes=num_nodes)
+    return q.new_empty(q.shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,6 +190,8 @@ def accept_tree(
 
 @torch.library.register_fake("ddtree::accept_tree")
 def _accept_tree_fake(tokens, parents, num_nodes, target_tokens, max_depth=-1):
+    _check_same_device("accept_tree", "tokens", tokens, parents=parents, num_nodes=num_nodes,
+                       target_tokens=target_tokens)
     B, T = tokens.shape
     width = T if max_depth < 0 else min(max_depth + 1, T)
     return (
@@ -193,4 +220,6 @@ def compact_kv(
 
 @torch.library.register_fake("ddtree::compact_kv")
 def _compact_kv_fake(caches, context_lens, accepted_slots, accept_len):
+    _check_same_device("compact_kv", "accepted_slots", accepted_slots, context_lens=context_lens,
+                       accept_len=accept_len, **{f"caches[{i}]": c for i, c in enumerate(caches)})
     return None

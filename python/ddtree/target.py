@@ -180,10 +180,17 @@ def _fast_runner(source, device, dtype):
         return None
 
 
-def _wants_fast(fast: Optional[bool], model_type: str, device: torch.device) -> bool:
-    if fast is None:
-        return device.type == "cuda" and model_type in FAST_MODEL_TYPES
-    return fast
+def _wants_fast(fast: Optional[bool], config, device: torch.device) -> bool:
+    """``fast`` when given; by default the fast runner on CUDA for every checkpoint it supports."""
+    if fast is not None:
+        return fast
+    if device.type != "cuda" or getattr(config, "model_type", "") not in FAST_MODEL_TYPES:
+        return False
+    try:
+        from .fast_target import FastTarget
+    except ImportError:
+        return False
+    return FastTarget.supports(config)
 
 
 def as_target(model, fast: Optional[bool] = None) -> TargetRunner:
@@ -193,7 +200,7 @@ def as_target(model, fast: Optional[bool] = None) -> TargetRunner:
     if not isinstance(model, torch.nn.Module) and isinstance(model, TargetRunner):
         return model
     device = next(model.parameters()).device
-    if _wants_fast(fast, getattr(model.config, "model_type", ""), device):
+    if _wants_fast(fast, model.config, device):
         runner = _fast_runner(model, device, next(model.parameters()).dtype)
         if runner is not None:
             return runner
@@ -211,7 +218,7 @@ def load_target(
 
     device = torch.device(device)
     config = AutoConfig.from_pretrained(path)
-    if _wants_fast(fast, getattr(config, "model_type", ""), device):
+    if _wants_fast(fast, config, device):
         runner = _fast_runner(path, device, dtype)
         if runner is not None:
             return runner
