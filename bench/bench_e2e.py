@@ -49,22 +49,27 @@ PUBLISHED = {"dflash_chain": 7.8, "ddtree_256": 10.7}  # Qwen3-8B, MATH-500, tem
 # Models
 
 
+def target_config(small: bool):
+    """Qwen3-8B's shape, or a tiny one for CPU smoke runs."""
+    from transformers import Qwen3Config
+
+    if small:
+        return Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
+                           initializer_range=0.2, tie_word_embeddings=False)
+    return Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
 def make_models(small: bool, device, dtype, seed: int = 0):
     """(HF model, FastTarget over the same weights, DFlash drafter) with random weights."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers import AutoModelForCausalLM
 
     from ddtree.drafter import DFlashConfig, DFlashDrafter, default_target_layer_ids
 
-    if small:
-        cfg = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
-                          initializer_range=0.2, tie_word_embeddings=False)
-        draft_layers = 1
-    else:  # Qwen3-8B
-        cfg = Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                          rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
-        draft_layers = 5  # the published DFlash drafter for Qwen3-8B
+    cfg = target_config(small)
+    draft_layers = 1 if small else 5  # 5: the published DFlash drafter for Qwen3-8B
     torch.manual_seed(seed)
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()

@@ -33,7 +33,8 @@ if [ "${1:-}" != quick ]; then
   run bench_attention python3 bench/bench_attention.py --out "$OUT/bench_attention.json"
   run bench_verify python3 bench/bench_e2e.py --verify-only --out "$OUT/verify"
   run bench_e2e python3 bench/bench_e2e.py --out "$OUT/e2e"
-  run profile_8b python3 -m ddtree profile --target "$OUT/qwen3-8b-shape" --device cuda --dtype bfloat16 \
+  run ckpt_8b python3 bench/make_checkpoint.py --out /tmp/qwen3-8b-shape
+  run profile_8b python3 -m ddtree profile --target /tmp/qwen3-8b-shape --device cuda --dtype bfloat16 \
     --max-nodes 512 --contexts 128,1024,2048,4096,8192 --repeats 10 --out "$OUT/qwen3_8b_cost.json"
 fi
 echo; echo "=== summary ($(cat "$OUT/device.txt" | head -1))"; printf '%s\n' "${summary[@]}"

@@ -1,0 +1,355 @@
+"""The recipe for the tiny trained pair that ``ddtree demo`` and the end-to-end tests use by default.
+
+``ddtree train --out DIR`` (or ``python -m ddtree.train``) trains, on any machine and offline:
+
+1. a character-level Qwen3 target LM on the Python standard library's own source files (every Python
+   install has them); files are split into train and held-out by a hash of their path relative to the
+   stdlib, so the split does not depend on the machine;
+2. a DFlash drafter for that target with the block-diffusion objective: the block ``[x_p, MASK * D]`` at
+   an anchor position ``p`` is predicted in one pass from the target's hidden features of the context
+   ``x_0..x_{p-1}``. Its training text is the target's own greedy continuations of train prompts, so the
+   drafter learns what it will be asked to predict (the target's greedy choices), not the corpus.
+
+Everything is seeded. The corpus depends on the Python version's stdlib (the shipped pair records the
+version it was trained on in ``train_info.json``). :func:`drafter_block_logits` is the differentiable
+batched twin of :meth:`DFlashDrafter.draft` (several blocks per sequence under one attention mask);
+a test checks they agree.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .demo import CHARS, SPECIALS, char_tokenizer, target_config
+from .drafter import DFlashConfig, DFlashDrafter, rope
+
+MASK_ID = SPECIALS.index("<mask>")
+EOS_ID = SPECIALS.index("<eos>")
+HELD_OUT_EVERY = 20  # one file in 20 (by path hash) is held out
+
+
+# ---- corpus ----------------------------------------------------------------------------------------
+
+
+def _encode_table() -> torch.Tensor:
+    """byte -> token id; bytes outside the tokenizer's characters map to -1 (dropped)."""
+    table = torch.full((256,), -1, dtype=torch.long)
+    for i, ch in enumerate(CHARS):
+        table[ord(ch)] = len(SPECIALS) + i
+    table[ord("\t")] = len(SPECIALS) + CHARS.index(" ")
+    return table
+
+
+def stdlib_files() -> list[tuple[str, Path]]:
+    """(path relative to the stdlib, path) of the stdlib's ``.py`` files, tests and site-packages excluded."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root).as_posix()
+        parts = rel.split("/")
+        if parts[0] in ("site-packages", "dist-packages", "test", "idlelib", "lib2to3", "tkinter", "turtledemo"):
+            continue
+        if any(part in ("test", "tests") for part in parts):
+            continue
+        out.append((rel, p))
+    return out
+
+
+def is_held_out(rel: str) -> bool:
+    return int(hashlib.sha1(rel.encode()).hexdigest(), 16) % HELD_OUT_EVERY == 0
+
+
+def load_corpus(max_bytes: int | None = None, held_out_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train ids, held-out ids) as 1-D i64 tensors: files concatenated, each followed by ``<eos>``
+    (train ids empty with ``held_out_only``)."""
+    table = _encode_table()
+    parts: dict[bool, list[torch.Tensor]] = {False: [torch.empty(0, dtype=torch.long)], True: []}
+    for rel, p in stdlib_files():
+        if held_out_only and not is_held_out(rel):
+            continue
+        raw = p.read_bytes()
+        if not raw:
+            continue
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+        ids = table[data]
+        ids = ids[ids >= 0]
+        parts[is_held_out(rel)].append(torch.cat([ids, torch.tensor([EOS_ID])]))
+    train, held = torch.cat(parts[False]), torch.cat(parts[True])
+    if max_bytes is not None:
+        train = train[:max_bytes]
+    return train, held
+
+
+def _windows(ids: torch.Tensor, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, ids.numel() - length, (n,), generator=gen)
+    return ids[starts[:, None] + torch.arange(length)]
+
+
+# ---- target ----------------------------------------------------------------------------------------
+
+
+def train_target(train_ids: torch.Tensor, steps: int, batch: int = 24, seq: int = 192, lr: float = 3e-3,
+                 seed: int = 0, log=print, **config_kw):
+    """A char-level Qwen3 causal LM (AdamW, linear warm-up then cosine decay)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cfg = target_config("qwen3", init_std=0.02, **config_kw)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = _schedule(opt, steps)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        x = _windows(train_ids, batch, seq, gen)
+        loss = model(input_ids=x, labels=x).loss  # transformers shifts the labels
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"target step {step:5d}  loss {loss.item():.3f}  {time.perf_counter() - t0:6.0f}s")
+    return model.eval()
+
+
+@torch.no_grad()
+def target_loss(model, ids: torch.Tensor, n: int = 64, seq: int = 192, seed: int = 1) -> float:
+    x = _windows(ids, n, seq, torch.Generator().manual_seed(seed))
+    return float(model(input_ids=x, labels=x).loss)
+
+
+@torch.no_grad()
+def greedy_corpus(model, train_ids: torch.Tensor, n: int, prompt_len: int, new_tokens: int, seed: int,
+                  batch: int = 64) -> torch.Tensor:
+    """``[n, prompt_len + new_tokens]``: train prompts followed by the target's greedy continuation."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = _windows(train_ids, n, prompt_len, gen)
+    model.generation_config.eos_token_id = None  # keep going past <eos>, as decoding with stop tokens off does
+    out = []
+    for i in range(0, n, batch):
+        p = prompts[i : i + batch]
+        seqs = model.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=new_tokens,
+                              pad_token_id=0)
+        out.append(seqs)
+    return torch.cat(out)
+
+
+# ---- drafter ---------------------------------------------------------------------------------------
+
+
+class _FeatureHooks:
+    """The outputs of chosen decoder layers, captured exactly as :class:`ddtree.target.HFTarget` does."""
+
+    def __init__(self, model, layer_ids: list[int]):
+        self.layer_ids, self.captured, self.handles = layer_ids, {}, []
+        layers = model.get_decoder().layers
+        for i in layer_ids:
+            self.handles.append(layers[i].register_forward_hook(self._hook(i)))
+
+    def _hook(self, i):
+        def hook(module, args, output):
+            self.captured[i] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def __call__(self, model, ids: torch.Tensor) -> torch.Tensor:
+        self.captured.clear()
+        model.get_decoder()(input_ids=ids)
+        return torch.cat([self.captured[i] for i in self.layer_ids], dim=-1)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def drafter_block_logits(drafter: DFlashDrafter, embed, lm_head, features: torch.Tensor, tokens: torch.Tensor,
+                         anchors: torch.Tensor) -> torch.Tensor:
+    """Differentiable drafting of several blocks per sequence in one pass.
+
+    features ``[B, L, F]``: target features of ``tokens[:, :L]``; tokens ``[B, L']`` (``L' >= L``) i64;
+    anchors ``[B, m]``: block ``j`` is ``[tokens[b, a], MASK * D]`` at positions ``a..a+D`` and sees the
+    context features of positions ``< a`` and its own block (bidirectionally), exactly like
+    :meth:`DFlashDrafter.draft` with ``context_len = a``. Returns logits ``[B, m, D, V]``.
+    """
+    cfg = drafter.cfg
+    B, L, _ = features.shape
+    m, bs = anchors.shape[1], cfg.block_size
+    dev = features.device
+    c = drafter.hidden_norm(drafter.fc(features))  # [B, L, H]
+    ctx_pos = torch.arange(L, device=dev).expand(B, L)
+    roots = tokens.gather(1, anchors)  # [B, m]
+    block = torch.cat([roots[..., None], torch.full((B, m, bs - 1), cfg.mask_token_id, device=dev)], -1)
+    block_pos = (anchors[..., None] + torch.arange(bs, device=dev)).reshape(B, m * bs)
+    x = embed(block.reshape(B, m * bs))
+    # Visibility: context key l < anchor of the query's block; block keys of the same block.
+    q_block = torch.arange(m * bs, device=dev) // bs
+    sees_ctx = torch.arange(L, device=dev)[None, None] < anchors.repeat_interleave(bs, 1)[..., None]  # [B, mbs, L]
+    sees_blk = (q_block[:, None] == q_block[None, :]).expand(B, -1, -1)
+    mask = torch.cat([sees_ctx, sees_blk], dim=-1)[:, None]  # [B, 1, mbs, L + mbs]
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    for layer in drafter.layers:
+        attn, h = layer.self_attn, layer.input_layernorm(x)
+        q = attn.q_norm(attn.q_proj(h).view(B, m * bs, -1, attn.head_dim)).transpose(1, 2)
+        q = rope(q, block_pos, cfg.rope_theta)
+        kc, vc = attn.kv(c, ctx_pos)
+        kb, vb = attn.kv(h, block_pos)
+        k = torch.cat([kc, kb], 2).repeat_interleave(groups, 1)
+        v = torch.cat([vc, vb], 2).repeat_interleave(groups, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.head_dim**-0.5)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(B, m * bs, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    logits = lm_head(drafter.norm(x))  # [B, m*bs, V]
+    return logits.view(B, m, bs, -1)[:, :, 1:]
+
+
+def new_drafter(target_cfg, num_layers: int, block_size: int, target_layer_ids: list[int]) -> DFlashDrafter:
+    cfg = DFlashConfig(
+        hidden_size=target_cfg.hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=target_cfg.num_attention_heads, num_key_value_heads=target_cfg.num_key_value_heads,
+        head_dim=target_cfg.head_dim, intermediate_size=target_cfg.intermediate_size,
+        vocab_size=target_cfg.vocab_size, block_size=block_size, num_target_layers=target_cfg.num_hidden_layers,
+        target_layer_ids=list(target_layer_ids), mask_token_id=MASK_ID, rms_norm_eps=target_cfg.rms_norm_eps,
+        rope_theta=getattr(target_cfg, "rope_theta", None) or 1_000_000.0,
+    )
+    return DFlashDrafter(cfg)
+
+
+def train_drafter(target, drafter: DFlashDrafter, seqs: torch.Tensor, prompt_len: int, steps: int, batch: int = 32,
+                  anchors_per_seq: int = 8, lr: float = 3e-3, seed: int = 0, log=print) -> DFlashDrafter:
+    """Block-diffusion objective on the target's greedy text ``seqs``: cross-entropy of each block's
+    positions ``1..D`` against the tokens that follow its anchor (the target's greedy tokens)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    target.requires_grad_(False)
+    hooks = _FeatureHooks(target, drafter.target_layer_ids)
+    embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+    drafter.train()
+    opt = torch.optim.AdamW(drafter.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = _schedule(opt, steps)
+    N, S = seqs.shape
+    D = drafter.block_size - 1
+    t0 = time.perf_counter()
+    for step in range(steps):
+        rows = seqs[torch.randint(0, N, (batch,), generator=gen)]
+        with torch.no_grad():
+            feats = hooks(target, rows)
+        # Anchors in the greedy part: the root x_a may be the last prompt token, the block must fit.
+        anchors = torch.randint(prompt_len - 1, S - D, (batch, anchors_per_seq), generator=gen)
+        logits = drafter_block_logits(drafter, embed, lm_head, feats, rows, anchors)
+        labels = rows.gather(1, (anchors[..., None] + torch.arange(1, D + 1)).reshape(batch, -1)).view_as(logits[..., 0])
+        # Later depths matter only when every earlier one was accepted: weight them down geometrically.
+        w = 0.8 ** torch.arange(D, dtype=torch.float32)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        loss = (ce.view(batch, anchors_per_seq, D) * w).sum(-1).mean() / w.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            with torch.no_grad():
+                acc = (logits.argmax(-1) == labels).float().mean((0, 1))
+            log(f"drafter step {step:5d}  loss {loss.item():.3f}  top-1 acc by depth "
+                f"{' '.join(f'{a:.2f}' for a in acc.tolist())}  {time.perf_counter() - t0:6.0f}s")
+    hooks.remove()
+    return drafter.eval()
+
+
+def _schedule(opt, steps: int, warmup: int = 50):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+# ---- evaluation and the whole recipe --------------------------------------------------------------
+
+
+def evaluate(target_dir: Path, drafter_dir: Path, held_ids: torch.Tensor, prompts: int = 8, prompt_len: int = 64,
+             new_tokens: int = 96, max_nodes: int = 64, seed: int = 0) -> dict:
+    """Acceptance length per method on held-out prompts, and whether every method's output equals AR."""
+    from . import decode
+    from .target import load_target
+
+    target = load_target(target_dir)
+    drafter = DFlashDrafter.from_pretrained(drafter_dir, dtype=target.dtype)
+    x = _windows(held_ids, prompts, prompt_len, torch.Generator().manual_seed(seed)).tolist()
+    result, ref = {}, None
+    for method in decode.METHODS:
+        out = decode.generate(target, drafter, x, method=method, max_new_tokens=new_tokens, max_nodes=max_nodes)
+        ref = out.tokens if method == "ar" else ref
+        result[method] = {"acceptance_length": round(out.acceptance_length, 3),
+                          "mean_tree_size": round(out.mean_tree_size, 2), "same_as_ar": out.tokens == ref}
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="ddtree train", description="train the tiny char-level target + DFlash drafter pair")
+    ap.add_argument("--out", required=True, type=Path, help="folder: writes target/, drafter/, train_info.json")
+    ap.add_argument("--target-steps", type=int, default=2000)
+    ap.add_argument("--drafter-steps", type=int, default=1500)
+    ap.add_argument("--greedy-seqs", type=int, default=2048, help="greedy continuations the drafter learns from")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--block-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    train_ids, held_ids = load_corpus()
+    print(f"corpus: {train_ids.numel():,} train / {held_ids.numel():,} held-out characters "
+          f"(Python {platform.python_version()} stdlib)")
+    shape = dict(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
+                 num_kv_heads=max(1, args.hidden // 128), head_dim=64)
+    target = train_target(train_ids, args.target_steps, seed=args.seed, **shape)
+    # What ships is the bf16-rounded target: the drafter learns that model's greedy text.
+    target = target.to(torch.bfloat16).to(torch.float32)
+    losses = {"train": target_loss(target, train_ids), "held_out": target_loss(target, held_ids)}
+    print(f"target loss (nats/char): {losses}")
+    t_target = time.perf_counter() - t_start
+
+    prompt_len, new_tokens = 64, 128
+    seqs = greedy_corpus(target, train_ids, args.greedy_seqs, prompt_len, new_tokens, seed=args.seed + 1)
+    L = target.config.num_hidden_layers
+    drafter = new_drafter(target.config, num_layers=1, block_size=args.block_size,
+                          target_layer_ids=[max(0, L // 2 - 1), L - 2])
+    drafter = train_drafter(target, drafter, seqs, prompt_len, args.drafter_steps, seed=args.seed + 2)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    # Shipped in bf16 (a few MB); loaded and run in fp32 on CPU, so "the target" is the bf16-rounded model.
+    target.to(torch.bfloat16).save_pretrained(args.out / "target")
+    char_tokenizer().save_pretrained(args.out / "target")
+    drafter.to(torch.bfloat16).save_pretrained(args.out / "drafter")
+    info = {
+        "command": "ddtree train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "python": platform.python_version(), "torch": torch.__version__, "seed": args.seed,
+        "corpus": f"Python stdlib .py files (tests, idlelib, lib2to3, tkinter excluded); held out: sha1(path) % "
+                  f"{HELD_OUT_EVERY} == 0", "train_chars": train_ids.numel(), "held_out_chars": held_ids.numel(),
+        "target_loss": losses, "device": "cpu", "threads": torch.get_num_threads(),
+        "seconds": {"target": round(t_target), "total": None},
+    }
+    info["acceptance_held_out"] = evaluate(args.out / "target", args.out / "drafter", held_ids)
+    info["seconds"]["total"] = round(time.perf_counter() - t_start)
+    (args.out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info["acceptance_held_out"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
