@@ -28,17 +28,27 @@ def folders(tmp_path_factory):
     return root, target, drafter
 
 
-def test_demo():
-    r = ddtree("demo", "--max-new-tokens", "12")
+def _check_demo_output(stdout: str) -> None:
+    for method in ("ar", "dflash", "ddtree", "caddtree"):
+        assert f"[{method:8s}] acceptance length" in stdout
+    assert stdout.count("(same tokens as ar)") == 3 and "DIFFERS" not in stdout
+    tree = stdout.split("the first round's draft tree")[1].splitlines()[1:]
+    assert tree[0].startswith("root ") and len(tree) == 13  # the root and 12 nodes
+    assert all("p=" in line and "path=" in line for line in tree[1:])
+
+
+def test_demo_trained_pair():
+    r = ddtree("demo", "--max-new-tokens", "24")
+    assert r.returncode == 0, r.stderr
+    assert "trained offline" in r.stdout and "RANDOMLY" not in r.stdout
+    _check_demo_output(r.stdout)
+
+
+def test_demo_random_pair():
+    r = ddtree("demo", "--random", "--max-new-tokens", "12", "--max-nodes", "16")
     assert r.returncode == 0, r.stderr
     assert "RANDOMLY initialised" in r.stdout and "acceptance length of about 1" in r.stdout
-    for method in ("ar", "dflash", "ddtree", "caddtree"):
-        assert f"[{method}]" in r.stdout
-    assert r.stdout.count("acceptance length") >= 4
-    tree = r.stdout.split("one draft tree")[1].splitlines()[1:]
-    assert tree[0].startswith("root ") and len(tree) == 9  # the root and 8 nodes
-    assert any(line.startswith("    ") for line in tree), "some node below depth 1 (indented twice)"
-    assert all("p=" in line and "path=" in line for line in tree[1:])
+    _check_demo_output(r.stdout)
 
 
 def test_generate_streams_and_reports(folders):

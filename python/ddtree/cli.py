@@ -1,4 +1,4 @@
-"""``ddtree`` command line: ``demo``, ``generate``, ``profile``, ``bench``.
+"""``ddtree`` command line: ``demo``, ``generate``, ``profile``, ``train``, ``bench``.
 
 User errors (a missing folder, a drafter that does not fit the target, an unknown method) end with one
 line on stderr and exit code 2, never a traceback.
@@ -94,8 +94,15 @@ def _load_pair(args, need_drafter: bool):
 def cmd_demo(args) -> int:
     from . import demo
 
-    demo.run(prompt=args.prompt, max_new_tokens=args.max_new_tokens, max_nodes=args.max_nodes, seed=args.seed,
-             device=args.device or "cpu")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        demo.run(prompt=args.prompt if args.prompt is not None else demo.DEMO_PROMPT,
+                 max_new_tokens=args.max_new_tokens, max_nodes=args.max_nodes, seed=args.seed, device=device,
+                 random=args.random)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
     return 0
 
 
@@ -170,6 +177,12 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from . import train
+
+    return train.main(args.rest)
+
+
 def cmd_bench(args) -> int:
     bench = Path(__file__).resolve().parents[2] / "bench"
     scripts = sorted(p.name for p in bench.glob("*.py")) if bench.is_dir() else []
@@ -198,10 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddtree", description="Speculative decoding with diffusion draft trees.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="run every method on a tiny random target+drafter pair (no download)")
-    p.add_argument("--prompt", default="The tree of")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-nodes", type=int, default=16)
+    p = sub.add_parser("demo", help="run every method on the shipped tiny trained pair (no download)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: the start of a Python method)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-nodes", type=int, default=64)
+    p.add_argument("--random", action="store_true", help="a randomly initialised pair instead of the trained one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_demo)
@@ -232,12 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_profile)
 
+    p = sub.add_parser("train", help="train the tiny char-level target + DFlash drafter pair (the demo's default)",
+                       add_help=False)
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("bench", help="where the benchmarks are")
     p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its options belong to ddtree.train's own parser
+        return cmd_train(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -267,7 +267,7 @@ def generate(
     # the loop). Deferring the previous round's read to this point costs one unused draft after the last
     # round, instead of a second synchronisation in every round.
     prev = None  # device results of the previous round, read at this round's synchronisation
-    while True:
+    while not (prev is None and all(done_host)):  # (finished by the first token alone: no round at all)
         tree, (t0, t1, t2) = _draft_tree(target, drafter, x, feats, feat_lens, plan, clock)
         size = tree.num_nodes.max()[None].long()
         if prev is None:

@@ -1,9 +1,10 @@
-"""A tiny randomly initialised target + drafter pair, built offline, for ``ddtree demo`` and the tests.
+"""``ddtree demo`` and the tiny pairs behind it and the tests; nothing is downloaded.
 
-Nothing is downloaded: the target is a stock ``transformers`` Qwen3 (or Llama) model with random weights,
-the drafter a :class:`~ddtree.drafter.DFlashDrafter` with random weights, and the tokenizer a
-character-level one built with the ``tokenizers`` package. Because the drafter is random, its guesses
-are almost never right and the acceptance length is about 1: the demo shows the machinery, not a speed-up.
+The default pair ships in the package (``pretrained/stdlib-char``): a character-level Qwen3 target and
+its DFlash drafter, trained here on the Python standard library's source by :mod:`ddtree.train`. The
+random builders below (a stock ``transformers`` Qwen3/Llama with random weights, a random
+:class:`~ddtree.drafter.DFlashDrafter`, a character-level tokenizer built with ``tokenizers``) serve the
+tests and ``ddtree demo --random``; with a random drafter the acceptance length is about 1.
 """
 from __future__ import annotations
 
@@ -83,6 +84,18 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", mask_token="<mask>")
 
 
+PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "stdlib-char"  # target/, drafter/, train_info.json
+DEMO_PROMPT = "    def __init__(self, "
+
+
+def pretrained_pair() -> tuple[Path, Path]:
+    """The shipped trained pair's (target folder, drafter folder)."""
+    if not (PRETRAINED / "target" / "config.json").is_file():
+        raise FileNotFoundError(f"the trained demo pair is missing from this install ({PRETRAINED}); "
+                                "train it with `ddtree train --out DIR` or use `ddtree demo --random`")
+    return PRETRAINED / "target", PRETRAINED / "drafter"
+
+
 def make_pair(folder: str | Path, arch: str = "qwen3", seed: int = 0, block_size: int = 8) -> tuple[Path, Path]:
     """Write a random target (with tokenizer) and drafter under ``folder``; returns their two folders."""
     folder = Path(folder)
@@ -118,51 +131,69 @@ def format_tree(tree, tokenizer=None, row: int = 0) -> str:
     return "\n".join(lines)
 
 
-def run(prompt: str = "The tree of", max_new_tokens: int = 32, max_nodes: int = 16, seed: int = 0,
-        device: str = "cpu", out=print) -> dict:
-    """Build the random pair in a temp dir, run every method on ``prompt`` and print what happened."""
+def run(prompt: str = DEMO_PROMPT, max_new_tokens: int = 96, max_nodes: int = 64, seed: int = 0,
+        device: str = "cpu", random: bool = False, out=print) -> dict:
+    """Run every method on ``prompt`` with the shipped trained pair (or a random one) and print what happened."""
+    import contextlib
+
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from . import decode, ops
     from .target import load_target
 
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
-    if torch.device(device).type == "cpu":
+    dev = torch.device(device)
+    if dev.type == "cpu":
         torch.set_num_threads(1)  # a model this small only loses time to thread hand-offs
-    out("ddtree demo: a tiny RANDOMLY initialised target and drafter (built here, nothing downloaded).")
-    out("The drafter's guesses are random, so expect an acceptance length of about 1 and gibberish text.")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     results = {}
-    with tempfile.TemporaryDirectory(prefix="ddtree-demo-") as tmp:
-        tdir, ddir = make_pair(tmp, seed=seed)
+    with contextlib.ExitStack() as stack:
+        if random:
+            out("ddtree demo: a tiny RANDOMLY initialised target and drafter (built here, nothing downloaded).")
+            out("The drafter's guesses are random, so expect an acceptance length of about 1 and gibberish text.")
+            tdir, ddir = make_pair(stack.enter_context(tempfile.TemporaryDirectory(prefix="ddtree-demo-")), seed=seed)
+        else:
+            tdir, ddir = pretrained_pair()
+            out("ddtree demo: the tiny pair shipped with ddtree (a character-level Qwen3 target and its DFlash")
+            out("drafter, trained offline on the Python standard library by `ddtree train`; nothing downloaded).")
         tok = AutoTokenizer.from_pretrained(tdir)
-        target = load_target(tdir, device=device)
-        drafter = DFlashDrafter.from_pretrained(ddir, device=device, dtype=target.dtype)
+        target = load_target(tdir, device=dev, dtype=dtype)
+        drafter = DFlashDrafter.from_pretrained(ddir, device=dev, dtype=target.dtype)
         ids = tok(prompt).input_ids
         cost = decode.default_cost_model(target)
+        out(f"device {dev}, {target.dtype}; prompt {prompt!r}; up to {max_new_tokens} new tokens; "
+            f"DDTree budget and CaDDTree cap {max_nodes} nodes\n")
         for method in decode.METHODS:
+            decode.generate(target, drafter, [ids], method=method, max_new_tokens=4, max_nodes=max_nodes,
+                            cost_model=cost, seed=seed)  # warm-up (allocations, CUDA graphs, cost tables)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             res = decode.generate(target, drafter, [ids], method=method, max_new_tokens=max_new_tokens,
                                   max_nodes=max_nodes, cost_model=cost, seed=seed)
             dt = time.perf_counter() - t0
-            text = tok.decode(res.tokens[0])
-            out(f"\n[{method}] {prompt!r} -> {text!r}")
-            out(f"  acceptance length {res.acceptance_length:.2f}, mean tree size {res.mean_tree_size:.1f}, "
-                f"{len(res.tokens[0]) / dt:.1f} tokens/s")
             results[method] = res
+            same = "" if method == "ar" else (
+                "  (same tokens as ar)" if res.tokens == results["ar"].tokens else "  (DIFFERS FROM ar!)")
+            out(f"[{method:8s}] acceptance length {res.acceptance_length:5.2f}  mean tree size "
+                f"{res.mean_tree_size:5.1f}  {len(res.tokens[0]) / dt:7.1f} tokens/s{same}")
+        out("\ngenerated (greedy; identical for every method):")
+        out(prompt + tok.decode(results["ar"].tokens[0]))
 
         # One draft tree, rendered: the DDTree a round would verify right after the prompt.
         target.set_feature_layers(drafter.target_layer_ids)
-        target.reset(1, len(ids) + drafter.block_size + max_nodes + 2)
-        drafter.reset(1, len(ids) + drafter.block_size + max_nodes + 2)
+        cap = len(ids) + drafter.block_size + max_nodes + 2
+        target.reset(1, cap)
+        drafter.reset(1, cap)
         prompt_ids = torch.tensor([ids], device=target.device)
         lengths = torch.tensor([len(ids)], device=target.device)
         logits, feats = target.prefill(prompt_ids, lengths)
         x = logits.argmax(-1)
         dl = drafter.draft(target, x, feats, lengths)
         lp, tid = ops.topk_marginals(dl, min(4, dl.shape[-1]))
-        tree = ops.build_tree(lp, tid, x, target.context_lens, 8)
-        out("\none draft tree (DDTree, 8 nodes, top-4 per depth): token, p(token | parent), path probability")
+        tree = ops.build_tree(lp, tid, x, target.context_lens, 12)
+        out("\nthe first round's draft tree (DDTree, 12 nodes, top-4 per depth): token, p(token | parent), "
+            "path probability")
         out(format_tree(tree.to("cpu"), tok))
     return results

@@ -114,11 +114,7 @@ def train_target(train_ids: torch.Tensor, steps: int, batch: int = 24, seq: int 
     for step in range(steps):
         x = _windows(train_ids, batch, seq, gen)
         loss = model(input_ids=x, labels=x).loss  # transformers shifts the labels
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss)
         if step % 50 == 0 or step == steps - 1:
             log(f"target step {step:5d}  loss {loss.item():.3f}  {time.perf_counter() - t0:6.0f}s")
     return model.eval()
@@ -253,11 +249,7 @@ def train_drafter(target, drafter: DFlashDrafter, seqs: torch.Tensor, prompt_len
         w = 0.8 ** torch.arange(D, dtype=torch.float32)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
         loss = (ce.view(batch, anchors_per_seq, D) * w).sum(-1).mean() / w.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss)
         if step % 50 == 0 or step == steps - 1:
             with torch.no_grad():
                 acc = (logits.argmax(-1) == labels).float().mean((0, 1))
@@ -265,6 +257,15 @@ def train_drafter(target, drafter: DFlashDrafter, seqs: torch.Tensor, prompt_len
                 f"{' '.join(f'{a:.2f}' for a in acc.tolist())}  {time.perf_counter() - t0:6.0f}s")
     hooks.remove()
     return drafter.eval()
+
+
+def _step(opt, sched, loss: torch.Tensor) -> None:
+    """One optimiser step with gradients clipped to norm 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    sched.step()
 
 
 def _schedule(opt, steps: int, warmup: int = 50):
