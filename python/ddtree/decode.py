@@ -1,16 +1,16 @@
 """The decode loop: ``generate(target, drafter, prompts, method=...)``.
 
-One round (``_round``), for a batch of ``B`` requests whose last committed token ``x`` is not yet in the
+One round (``_draft_tree`` then ``_verify_commit``), for a batch of ``B`` requests whose last committed token ``x`` is not yet in the
 target's cache:
 
-    drafter.draft -> topk_marginals -> build_tree -> target.verify (tree_attention)
+    drafter.draft -> topk_marginals -> build_tree -> [host sync] -> target.verify (tree_attention)
     -> sample/argmax per slot -> accept_tree -> target.commit (compact_kv)
 
 Between the drafter forward and the target forward only ``ddtree`` ops run; there is no Python loop over
-tree nodes, and the host synchronises once per round (in ``generate``, reading the committed tokens to
-stream them and to stop, and the tree size: see ``generate``). Methods: ``ar`` (root-only tree, no drafter), ``dflash`` (a single chain of the
-drafter's top-1 tokens, ``K = 1``), ``ddtree`` (best-first tree of ``max_nodes`` nodes) and ``caddtree``
-(the cost-aware budget from ``cost_model``).
+tree nodes, and the host synchronises once per round (in ``generate``: it reads the tree size and the
+previous round's committed tokens, to stream them and to stop). Methods: ``ar`` (root-only tree, no
+drafter), ``dflash`` (a single chain of the drafter's top-1 tokens, ``K = 1``), ``ddtree`` (best-first
+tree of ``max_nodes`` nodes) and ``caddtree`` (the cost-aware budget from ``cost_model``).
 
 Greedy decoding (``temperature == 0``) is token-for-token the target's own greedy decoding. Sampling is
 exactly lossless: ``accept_tree`` follows one independent sample per tree slot from the target's

@@ -78,7 +78,7 @@ class DraftTree:
         return DraftTree(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     def trim(self, slots: int) -> "DraftTree":
-        """The first ``slots`` slots (views, but the mask is copied contiguous; mask words cut to ``ceil(slots / 32)``).
+        """The first ``slots`` slots: views, except the mask, copied contiguous and cut to ``ceil(slots / 32)`` words.
 
         CaDDTree pads its arrays to ``max_nodes + 1`` slots but usually fills far fewer, and verification
         costs what it is given, so callers trim to ``int(num_nodes.max()) + 1`` before verifying.
