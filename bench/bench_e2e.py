@@ -208,14 +208,17 @@ def median_ms(fn, device, warmup=3, repeats=10) -> float:
 # The fast pipeline: one method, R rounds
 
 
-def run_fast(method, budget, fast: FastTarget, drafter, oracle_rounds, prompt, new_tokens, cost_model, device):
-    """Decode ``new_tokens`` after ``prompt`` ``[1, L]`` with the fast runner and the ops.
+def run_fast(method, budget, fast: FastTarget, drafter, oracle_rounds, prompt, new_tokens, cost_model, device,
+             cache_tokens=None):
+    """Decode ``new_tokens`` after ``prompt`` ``[1, L]`` with the fast runner and the ops. The caches are
+    sized for ``cache_tokens`` (default ``new_tokens``): a warm-up sized like the timed run keeps the
+    timed run's buffers and captured graphs.
 
     Returns dict(tokens, seconds, tokens_per_s, acceptance, budgets, draft_s, verify_s, other_share).
     """
     lp_all, ids_all, true_all = oracle_rounds
     D = drafter.block_size - 1
-    S = prompt.shape[1] + new_tokens + 2 * (D + 1) + 1024 + 8
+    S = prompt.shape[1] + (cache_tokens or new_tokens) + 2 * (D + 1) + 1024 + 8
     fast.set_feature_layers(list(drafter.target_layer_ids))
     fast.reset(1, S)
     drafter.reset(1, S)
@@ -245,7 +248,7 @@ def run_fast(method, budget, fast: FastTarget, drafter, oracle_rounds, prompt, n
                     tree = ddtree.build_tree(lp, ids, x, ctx, N, cost_model.table(ctx, N), cost_model.draft_cost)
                 else:
                     tree = ddtree.build_tree(lp, ids, x, ctx, D if method == "dflash" else budget)
-            tree = tree.trim(int(tree.num_nodes.max()) + 1)  # host sync: the graph bucket
+            tree = tree.trim(int(tree.num_nodes.max()) + 1)  # host sync: the verify size (graph bucket)
             t2 = timer.mark()
             vlogits, vfeats = fast.verify(tree)
             t3 = timer.mark()
@@ -256,7 +259,7 @@ def run_fast(method, budget, fast: FastTarget, drafter, oracle_rounds, prompt, n
             slots = acc.clamp(min=0)
             feats = vfeats.gather(1, slots[..., None].expand(-1, -1, vfeats.shape[-1]))
             feat_lens, x = alen.long(), nxt
-            a, n = alen.item(), int(tree.num_nodes[0])  # the round's one bookkeeping sync
+            a, n = torch.stack([alen[0].long(), tree.num_nodes[0].long()]).tolist()  # bookkeeping sync
             timer.add("draft", t0, t1)
             timer.add("verify", t2, t3)
             accepts.append(a)
@@ -549,7 +552,8 @@ def main(argv=None):
     methods = [("ar", None), ("dflash", None)] + [("ddtree", b) for b in BUDGETS] + [("caddtree", None)]
     runs = []
     for m, b in methods:
-        run_fast(m, b, fast, drafter, rounds, prompt, min(new_tokens, 32), cost_fast, device)  # warm-up
+        run_fast(m, b, fast, drafter, rounds, prompt, min(new_tokens, 32), cost_fast, device,
+                 cache_tokens=new_tokens)  # warm-up: same caches, so the graphs are captured here
         runs.append(run_fast(m, b, fast, drafter, rounds, prompt, new_tokens, cost_fast, device))
         _print_run(runs[-1])
     run_reference(ref, drafter, rounds, prompt, min(new_tokens, 16), device)  # warm-up

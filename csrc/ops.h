@@ -29,6 +29,12 @@
 //     tokens[j] == target_tokens[c]. accepted_slots has max_depth + 1 columns (N + 1 when
 //     max_depth < 0); the walk also stops when they are full.
 //
+// compact_kv
+//   * "As if every read happened before any write" holds on CPU for any slots. The CUDA kernel stages
+//     reads in 32 KiB of shared memory per (cache, request, head): exact for any slots while
+//     accept_len * row bytes <= 32 KiB (128 rows at d = 128 bf16); longer paths move in chunks, exact
+//     when accepted_slots[b, i] >= i, which every path accept_tree returns satisfies.
+//
 // Value checks that need the data (context lengths against the cache, slot indices against the tree)
 // raise on CPU. On CUDA they would cost a host synchronisation, so the kernels instead clamp or skip
 // such entries: they never read or write out of bounds, but the result for invalid input is unspecified.

@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${1:-build/dev}
+mkdir -p "$BUILD_DIR"  # also creates the parent that holds $BUILD_DIR.configure.log on a fresh clone
 PY=${PYTHON:-python3}
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DPython_EXECUTABLE="$(command -v "$PY")" \

@@ -38,14 +38,14 @@ def _check_demo_output(stdout: str) -> None:
 
 
 def test_demo_trained_pair():
-    r = ddtree("demo", "--max-new-tokens", "24")
+    r = ddtree("demo", "--device", "cpu", "--max-new-tokens", "24")
     assert r.returncode == 0, r.stderr
     assert "trained offline" in r.stdout and "RANDOMLY" not in r.stdout
     _check_demo_output(r.stdout)
 
 
 def test_demo_random_pair():
-    r = ddtree("demo", "--random", "--max-new-tokens", "12", "--max-nodes", "16")
+    r = ddtree("demo", "--device", "cpu", "--random", "--max-new-tokens", "12", "--max-nodes", "16")
     assert r.returncode == 0, r.stderr
     assert "RANDOMLY initialised" in r.stdout and "acceptance length of about 1" in r.stdout
     _check_demo_output(r.stdout)

@@ -17,10 +17,13 @@ import torch
 import ddtree
 from inputs import LOGIT_KINDS, context_lens, convex_cost, make_logits, random_cost, seed_of
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or not ddtree.info()["cuda_kernels"],
-    reason="needs a CUDA device and the CUDA kernels",
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not ddtree.info()["cuda_kernels"],
+        reason="needs a CUDA device and the CUDA kernels",
+    ),
+]
 
 EPS32 = torch.finfo(torch.float32).eps
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

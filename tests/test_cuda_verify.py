@@ -15,10 +15,13 @@ import torch.nn.functional as F
 
 import ddtree
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or not ddtree.info()["cuda_kernels"],
-    reason="needs a CUDA device and the extension built with CUDA kernels",
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not ddtree.info()["cuda_kernels"],
+        reason="needs a CUDA device and the extension built with CUDA kernels",
+    ),
+]
 
 torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must really be fp32
 ops = torch.ops.ddtree
@@ -202,6 +205,21 @@ def test_tree_attention_strided_cache():
     big_v[:, :Hkv, :S] = v
     out = ops.tree_attention(q, big_k[:, :Hkv, :S], big_v[:, :Hkv, :S], ctx, mask, nn, 0.125)
     assert_attn_close(out, reference(q, k, v, visibility(ctx, dense, nn, S), 0.125), torch.bfloat16, "strided")
+
+
+def test_tree_attention_misaligned_cache():
+    """A contiguous cache whose data starts at an odd element offset (not 16-byte aligned) is still read
+    correctly (a fresh aligned copy), not with misaligned 16-byte loads."""
+    B, Hq, Hkv, T, d = 2, 4, 2, 5, 64
+    q, k, v, ctx, mask, nn, dense, S = make_problem(B, Hq, Hkv, T, d, [40, 7], [4, 2], torch.bfloat16, seed=4)
+    flat_k = torch.empty(k.numel() + 1, device=DEV, dtype=k.dtype)
+    flat_v = torch.empty_like(flat_k)
+    k_odd, v_odd = flat_k[1:].view(k.shape), flat_v[1:].view(v.shape)
+    k_odd.copy_(k)
+    v_odd.copy_(v)
+    assert k_odd.is_contiguous() and k_odd.data_ptr() % 16 != 0
+    out = ops.tree_attention(q, k_odd, v_odd, ctx, mask, nn, 0.125)
+    assert_attn_close(out, reference(q, k, v, visibility(ctx, dense, nn, S), 0.125), torch.bfloat16, "misaligned")
 
 
 def test_tree_attention_clamps_invalid_values():

@@ -32,12 +32,12 @@ CONFIGS = {
 }
 
 
-def make_hf(kind: str, tmp_path, layers: int = 3, seed: int = 0):
+def make_hf(kind: str, tmp_path, layers: int = 3, seed: int = 0, head_dim: int = 16):
     """A tiny random HF causal LM saved as safetensors under tmp_path; returns (hf model fp32, dir)."""
     kw = dict(CONFIGS[kind])
     model_type = kw.pop("model_type")
     common = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=256,
                   initializer_range=0.15, rms_norm_eps=1e-6, attn_implementation="sdpa")
     cls = {"qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[model_type]
@@ -257,7 +257,7 @@ def test_trim_tree_keeps_used_slots(tmp_path):
 def test_cuda_graph_verify_matches_eager(tmp_path):
     """Graph replay (padded to a bucket) equals the eager forward of the same tree (bf16, CUDA)."""
     dtype = torch.bfloat16
-    _, path = make_hf("qwen3", tmp_path)
+    _, path = make_hf("qwen3", tmp_path, head_dim=64)  # a head size the CUDA tree_attention takes
     out = []
     for graphs in (False, True):
         fast = FastTarget.from_pretrained(path, device="cuda", dtype=dtype, use_graphs=graphs)

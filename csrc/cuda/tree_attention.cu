@@ -333,10 +333,12 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const float* __restri
 }
 
 // K/V operands are read with 16-byte cp.async: base and strides must be multiples of 16 bytes.
+// Otherwise read a fresh copy (clone, not contiguous(): a contiguous view at an odd storage offset
+// would come back unchanged and still be misaligned).
 at::Tensor kv_operand(const at::Tensor& t) {
   const bool ok = t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  return ok ? t : t.contiguous();
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 template <typename T, int D>

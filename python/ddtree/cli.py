@@ -63,6 +63,8 @@ def _device_dtype(args):
         return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
     if args.dtype not in names:
         raise UsageError(f"unknown dtype {args.dtype!r}; choose from {', '.join(names)}")
+    if device.startswith("cuda") and names[args.dtype] == torch.float32:
+        raise UsageError("--dtype float32 on CUDA: the CUDA kernels run bfloat16 or float16")
     return device, names[args.dtype]
 
 

@@ -96,10 +96,12 @@ def pretrained_pair() -> tuple[Path, Path]:
     return PRETRAINED / "target", PRETRAINED / "drafter"
 
 
-def make_pair(folder: str | Path, arch: str = "qwen3", seed: int = 0, block_size: int = 8) -> tuple[Path, Path]:
-    """Write a random target (with tokenizer) and drafter under ``folder``; returns their two folders."""
+def make_pair(folder: str | Path, arch: str = "qwen3", seed: int = 0, block_size: int = 8,
+              **config_kw) -> tuple[Path, Path]:
+    """Write a random target (with tokenizer) and drafter under ``folder``; returns their two folders.
+    ``config_kw`` go to :func:`target_config`."""
     folder = Path(folder)
-    target = random_target(arch, seed=seed)
+    target = random_target(arch, seed=seed, **config_kw)
     drafter = random_drafter(target.config, block_size=block_size, seed=seed + 1)
     target.save_pretrained(folder / "target")
     char_tokenizer().save_pretrained(folder / "target")
@@ -152,7 +154,8 @@ def run(prompt: str = DEMO_PROMPT, max_new_tokens: int = 96, max_nodes: int = 64
         if random:
             out("ddtree demo: a tiny RANDOMLY initialised target and drafter (built here, nothing downloaded).")
             out("The drafter's guesses are random, so expect an acceptance length of about 1 and gibberish text.")
-            tdir, ddir = make_pair(stack.enter_context(tempfile.TemporaryDirectory(prefix="ddtree-demo-")), seed=seed)
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ddtree-demo-"))
+            tdir, ddir = make_pair(tmp, seed=seed, head_dim=64)  # 64: a head size the CUDA kernels take
         else:
             tdir, ddir = pretrained_pair()
             out("ddtree demo: the tiny pair shipped with ddtree (a character-level Qwen3 target and its DFlash")
@@ -165,9 +168,9 @@ def run(prompt: str = DEMO_PROMPT, max_new_tokens: int = 96, max_nodes: int = 64
         out(f"device {dev}, {target.dtype}; prompt {prompt!r}; up to {max_new_tokens} new tokens; "
             f"DDTree budget and CaDDTree cap {max_nodes} nodes\n")
         for method in decode.METHODS:
-            decode.generate(target, drafter, [ids], method=method, max_new_tokens=4, max_nodes=max_nodes,
-                            cost_model=cost, seed=seed)  # warm-up (allocations, CUDA graphs, cost tables)
-            if dev.type == "cuda":
+            if dev.type == "cuda":  # warm-up at the same cache size: allocations, CUDA graphs, cost tables
+                decode.generate(target, drafter, [ids], method=method, max_new_tokens=max_new_tokens,
+                                max_nodes=max_nodes, cost_model=cost, seed=seed)
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             res = decode.generate(target, drafter, [ids], method=method, max_new_tokens=max_new_tokens,

@@ -31,8 +31,9 @@ from . import ops
 from .ops import DraftTree
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3")
-# Tree sizes (slots = nodes + 1) with a captured verify graph on CUDA.
-DEFAULT_BUCKETS = (1, 16, 32, 64, 128, 256, 512, 1024)
+# Tree sizes in slots (nodes + 1, the root included) with a captured verify graph on CUDA: the budgets
+# 0, 16, 32, ..., 1024 nodes each fit their own bucket exactly (a 64-node tree is not padded to 128).
+DEFAULT_BUCKETS = (1, 17, 33, 65, 129, 257, 513, 1025)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,7 +285,7 @@ class FastTarget:
             raise ValueError(f"fast target: feature layer ids {bad} out of range [0, {self.num_hidden_layers})")
         if list(layer_ids) != self.feature_layer_ids:
             self.feature_layer_ids = list(layer_ids)
-            self._graphs.clear()  # captured graphs return the old feature set
+            self._drop_graphs()  # captured graphs return the old feature set
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids ``[...]`` i64 -> ``[..., H]`` in the model dtype."""
@@ -294,22 +295,24 @@ class FastTarget:
         """hidden ``[..., H]`` (already normed) -> logits ``[..., V]`` f32. LM head only."""
         return F.linear(hidden.to(self.dtype), self.lm_head_weight).float()
 
+    @torch.inference_mode()
     def reset(self, batch_size: int, max_len: int) -> None:
-        """Allocate the static caches ``[B, Hkv, S, d]`` per layer and set ``context_lens = 0`` (buffers of
-        the same shape are kept, and with them the captured graphs).
+        """Allocate the static caches ``[B, Hkv, S, d]`` per layer and set ``context_lens = 0``. Buffers for
+        the same batch size that are already long enough are kept, and with them the captured graphs.
 
         ``S = max_len + largest bucket``: padding slots of a bucketed tree are written past the real
         ones, and the headroom keeps them inside the cache whenever ``ctx + real slots <= max_len``.
         """
         s = self.shape
         S = max_len + (max(self.buckets) if self.buckets else 0)
-        shape = (batch_size, s.kv_heads, S, s.head_dim)
         self.max_len = max_len
-        if self.k_cache and tuple(self.k_cache[0].shape) == shape:
-            # Same shape: keep the buffers (stale entries lie past context_lens and are never read), so the
-            # captured graphs, which hold their addresses, stay valid across generate() calls.
+        if self.k_cache and self.k_cache[0].shape[0] == batch_size and self.k_cache[0].shape[2] >= S:
+            # Keep the buffers (stale entries lie past context_lens and are never read), so the captured
+            # graphs, which hold their addresses, stay valid across generate() calls of any length.
             self.context_lens.zero_()
             return
+        shape = (batch_size, s.kv_heads, S, s.head_dim)
+        self._drop_graphs()  # before allocating: their pool may hold memory the new caches can use
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.layers)]
         self.context_lens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
@@ -318,7 +321,11 @@ class FastTarget:
         freqs = torch.arange(S, device=self.device, dtype=torch.int64).float()[:, None] * self.inv_freq[None]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos_table, self.sin_table = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def _drop_graphs(self) -> None:
+        """Forget every captured graph and their memory pool (a later capture starts a fresh pool)."""
         self._graphs.clear()
+        self._pool = None
 
     # ---- the forward -----------------------------------------------------------------------------
 
@@ -423,17 +430,19 @@ class FastTarget:
         """
         T = tree.num_slots
         Tb = self.bucket(T)
-        if Tb == T and not self.use_graphs:
+        if self.use_graphs and Tb in self.buckets:
+            graph = self._graphs.get(Tb)
+            if graph is None:
+                graph = self._graphs[Tb] = _VerifyGraph(self, Tb)
+            return graph.run(tree)
+        # Eager: on CPU (padded like the graphs, so both paths compute the same thing), or a tree larger
+        # than the largest bucket (not captured: each such size would hold its own [B, T, V] logits).
+        if Tb == T:
             return self._forward_tree(tree.tokens, tree.positions, tree.tree_mask, tree.num_nodes)
-        if not self.use_graphs:  # CPU: the same padding as the graphs, run eagerly
-            buf = _PaddedInputs(self, Tb)
-            buf.load(tree)
-            logits, feats = self._forward_tree(buf.tokens, buf.positions, buf.tree_mask, buf.num_nodes)
-            return logits[:, :T], feats[:, :T]
-        graph = self._graphs.get(Tb)
-        if graph is None:
-            graph = self._graphs[Tb] = _VerifyGraph(self, Tb)
-        return graph.run(tree)
+        buf = _PaddedInputs(self, Tb)
+        buf.load(tree)
+        logits, feats = self._forward_tree(buf.tokens, buf.positions, buf.tree_mask, buf.num_nodes)
+        return logits[:, :T], feats[:, :T]
 
     @torch.inference_mode()
     def commit(self, accepted_slots: torch.Tensor, accept_len: torch.Tensor) -> None:
