@@ -249,14 +249,24 @@ __global__ void __launch_bounds__(kThreads)
         if (size > 0) sift_down(w.heap[size], size, w);
       }
     }
-    if (!cost) {  // the same sum in the same order as the CPU, off the heap's critical path
-      for (int k = 1; k <= n; ++k) phi = __dadd_rn(phi, exp(static_cast<double>(w.score[k])));
-    }
     s_n = n;
-    s_phi = phi;
+    s_phi = phi;  // cost-aware: phi(n), summed as the nodes were taken; fixed budget: below
   }
   __syncthreads();
   const int n = s_n;
+  if (!cost) {
+    // phi(n) of the fixed budget, off the serial loop: the exps in parallel into the heap's space (free
+    // now: 16 (max_nodes + 2) bytes >= 8 n), then one thread adds them in the CPU's order (slot 1 first),
+    // so the double sum is the CPU's bit for bit.
+    double* e = reinterpret_cast<double*>(w.heap);
+    for (int k = threadIdx.x; k < n; k += kThreads) e[k] = exp(static_cast<double>(w.score[k + 1]));
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double phi = 0.0;
+      for (int k = 0; k < n; ++k) phi = __dadd_rn(phi, e[k]);
+      s_phi = phi;
+    }
+  }
 
   // Per-slot outputs; unused slots get the values of ops.h.
   const int64_t ctx = context_lens[b];
