@@ -65,6 +65,15 @@ def test_generate_streams_and_reports(folders):
     assert "acceptance length" in summary and "tree size" in summary and "tokens/s" in summary
 
 
+def test_generate_defaults_to_the_shipped_pair():
+    r = ddtree("generate", "--prompt", "    def __len__(self):", "--max-new-tokens", "40", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    text, summary = r.stdout.split("\n--\n")
+    assert text.startswith("    def __len__(self):") and len(text) > 30
+    accept = float(summary.split("acceptance length")[1].split()[0])
+    assert accept > 2.0, summary  # the trained drafter, not a random one
+
+
 @pytest.mark.parametrize("case", ["missing_target", "missing_drafter", "wrong_hidden", "wrong_vocab", "method"])
 def test_user_errors_are_one_line(folders, case):
     root, target, drafter = folders

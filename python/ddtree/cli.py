@@ -69,7 +69,14 @@ def _device_dtype(args):
 
 
 def _load_pair(args, need_drafter: bool):
-    """Validate the folders and configs, then load (target runner, drafter or None)."""
+    """Validate the folders and configs, then load (target runner, drafter or None). Without --target,
+    the pair shipped in the package (the demo's) is used."""
+    if args.target is None:
+        from .demo import PRETRAINED
+
+        if args.drafter is not None:
+            raise UsageError("--drafter given without --target")
+        args.target, args.drafter = str(PRETRAINED / "target"), str(PRETRAINED / "drafter")
     target_cfg = _read_config(args.target, "target")
     drafter_cfg = None
     if need_drafter:
@@ -223,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="generate text from a prompt, streaming")
-    p.add_argument("--target", required=True, help="target model folder (Hugging Face layout, with tokenizer)")
+    p.add_argument("--target", help="target model folder (Hugging Face layout, with tokenizer); default: the "
+                                    "tiny pair shipped with ddtree (a char-level model of Python code)")
     p.add_argument("--drafter", help="DFlash drafter folder (not needed for --method ar)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--method", default="ddtree", help=f"one of {', '.join(METHODS)} (default ddtree)")
@@ -239,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("profile", help="measure the verification cost curve and write a cost model JSON")
-    p.add_argument("--target", required=True)
+    p.add_argument("--target", help="target model folder (default: the tiny pair shipped with ddtree)")
     p.add_argument("--drafter", help="drafter folder (to measure its round cost; estimated otherwise)")
     p.add_argument("--max-nodes", type=int, default=256)
     p.add_argument("--contexts", default="128,1024,4096", help="comma-separated context lengths")
