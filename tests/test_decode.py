@@ -212,3 +212,39 @@ def test_greedy_cuda_bf16(tmp_path, fast):
                                   max_nodes=32)
             for i, toks in zip(batch, out.tokens):
                 assert _agree_up_to_near_tie(toks, *refs[i]), (method, texts[i], toks, refs[i][0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["dflash", "ddtree"])
+def test_one_host_sync_per_round_cuda(method):
+    """Item 2: a round synchronises the host once. CUDA's sync debug mode warns on every synchronising
+    operation; two runs that differ only in length may differ by at most one warning per extra round
+    (set-up syncs, the same in both, cancel). Fixed tree sizes, so no graph is captured while counting."""
+    import warnings
+
+    from ddtree import demo
+    from ddtree.drafter import DFlashDrafter
+    from ddtree.target import load_target
+
+    tdir, ddir = demo.pretrained_pair()
+    target = load_target(tdir, device="cuda", dtype=torch.bfloat16)
+    assert type(target).__name__ == "FastTarget"
+    drafter = DFlashDrafter.from_pretrained(ddir, device="cuda", dtype=torch.bfloat16)
+    prompt = [[5 + i % 60 for i in range(40)]]
+
+    def run(new):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = decode.generate(target, drafter, prompt, method=method, max_new_tokens=new, max_nodes=32)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return len(out.rounds), sum("synchroniz" in str(w.message).lower() for w in caught)
+
+    run(96)  # warm-up at the largest cache: later runs keep its buffers and its captured graph
+    r1, s1 = run(24)
+    r2, s2 = run(96)
+    assert r2 > r1 and s2 - s1 <= r2 - r1, (r1, s1, r2, s2)
