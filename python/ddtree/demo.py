@@ -181,7 +181,8 @@ def run(prompt: str = DEMO_PROMPT, max_new_tokens: int = 96, max_nodes: int = 64
                 "  (same tokens as ar)" if res.tokens == results["ar"].tokens else "  (DIFFERS FROM ar!)")
             out(f"[{method:8s}] acceptance length {res.acceptance_length:5.2f}  mean tree size "
                 f"{res.mean_tree_size:5.1f}  {len(res.tokens[0]) / dt:7.1f} tokens/s{same}")
-        out("\ngenerated (greedy; identical for every method):")
+        same_all = all(r.tokens == results["ar"].tokens for r in results.values())
+        out("\ngenerated (greedy; " + ("identical for every method):" if same_all else "ar's output):"))
         out(prompt + tok.decode(results["ar"].tokens[0]))
 
         # One draft tree, rendered: the DDTree a round would verify right after the prompt.
