@@ -46,7 +46,7 @@ for stage in "${stages[@]}"; do
       # Without a visible GPU and compiled kernels every later test would skip and "pass": fail here instead.
       run cuda_ready 60 python3 -c "import torch, ddtree, sys; sys.exit(not (torch.cuda.is_available() and ddtree.info()['cuda_kernels']))" ;;
     tests)
-      run tests 420 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
+      run tests 420 python3 -m pytest -q -m gpu tests -p no:cacheprovider --durations=15 ;;
     sanitize)
       sel=(tests/test_cuda_tree.py tests/test_cuda_verify.py
            -k "special_values or global_scratch or clamps or strided or misaligned or aliasing or mixed_dtypes")
