@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import ddtree  # noqa: E402
 from ddtree.cost import CostModel, profile  # noqa: E402
+from ddtree.decode import Clock  # noqa: E402
 from ddtree.fast_target import FastTarget  # noqa: E402
 
 BUDGETS = (16, 32, 64, 128, 256, 512, 1024)
@@ -161,19 +162,12 @@ def calibrate(oracle: Oracle, R: int = 1024) -> dict:
 # Timing helpers
 
 
-class Timer:
-    """Sum of the device time of marked spans (CUDA events on GPU, perf_counter on CPU)."""
+class Timer(Clock):
+    """The decode loop's clock plus sums of marked spans (device time on GPU)."""
 
     def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
+        super().__init__(torch.device(device))
         self.spans: dict[str, list] = {}
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
 
     def add(self, name, a, b):
         self.spans.setdefault(name, []).append((a, b))
@@ -181,8 +175,7 @@ class Timer:
     def total_s(self, name) -> float:
         if self.cuda:
             torch.cuda.synchronize()
-            return sum(a.elapsed_time(b) for a, b in self.spans.get(name, [])) / 1e3
-        return sum(b - a for a, b in self.spans.get(name, []))
+        return sum(self.seconds(a, b) for a, b in self.spans.get(name, []))
 
 
 def sync(device):

@@ -96,8 +96,8 @@ def default_cost_model(target):
     return CostModel.default(target.config, target.device, target.dtype)
 
 
-class _Clock:
-    """Round timings: CUDA events on GPU (read after the round's synchronisation), perf_counter on CPU."""
+class Clock:
+    """Timing marks: CUDA events on GPU (read them after a synchronisation), perf_counter on CPU."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -129,7 +129,7 @@ class _Plan:
     generator: torch.Generator
 
 
-def _draft_tree(target, drafter, x, feats, feat_lens, plan: _Plan, clock: _Clock):
+def _draft_tree(target, drafter, x, feats, feat_lens, plan: _Plan, clock: Clock):
     """First half of a round, for the whole batch: drafter forward, topk_marginals, build_tree.
 
     x ``[B]`` i64: last committed tokens (not yet in the target cache). feats ``[B, P, F]``, feat_lens
@@ -155,7 +155,7 @@ def _draft_tree(target, drafter, x, feats, feat_lens, plan: _Plan, clock: _Clock
     return tree, (t0, t1, clock.mark())
 
 
-def _verify_commit(target, tree: DraftTree, x, done, plan: _Plan, clock: _Clock):
+def _verify_commit(target, tree: DraftTree, x, done, plan: _Plan, clock: Clock):
     """Second half of a round: target forward over the tree, per-slot sample/argmax, accept_tree, commit.
 
     done ``[B]`` bool: finished requests commit nothing. Returns (emitted ``[B, D+1]`` i64: the new
@@ -258,7 +258,7 @@ def generate(
     done = torch.tensor(done_host, device=dev)
     count = torch.ones(B, dtype=torch.long, device=dev)
     feat_lens = lengths
-    clock, rounds = _Clock(dev), []
+    clock, rounds = Clock(dev), []
 
     # The one host synchronisation per round sits between build_tree and verify. It reads this round's
     # tree size (the verify forward's shape is a host decision: CaDDTree pads its arrays to max_nodes + 1
