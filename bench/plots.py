@@ -35,12 +35,7 @@ def plot_cv(results: dict, path: Path) -> Path:
     ax.set_xlabel("tree nodes n")
     ax.set_ylabel("Cv(n) [ms]")
     ax.set_title(f"verification cost ({results.get('device', '?')})")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend=True)
 
 
 def plot_throughput(results: dict, path: Path) -> Path:
@@ -57,12 +52,7 @@ def plot_throughput(results: dict, path: Path) -> Path:
     ax.set_xlabel("node budget")
     ax.set_ylabel("tokens / s")
     ax.set_title("throughput (acceptance simulated, costs real)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend=True)
 
 
 def plot_budgets(results: dict, path: Path) -> Path:
@@ -72,6 +62,12 @@ def plot_budgets(results: dict, path: Path) -> Path:
     ax.set_xlabel("nodes chosen by CaDDTree in a round")
     ax.set_ylabel("rounds")
     ax.set_title(f"CaDDTree budgets ({len(cad['budgets'])} rounds)")
+    return _save(fig, ax, path, legend=False)
+
+
+def _save(fig, ax, path: Path, legend: bool) -> Path:
+    if legend:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
