@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import ddtree
+from ddtree.cost import measure_rates
 
 ANCHORS = Path(__file__).resolve().parents[1] / "shared" / "data" / "anchors_h100_reference_path.json"
 ANCHORS_FALLBACK = Path("/work/shared/data/anchors_h100_reference_path.json")
@@ -47,23 +48,6 @@ def time_ms(fn, warmup: int = 10, reps: int = 25, inner: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / inner)
     return statistics.median(times)
-
-
-def measure_bandwidth() -> float:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write counted)."""
-    x = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
-    y = torch.empty_like(x)
-    ms = time_ms(lambda: y.copy_(x), warmup=3, reps=10, inner=3)
-    return 2 * x.numel() * x.element_size() / (ms * 1e-3)
-
-
-def measure_matmul_rate() -> float:
-    """FLOP/s of an 8192^3 bf16 matmul."""
-    n = 8192
-    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    ms = time_ms(lambda: a @ b, warmup=3, reps=10, inner=3)
-    return 2 * n**3 / (ms * 1e-3)
 
 
 def random_tree_mask(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +85,8 @@ def main() -> None:
     Hq, Hkv, d, dtype = 32, 8, 128, torch.bfloat16
     G, scale = Hq // Hkv, 1.0 / math.sqrt(d)
     device_name = torch.cuda.get_device_name()
-    bw, rate = measure_bandwidth(), measure_matmul_rate()
+    rates = measure_rates("cuda", dtype)
+    bw, rate = rates["bandwidth_gbs"] * 1e9, rates["matmul_tflops"] * 1e12  # bytes/s, FLOP/s
     print(f"device: {device_name}; copy bandwidth {bw / 1e12:.2f} TB/s; bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     anchors = load_anchors()
 

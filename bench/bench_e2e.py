@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import ddtree  # noqa: E402
-from ddtree.cost import CostModel, profile  # noqa: E402
+from ddtree.cost import CostModel, measure_rates, profile  # noqa: E402
 from ddtree.decode import Clock  # noqa: E402
 from ddtree.fast_target import FastTarget  # noqa: E402
 
@@ -423,21 +423,13 @@ def profile_reference(ref: Reference, prompt_len: int, contexts, grid, device, v
 # Verify-only: the fast verify forward against the weight-read floor and the HF path
 
 
-def measure_bandwidth(device) -> float:
-    """Bytes/s of a large device-to-device copy (read + write)."""
-    n = 1 << 28 if torch.device(device).type == "cuda" else 1 << 24
-    a = torch.empty(n, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    ms = median_ms(lambda: b.copy_(a), device)
-    return 2 * n / (ms / 1e3)
-
-
+@torch.inference_mode()  # the runner's caches are inference tensors (FastTarget.reset makes them so)
 def verify_only(hf, fast: FastTarget, device, context: int, sizes=(1, 16, 32, 64, 128)) -> dict:
     s = fast.shape
     weight_bytes = sum(t.numel() * t.element_size() for L in fast.layers for t in L.values() if t is not None)
     weight_bytes += fast.lm_head_weight.numel() * fast.lm_head_weight.element_size()
     kv_bytes = 2 * s.layers * s.kv_heads * s.head_dim * context * fast.embed_weight.element_size()
-    bw = measure_bandwidth(device)
+    bw = measure_rates(device)["bandwidth_gbs"] * 1e9  # bytes/s
     floor_ms = (weight_bytes + kv_bytes) / bw * 1e3
     fast.set_feature_layers([])
     fast.reset(1, context + 1024 + 8)

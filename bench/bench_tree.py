@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import ddtree
+from ddtree.cost import measure_rates
 
 REPO = Path(__file__).resolve().parent.parent
 ANCHOR_PATHS = (REPO / "shared/data/anchors_h100_reference_path.json",
@@ -62,15 +63,6 @@ def wall_median_ms(fn, iters: int, warmup: int) -> float:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def measure_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
-    """Device memory bandwidth from a large device-to-device copy (read + write bytes)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = cuda_median_ms(lambda: dst.copy_(src), iters=20, warmup=3)
-    del src, dst
-    return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +131,7 @@ def main() -> None:
     torch.manual_seed(0)
     D, V = args.depth, args.vocab
     device = torch.cuda.get_device_name()
-    bw = measure_bandwidth_gbs()
+    bw = measure_rates("cuda")["bandwidth_gbs"]
     anchors = load_anchors()
     anchor_topk = {int(r[0]): r[1] for r in anchors.get("topk_ms", [])}
     anchor_build = {int(r[0]): r[1] for r in anchors.get("ddtree_build_ms", [])}

@@ -387,7 +387,7 @@ def device_rates(device, dtype: torch.dtype = torch.bfloat16) -> dict:
         cache = {}
     if key in cache:
         return cache[key]
-    rates = {"name": name, **_measure_rates(device, mm_dtype)}
+    rates = {"name": name, **measure_rates(device, mm_dtype)}
     cache[key] = rates
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -397,7 +397,11 @@ def device_rates(device, dtype: torch.dtype = torch.bfloat16) -> dict:
     return rates
 
 
-def _measure_rates(device: torch.device, dtype: torch.dtype) -> dict:
+def measure_rates(device, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """``{"bandwidth_gbs", "matmul_tflops"}`` measured now, uncached (the benchmarks' floors come from the
+    same run): a 1 GiB device-to-device copy (read + write bytes) and an 8192^3 matmul in ``dtype`` on
+    CUDA; 64 MiB and 512^3 elsewhere."""
+    device = torch.device(device)
     big = device.type == "cuda"
     nbytes = (1 << 30) if big else (64 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
