@@ -32,11 +32,11 @@ class UsageError(Exception):
     """A mistake in the command line or its inputs: reported as one line, exit code 2."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to every option that has a default its help line does not already state."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -45,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block) and every option's default in its help line."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
@@ -440,6 +440,7 @@ def cmd_profile(args) -> int:
     device = _device(args)
     dtype = _dtype(args, device)
     target, drafter = _load_models(args, device, dtype, need_drafter=bool(args.drafter))
+    _set_threads(args.threads, device, _num_params(target))
     import torch
 
     from .cost import profile
@@ -512,32 +513,32 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run ar, dflash, ddtree and caddtree on the tiny character-level pair shipped "
                                    "with ddtree and print each one's acceptance length, speed and the first draft "
                                    "tree. About 20 s on one CPU core.")
-    p.add_argument("--prompt", default=None, help="text to continue (default: the start of a Python method)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=96, help="tokens to generate per method")
-    p.add_argument("--max-nodes", type=nonnegative_int, default=64,
+    p.add_argument("--prompt", default=None, metavar="TEXT", help="text to continue (default: the start of a Python method)")
+    p.add_argument("--max-new-tokens", type=positive_int, metavar="N", default=96, help="tokens to generate per method")
+    p.add_argument("--max-nodes", type=nonnegative_int, metavar="N", default=64,
                    help="DDTree's node budget and CaDDTree's cap")
     p.add_argument("--random", action="store_true", help="a randomly initialised pair instead of the trained one")
-    p.add_argument("--seed", type=seed_int, default=0, help="seed of the random pair and of sampling")
+    p.add_argument("--seed", type=seed_int, metavar="N", default=0, help="seed of the random pair and of sampling")
     _run_options(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="generate text from a prompt, streaming",
                        description="Continue --prompt with the target, drafting with the drafter, and stream the "
                                    "text; then print the acceptance length, tree sizes and speed.")
-    p.add_argument("--target", help="target model folder (Hugging Face layout, with tokenizer) (default: the "
+    p.add_argument("--target", metavar="DIR", help="target model folder (Hugging Face layout, with tokenizer) (default: the "
                                     "tiny pair shipped with ddtree, a character-level model of Python code)")
-    p.add_argument("--drafter", help="DFlash drafter folder, needed by every method but ar (default: the shipped "
+    p.add_argument("--drafter", metavar="DIR", help="DFlash drafter folder, needed by every method but ar (default: the shipped "
                                      "drafter when --target is not given)")
-    p.add_argument("--prompt", required=True, help="text to continue (required, not empty)")
-    p.add_argument("--method", type=method, default="ddtree", help=f"one of {', '.join(METHODS)}")
-    p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy; > 0 samples (exactly the target's distribution)")
-    p.add_argument("--top-k", type=nonnegative_int, default=0, help="keep the k most probable tokens when sampling (0 = off)")
-    p.add_argument("--top-p", type=top_p, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="stop after this many new tokens")
-    p.add_argument("--max-nodes", type=nonnegative_int, default=64, help="DDTree's node budget, CaDDTree's cap")
-    p.add_argument("--cost-model", default=None, help="cost model JSON from `ddtree profile`, for --method caddtree "
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue (required, not empty)")
+    p.add_argument("--method", type=method, metavar="METHOD", default="ddtree", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--temperature", type=temperature, metavar="T", default=0.0, help="0 = greedy; > 0 samples (exactly the target's distribution)")
+    p.add_argument("--top-k", type=nonnegative_int, metavar="K", default=0, help="keep the k most probable tokens when sampling (0 = off)")
+    p.add_argument("--top-p", type=top_p, metavar="P", default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
+    p.add_argument("--max-new-tokens", type=positive_int, metavar="N", default=128, help="stop after this many new tokens")
+    p.add_argument("--max-nodes", type=nonnegative_int, metavar="N", default=64, help="DDTree's node budget, CaDDTree's cap")
+    p.add_argument("--cost-model", default=None, metavar="JSON", help="cost model JSON from `ddtree profile`, for --method caddtree "
                                                       "(default: an estimate from the target's size and the device)")
-    p.add_argument("--seed", type=seed_int, default=0, help="seed for sampling")
+    p.add_argument("--seed", type=seed_int, metavar="N", default=0, help="seed for sampling")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end-of-sequence token")
     _run_options(p)
     _model_options(p)
@@ -546,13 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="measure the verification cost curve and write a cost model JSON",
                        description="Time the target's tree verification over a grid of tree sizes and context "
                                    "lengths (and the drafter's round) and write the cost model CaDDTree reads.")
-    p.add_argument("--target", help="target model folder (default: the tiny pair shipped with ddtree)")
-    p.add_argument("--drafter", help="drafter folder, to measure its round cost (default: estimated)")
-    p.add_argument("--max-nodes", type=nonnegative_int, default=256, help="largest tree size measured")
+    p.add_argument("--target", metavar="DIR", help="target model folder (default: the tiny pair shipped with ddtree)")
+    p.add_argument("--drafter", metavar="DIR", help="drafter folder, to measure its round cost (default: estimated)")
+    p.add_argument("--max-nodes", type=nonnegative_int, metavar="N", default=256, help="largest tree size measured")
     p.add_argument("--contexts", type=contexts, default="128,1024,4096", metavar="L1,L2,...",
                    help="context lengths measured, comma-separated")
-    p.add_argument("--repeats", type=positive_int, default=10, help="timed repeats per point (the median is kept)")
-    p.add_argument("--out", required=True, help="output JSON file (its folder must exist)")
+    p.add_argument("--repeats", type=positive_int, metavar="N", default=10, help="timed repeats per point (the median is kept)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output JSON file (its folder must exist)")
     _run_options(p)
     _model_options(p)
     p.set_defaults(func=cmd_profile)

@@ -301,11 +301,11 @@ def evaluate(target_dir: Path, drafter_dir: Path, held_ids: torch.Tensor, prompt
 def main(argv=None, parser_class=argparse.ArgumentParser) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .cli import nonnegative_int, positive_int
+    from .cli import HelpFormatter, nonnegative_int, positive_int
 
     ap = parser_class(prog="ddtree train", description="Train the tiny char-level target + DFlash drafter pair "
                       "on CPU (about 15 minutes with the defaults).",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=HelpFormatter)
     ap.add_argument("--out", required=True, type=Path, help="folder: writes target/, drafter/, train_info.json")
     ap.add_argument("--target-steps", type=positive_int, default=2000, help="optimizer steps for the target")
     ap.add_argument("--drafter-steps", type=positive_int, default=1500, help="optimizer steps for the drafter")
