@@ -122,6 +122,19 @@ def test_bad_cost_model_file(pair, capsys, tmp_path, content, message):
     assert line.startswith("ddtree: error: argument --cost-model: ") and message in line, line
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "dflash", "--max-nodes", "8"], "--max-nodes: --method dflash has no node budget"),
+    (["--method", "ar"], "--drafter: --method ar uses no drafter"),
+    (["--top-k", "5"], "--top-k/--top-p: they shape sampling; give --temperature > 0"),
+    (["--top-p", "0.9"], "--top-k/--top-p: they shape sampling; give --temperature > 0"),
+])
+def test_options_the_run_would_ignore(pair, capsys, extra, message):
+    assert message in error_line(capsys, *generate(pair, *extra))
+    if extra[:2] == ["--method", "dflash"]:  # and ar, which takes no drafter either
+        line = error_line(capsys, "generate", "--target", pair[1], "--prompt", "x", "--method", "ar", *extra[2:])
+        assert "--max-nodes: --method ar has no node budget" in line
+
+
 def test_tree_longer_than_the_target_context(pair, capsys):
     line = error_line(capsys, *generate(pair, "--max-nodes", str(10**9)))
     assert "max_position_embeddings (4096)" in line and "--max-nodes" in line
@@ -159,6 +172,24 @@ def test_bad_target_config(pair, capsys, tmp_path, edit, message):
     target = _copy_target(pair, tmp_path, edit)
     assert message in error_line(capsys, "generate", "--target", target, "--drafter", pair[2], "--prompt", "x",
                                  "--device", "cpu")
+
+
+@pytest.mark.parametrize("which", ["target", "drafter"])
+def test_folder_without_weights(pair, capsys, tmp_path, which):
+    _, target, drafter = pair
+    folder = tmp_path / which
+    shutil.copytree({"target": target, "drafter": drafter}[which], folder,
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    args = {"target": target, "drafter": drafter, which: str(folder)}
+    line = error_line(capsys, "generate", "--target", args["target"], "--drafter", args["drafter"], "--prompt", "x",
+                      "--device", "cpu")
+    assert f"cannot load the {which} from {folder}" in line
+
+
+def test_profile_kv_cache_beyond_memory(pair, capsys, tmp_path):
+    line = error_line(capsys, "profile", "--target", pair[1], "--contexts", str(10**12), "--device", "cpu",
+                      "--out", str(tmp_path / "c.json"))
+    assert "arguments --contexts and --max-nodes: the target's KV cache for" in line and "GB" in line
 
 
 def test_target_without_tokenizer(pair, capsys, tmp_path):

@@ -9,8 +9,11 @@ target's context length; only then are the models loaded. What the libraries rai
 
 Choices made for values that make no sense (they are refused, never reinterpreted): ``--temperature``
 must be finite and >= 0 (0 = greedy); ``--top-p`` in (0, 1]; ``--top-k`` >= 0 (0 = off);
-``--max-new-tokens`` >= 1; ``--max-nodes`` >= 0; an empty ``--prompt`` is refused; ``--cost-model`` is
-refused unless ``--method caddtree`` (the only method that reads it). Prompt characters the tokenizer
+``--max-new-tokens`` >= 1; ``--max-nodes`` >= 0; an empty ``--prompt`` is refused. An option the run
+would ignore is refused too: ``--cost-model`` without ``--method caddtree``, ``--drafter`` with ``ar``,
+``--max-nodes`` with ``ar`` or ``dflash``, ``--top-k``/``--top-p`` when greedy (``--temperature 0``).
+A run whose tree and new tokens pass the target's ``max_position_embeddings``, or whose KV cache would
+not fit the device's memory, is refused before loading. Prompt characters the tokenizer
 has no token for are named in a warning (they become its unknown token) and generation goes on.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from .decode import METHODS
 
+DEFAULT_MAX_NODES = 64  # generate's --max-nodes
 TINY_MODEL_PARAMS = 50_000_000  # below this, one CPU thread beats torch's default (hand-offs cost more)
 
 
@@ -261,6 +265,24 @@ def _check_length(cfg: dict, prompt_len: int, max_new_tokens: int, tree_slots: i
                          f"max_position_embeddings ({limit}); lower --max-new-tokens or --max-nodes")
 
 
+def _check_kv_memory(cfg: dict, positions: int, dtype, device: str, what: str) -> None:
+    """Refuse a KV cache larger than the device's memory before allocating it (an allocation that large can
+    get the process killed on CPU instead of raising)."""
+    import torch
+
+    heads = cfg.get("num_attention_heads") or 1
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    per_position = 2 * cfg["num_hidden_layers"] * (cfg.get("num_key_value_heads") or heads) * head_dim
+    need = per_position * positions * torch.empty(0, dtype=dtype).element_size()
+    if device.startswith("cuda"):
+        have = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise UsageError(f"{what}: the target's KV cache for {positions} positions needs {need / 1e9:.1f} GB, "
+                         f"more than the {device} device's {have / 1e9:.1f} GB")
+
+
 def _load_cost_model(path: str):
     from .cost import CostModel
 
@@ -391,10 +413,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _refuse_ignored(args) -> None:
+    """An option this run would ignore is refused: a silent no-op misleads more than an error does."""
+    m = args.method
+    if args.cost_model is not None and m != "caddtree":
+        raise UsageError(f"argument --cost-model: only --method caddtree reads a cost model (got --method {m})")
+    if args.drafter is not None and m == "ar":
+        raise UsageError("argument --drafter: --method ar uses no drafter")
+    if args.max_nodes is not None and m in ("ar", "dflash"):
+        raise UsageError(f"argument --max-nodes: --method {m} has no node budget (ar verifies the root alone, "
+                         "dflash one chain of the drafter's block)")
+    if args.temperature == 0 and (args.top_k or args.top_p < 1):
+        raise UsageError("argument --top-k/--top-p: they shape sampling; give --temperature > 0 with them "
+                         "(0, the default, is greedy)")
+    if args.max_nodes is None:
+        args.max_nodes = DEFAULT_MAX_NODES
+
+
 def cmd_generate(args) -> int:
     need_drafter = args.method != "ar"
-    if args.cost_model is not None and args.method != "caddtree":
-        raise UsageError(f"argument --cost-model: only --method caddtree reads a cost model (got --method {args.method})")
+    _refuse_ignored(args)
     target_cfg, drafter_cfg = _pair_folders(args, need_drafter)
     cost = _load_cost_model(args.cost_model) if args.cost_model else None
     tok = _load_tokenizer(args.target)
@@ -403,6 +441,7 @@ def cmd_generate(args) -> int:
     _check_length(target_cfg, len(ids), args.max_new_tokens, tree)
     device = _device(args)
     dtype = _dtype(args, device)
+    _check_kv_memory(target_cfg, len(ids) + args.max_new_tokens + tree, dtype, device, "argument --max-new-tokens")
 
     target, drafter = _load_models(args, device, dtype, need_drafter)
     _set_threads(args.threads, device, _num_params(target))
@@ -436,9 +475,11 @@ def cmd_generate(args) -> int:
 
 def cmd_profile(args) -> int:
     _check_out_file(args.out)
-    _pair_folders(args, need_drafter=bool(args.drafter))
+    target_cfg, _ = _pair_folders(args, need_drafter=bool(args.drafter))
     device = _device(args)
     dtype = _dtype(args, device)
+    _check_kv_memory(target_cfg, max(args.contexts) + args.max_nodes + 1, dtype, device,
+                     "arguments --contexts and --max-nodes")
     target, drafter = _load_models(args, device, dtype, need_drafter=bool(args.drafter))
     _set_threads(args.threads, device, _num_params(target))
     import torch
@@ -535,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=nonnegative_int, metavar="K", default=0, help="keep the k most probable tokens when sampling (0 = off)")
     p.add_argument("--top-p", type=top_p, metavar="P", default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
     p.add_argument("--max-new-tokens", type=positive_int, metavar="N", default=128, help="stop after this many new tokens")
-    p.add_argument("--max-nodes", type=nonnegative_int, metavar="N", default=64, help="DDTree's node budget, CaDDTree's cap")
+    p.add_argument("--max-nodes", type=nonnegative_int, metavar="N", default=None,
+                   help=f"DDTree's node budget, CaDDTree's cap; ar and dflash have none (default: {DEFAULT_MAX_NODES})")
     p.add_argument("--cost-model", default=None, metavar="JSON", help="cost model JSON from `ddtree profile`, for --method caddtree "
                                                       "(default: an estimate from the target's size and the device)")
     p.add_argument("--seed", type=seed_int, metavar="N", default=0, help="seed for sampling")
