@@ -165,9 +165,10 @@ def _without(cfg, key):
     (lambda c: _without(c, "model_type"), 'target config.json has no "model_type"'),
     (lambda c: {**c, "model_type": "no-such-model"}, "target model_type 'no-such-model' is not known"),
     (lambda c: _without(c, "vocab_size"), "target config.json lacks vocab_size"),
+    (lambda c: {**c, "hidden_size": "64"}, "hidden_size must be positive integers"),
     (lambda c: "{truncated", "target config.json is not valid JSON"),
     (lambda c: "[]", "target config.json must hold a JSON object, got list"),
-], ids=["no_model_type", "unknown_model_type", "no_vocab_size", "not_json", "a_list"])
+], ids=["no_model_type", "unknown_model_type", "no_vocab_size", "str_hidden_size", "not_json", "a_list"])
 def test_bad_target_config(pair, capsys, tmp_path, edit, message):
     target = _copy_target(pair, tmp_path, edit)
     assert message in error_line(capsys, "generate", "--target", target, "--drafter", pair[2], "--prompt", "x",
@@ -296,3 +297,13 @@ def test_import_under_another_torch_names_both_versions(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert "built against torch 2.0.0+cu999" in last and f"this Python has torch {torch.__version__}" in last
     assert "pip install torch==2.0.0" in last and "rebuild" in last
+
+
+@pytest.mark.parametrize("block_size", [1, "8"])
+def test_drafter_block_size(pair, capsys, tmp_path, block_size):
+    folder = tmp_path / "drafter"
+    shutil.copytree(pair[2], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "block_size": block_size}))
+    line = error_line(capsys, "generate", "--target", pair[1], "--drafter", str(folder), "--prompt", "x", "--device", "cpu")
+    assert "drafter block_size must be an integer of at least 2" in line and repr(block_size) in line

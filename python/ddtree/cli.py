@@ -2,19 +2,17 @@
 
 Every mistake in the command line or in the files it names is answered *before any work starts* with
 one line ``ddtree: error: ...`` on stderr that names the argument and what is allowed, and exit code 2;
-never a traceback. The order is: argument values (argparse types below), then files and folders
-(config.json, tokenizer, cost model), then the device, then the prompt against the tokenizer and the
-target's context length; only then are the models loaded. What the libraries raise while loading
-(transformers, torch, json, the OS) is translated to the same one line at this boundary.
+never a traceback. Checked in this order, before any model is loaded: the argument values (the argparse
+types below), the folders and files (configs, cost model, tokenizer), the prompt against the tokenizer
+and the target's context length, the device and whether the KV cache fits it. What the libraries raise
+while loading (transformers, torch, json, the OS) is translated to the same one line.
 
-Choices made for values that make no sense (they are refused, never reinterpreted): ``--temperature``
-must be finite and >= 0 (0 = greedy); ``--top-p`` in (0, 1]; ``--top-k`` >= 0 (0 = off);
-``--max-new-tokens`` >= 1; ``--max-nodes`` >= 0; an empty ``--prompt`` is refused. An option the run
-would ignore is refused too: ``--cost-model`` without ``--method caddtree``, ``--drafter`` with ``ar``,
-``--max-nodes`` with ``ar`` or ``dflash``, ``--top-k``/``--top-p`` when greedy (``--temperature 0``).
-A run whose tree and new tokens pass the target's ``max_position_embeddings``, or whose KV cache would
-not fit the device's memory, is refused before loading. Prompt characters the tokenizer
-has no token for are named in a warning (they become its unknown token) and generation goes on.
+Values that make no sense are refused, never reinterpreted: ``--temperature`` must be finite and >= 0
+(0 = greedy), ``--top-p`` in (0, 1], ``--top-k`` >= 0 (0 = off), ``--max-new-tokens`` >= 1,
+``--max-nodes`` >= 0, ``--prompt`` not empty. So are options the run would ignore: ``--cost-model``
+without ``--method caddtree``, ``--drafter`` with ``ar``, ``--max-nodes`` with ``ar`` or ``dflash``,
+``--top-k``/``--top-p`` when greedy. Prompt characters the tokenizer has no token for are named in a
+warning (they become its unknown token) and the run goes on.
 """
 from __future__ import annotations
 
@@ -183,6 +181,11 @@ def check_target(cfg: dict, folder: str) -> None:
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers") if k not in cfg]
     if missing:
         raise UsageError(f"target config.json lacks {', '.join(missing)}: {folder}")
+    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "max_position_embeddings")
+    bad = [k for k in sizes if cfg.get(k) is not None and not (isinstance(cfg[k], int) and cfg[k] > 0)]
+    if bad:
+        raise UsageError(f"target config.json: {', '.join(bad)} must be positive integers: {folder}")
 
 
 def check_pair(target_cfg: dict, drafter_cfg: dict) -> None:
@@ -190,6 +193,9 @@ def check_pair(target_cfg: dict, drafter_cfg: dict) -> None:
     embedding and LM head and reads its layers)."""
     if "dflash_config" not in drafter_cfg or "block_size" not in drafter_cfg:
         raise UsageError("drafter config.json is not a DFlash drafter (no dflash_config / block_size)")
+    block = drafter_cfg["block_size"]
+    if not isinstance(block, int) or block < 2:
+        raise UsageError(f"drafter block_size must be an integer of at least 2 (the root and a drafted token), got {block!r}")
     th, dh = target_cfg.get("hidden_size"), drafter_cfg.get("hidden_size")
     if th != dh:
         raise UsageError(f"drafter hidden size {dh} does not match the target's hidden size {th}")
@@ -345,6 +351,7 @@ def _set_threads(requested: int | None, device: str, num_params: int) -> None:
 
 
 def _num_params(runner) -> int:
+    """The target's parameter count (a runner without a ``model`` counts as large: torch's threads)."""
     model = getattr(runner, "model", None)
     return sum(p.numel() for p in model.parameters()) if model is not None else TINY_MODEL_PARAMS
 
