@@ -357,8 +357,8 @@ def main(argv=None, parser_class=argparse.ArgumentParser) -> int:
     info["acceptance_held_out"] = evaluate(args.out / "target", args.out / "drafter", held_ids)
     info["seconds"]["total"] = round(time.perf_counter() - t_start)
     (args.out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"\nwrote {args.out}/target, drafter, train_info.json in {info['seconds']['total']} s; "
-          "greedy on held-out prompts:")
+    print(f"\nwrote target/, drafter/ and train_info.json to {args.out} in {info['seconds']['total']} s; "
+          "greedy decoding of held-out prompts with the new pair:")
     for name, r in info["acceptance_held_out"].items():
         print(f"  {name:8s} acceptance length {r['acceptance_length']:5.2f}  mean tree size "
               f"{r['mean_tree_size']:5.1f}  {'same tokens as ar' if r['same_as_ar'] else 'DIFFERS FROM ar'}")
