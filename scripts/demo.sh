@@ -17,13 +17,13 @@ step() {
 stop_ticker() { if [ -n "$TICKER" ]; then kill "$TICKER" 2>/dev/null || true; TICKER=; fi; }
 trap stop_ticker EXIT
 
-step "installing torch and the build tools into .venv (first time: about 2 min and 6 GB; then seconds)"
+step "installing torch and the build tools into .venv (first time: about 1.5 min and 6 GB; then seconds)"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q torch "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja numpy
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0a"}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
-  step "building ddtree: C++ and CUDA kernels, and installing transformers (about 6 min on 2 cores, 1-2 min on 16)"
+  step "building ddtree: C++ and CUDA kernels, and installing transformers (about 5.5 min on 2 cores)"
 else
   step "building ddtree: C++ kernels (no nvcc: no CUDA kernels), and installing transformers (about 2 min)"
 fi
