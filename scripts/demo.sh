@@ -11,7 +11,7 @@ TICKER=
 step() {
   stop_ticker
   echo "==> $* ($(date +%T))"
-  (t0=$SECONDS; while sleep 30; do echo "    ... still working ($((SECONDS - t0)) s)"; done) &
+  (t0=$SECONDS; while sleep 30 >/dev/null 2>&1; do echo "    ... still working ($((SECONDS - t0)) s)"; done) &
   TICKER=$!
 }
 stop_ticker() { if [ -n "$TICKER" ]; then kill "$TICKER" 2>/dev/null || true; TICKER=; fi; }
