@@ -103,6 +103,15 @@ def test_cuda_without_a_gpu(pair, capsys, command):
     assert "--device: cuda given but no CUDA device is available" in line
 
 
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_cuda_refusals(pair, capsys):
+    args = generate(pair)[:-2]
+    assert "--dtype: float32 on CUDA is not supported" in error_line(capsys, *args, "--device", "cuda", "--dtype", "fp32")
+    beyond = f"cuda:{torch.cuda.device_count()}"
+    assert f"--device: {beyond} given but there are only" in error_line(capsys, *args, "--device", beyond)
+
+
 def test_cost_model_only_with_caddtree(pair, capsys, tmp_path):
     line = error_line(capsys, *generate(pair, "--method", "ddtree", "--cost-model", str(tmp_path / "c.json")))
     assert "--cost-model: only --method caddtree reads a cost model (got --method ddtree)" in line
