@@ -25,7 +25,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
   step "building ddtree: C++ and CUDA kernels, and installing transformers (about 5.5 min on 2 cores)"
 else
-  step "building ddtree: C++ kernels (no nvcc: no CUDA kernels), and installing transformers (about 2 min)"
+  step "building ddtree: C++ kernels (no nvcc: no CUDA kernels), and installing transformers (a few minutes)"
 fi
 .venv/bin/pip install -q --no-build-isolation .
 stop_ticker
