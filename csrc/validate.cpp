@@ -1,6 +1,11 @@
 // Argument checks shared by the CPU and CUDA kernels. Every message starts with the op and names the
 // argument, so a user sees which of their tensors is wrong. None of these reads tensor values.
 #include <ATen/ATen.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
 
 #include "ops.h"
 
@@ -29,6 +34,18 @@ void check_size(const char* op, const char* name, const at::Tensor& t, int64_t d
 
 bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Bytes of physical memory on this machine (0 if unknown). An output larger than this cannot be
+// allocated; with overcommit the allocation itself may even succeed and the process be killed while
+// the memory is filled, so such a size is refused before anything is allocated.
+double host_memory_bytes() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGE_SIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<double>(pages) * static_cast<double>(page) : 0.0;
+#else
+  return 0.0;
+#endif
 }
 
 }  // namespace
@@ -68,6 +85,18 @@ void check_build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids, c
   check_same_device(op, "root_tokens", root_tokens, logprobs, "logprobs");
   check_same_device(op, "context_lens", context_lens, logprobs, "logprobs");
   TORCH_CHECK(max_nodes >= 0, op, ": max_nodes must be non-negative, got ", max_nodes);
+  // The outputs grow with max_nodes: six [B, N+1] arrays (28 bytes a slot) and the [B, N+1, W] ancestor
+  // mask, quadratic in N. An output larger than this machine's memory is refused before any of it is
+  // allocated (computed in double: the exact product can overflow int64). On a GPU, a smaller size that
+  // still exceeds the device's memory gets the CUDA allocator's out-of-memory error, also before any write.
+  TORCH_CHECK(max_nodes < std::numeric_limits<int32_t>::max(), op, ": max_nodes must be below 2^31 - 1, got ",
+              max_nodes);
+  const double slots = static_cast<double>(max_nodes) + 1.0;
+  const double out_bytes = static_cast<double>(B) * slots * (28.0 + 4.0 * std::ceil(slots / 32.0));
+  const double memory = host_memory_bytes();
+  TORCH_CHECK(memory == 0.0 || out_bytes <= memory, op, ": max_nodes = ", max_nodes, " needs ",
+              out_bytes / 1e9, " GB of outputs for ", B, " request(s) (the [B, max_nodes + 1, ceil((max_nodes + 1) / 32)] "
+              "tree mask grows with max_nodes squared), more than this machine's ", memory / 1e9, " GB of memory");
   TORCH_CHECK(std::isfinite(draft_cost) && draft_cost >= 0.0, op,
               ": draft_cost must be finite and non-negative, got ", draft_cost);
   if (verify_cost.has_value()) {

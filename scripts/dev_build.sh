@@ -16,6 +16,6 @@ cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
 grep "ddtree:" "$BUILD_DIR.configure.log" || true
 cmake --build "$BUILD_DIR" -j "${JOBS:-2}"
 if [ -z "${NO_COPY:-}" ]; then
-  cp "$BUILD_DIR"/_C*.so python/ddtree/
+  cp "$BUILD_DIR"/_C*.so "$BUILD_DIR"/_build_info.py python/ddtree/
   echo "copied $(ls "$BUILD_DIR"/_C*.so) -> python/ddtree/"
 fi

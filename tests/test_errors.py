@@ -122,6 +122,22 @@ def test_tree_max_nodes_negative():
         call_tree(max_nodes=-1)
 
 
+@pytest.mark.parametrize("max_nodes", [10**6, 10**9, 2**31 - 2])
+def test_tree_max_nodes_beyond_memory(max_nodes):
+    """Outputs that no machine here can hold (the ancestor mask grows with max_nodes squared: 10**6 nodes
+    need 125 GB a request) are refused before anything is allocated, not left to the OOM killer."""
+    with raises("build_tree", "max_nodes"):
+        call_tree(max_nodes=max_nodes, logprobs=torch.zeros(64, 3, 4),
+                  token_ids=torch.zeros(64, 3, 4, dtype=L), root_tokens=torch.zeros(64, dtype=L),
+                  context_lens=torch.zeros(64, dtype=L))
+
+
+@pytest.mark.parametrize("max_nodes", [2**31 - 1, 2**62, 2**63 - 1])
+def test_tree_max_nodes_beyond_int32(max_nodes):
+    with raises("build_tree", "max_nodes"):
+        call_tree(max_nodes=max_nodes)
+
+
 def test_tree_cost_table_too_short():
     with raises("build_tree", "verify_cost"):
         call_tree(verify_cost=torch.ones(2, 5))  # max_nodes = 5 needs 6 columns

@@ -9,6 +9,8 @@ the logit scale.
 """
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -61,10 +63,16 @@ def close(a, b, dtype):
     assert err <= RTOL[dtype] * scale + 1e-6, f"max abs err {err:.3g} vs logit scale {scale:.3g}"
 
 
+def cache_name(model) -> str:
+    """The KV cache's argument and output name: transformers 5.24 renamed past_key_values to cache (the
+    old name warns; its removal is announced for 5.40), earlier releases know only past_key_values."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def hf_prefill(model, ids, dtype):
     """HF forward over ids [1, L] -> (logits [1, L, V] f32, hidden_states tuple, DynamicCache)."""
     out = model.to(dtype)(ids, use_cache=True, output_hidden_states=True)
-    return out.logits.float(), out.hidden_states, out.past_key_values
+    return out.logits.float(), out.hidden_states, out[cache_name(model)]
 
 
 def hf_tree(model, cache, tree: ddtree.DraftTree, b: int, ctx: int):
@@ -76,7 +84,7 @@ def hf_tree(model, cache, tree: ddtree.DraftTree, b: int, ctx: int):
     anc[torch.arange(T), torch.arange(T)] = True  # ...but keep SDPA rows non-empty (they are not compared)
     mask = torch.cat([torch.ones(T, ctx, dtype=torch.bool), anc], dim=1)[None, None]
     out = model(tree.tokens[b:b + 1], position_ids=tree.positions[b:b + 1], attention_mask=mask,
-                past_key_values=cache, use_cache=True)
+                use_cache=True, **{cache_name(model): cache})
     return out.logits.float()[0]  # [T, V]
 
 

@@ -7,8 +7,38 @@ from __future__ import annotations
 
 import torch
 
-from . import _C
-from .ops import DraftTree, accept_tree, build_tree, compact_kv, topk_marginals, tree_attention
+
+def _torch_mismatch(built: str, running: str) -> ImportError:
+    return ImportError(
+        f"ddtree's extension was built against torch {built}, but this Python has torch {running}. A "
+        f"compiled extension only loads under the torch it was built with. Fix: install that torch "
+        f"(pip install torch=={built.split('+')[0]}, from the index that provides the {built} build), or rebuild "
+        f"ddtree against this one (pip install --no-build-isolation --force-reinstall --no-deps <ddtree source>)."
+    )
+
+
+def _load_extension():
+    """Import ``_C``, first checking that the running torch is the one it was compiled against (a different
+    torch would fail with a missing-library or missing-symbol error that names neither version)."""
+    try:
+        from ._build_info import TORCH_VERSION as built  # written by the build; absent in odd dev setups
+    except ImportError:
+        built = None
+    if built and built != torch.__version__:
+        raise _torch_mismatch(built, torch.__version__)
+    try:
+        from . import _C
+    except ImportError as e:
+        raise ImportError(f"ddtree's compiled extension failed to load under torch {torch.__version__} ({e}). "
+                          "If torch changed since ddtree was built, rebuild ddtree against this torch.") from e
+    if _C.torch_version and _C.torch_version != torch.__version__:
+        raise _torch_mismatch(_C.torch_version, torch.__version__)
+    return _C
+
+
+_C = _load_extension()
+
+from .ops import DraftTree, accept_tree, build_tree, compact_kv, topk_marginals, tree_attention  # noqa: E402
 
 __version__ = _C.__version__
 
@@ -24,12 +54,14 @@ __all__ = [
 
 
 def info() -> dict:
-    """Version and build facts: whether CUDA kernels are compiled in, and for which archs."""
+    """Version and build facts: the torch it was built against, whether CUDA kernels are compiled in, and
+    for which archs."""
     return {
         "version": __version__,
         "cuda_kernels": bool(_C.with_cuda),
         "cuda_archs": [a for a in _C.cuda_archs.split(",") if a],
         "torch": torch.__version__,
+        "torch_built": _C.torch_version,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
     }

@@ -134,8 +134,9 @@ def format_tree(tree, tokenizer=None, row: int = 0) -> str:
 
 
 def run(prompt: str = DEMO_PROMPT, max_new_tokens: int = 96, max_nodes: int = 64, seed: int = 0,
-        device: str = "cpu", random: bool = False, out=print) -> dict:
-    """Run every method on ``prompt`` with the shipped trained pair (or a random one) and print what happened."""
+        device: str = "cpu", random: bool = False, threads: Optional[int] = 1, out=print) -> dict:
+    """Run every method on ``prompt`` with the shipped trained pair (or a random one) and print what happened.
+    ``threads``: torch's CPU threads on CPU (None: torch's default)."""
     import contextlib
 
     from transformers import AutoTokenizer
@@ -146,8 +147,8 @@ def run(prompt: str = DEMO_PROMPT, max_new_tokens: int = 96, max_nodes: int = 64
 
     hf_logging.disable_progress_bar()
     dev = torch.device(device)
-    if dev.type == "cpu":
-        torch.set_num_threads(1)  # a model this small only loses time to thread hand-offs
+    if dev.type == "cpu" and threads is not None:
+        torch.set_num_threads(threads)  # 1 by default: a model this small only loses time to thread hand-offs
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     results = {}
     with contextlib.ExitStack() as stack:
