@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import ddtree
 from ddtree.cost import measure_rates
+from ddtree.ops import pack_mask
 
 ANCHORS = Path(__file__).resolve().parents[1] / "shared" / "data" / "anchors_h100_reference_path.json"
 ANCHORS_FALLBACK = Path("/work/shared/data/anchors_h100_reference_path.json")
@@ -58,12 +59,7 @@ def random_tree_mask(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         if i > 0:
             dense[i] = dense[rng.randint(max(0, i - 8), i - 1)]
         dense[i, i] = True
-    W = (T + 31) // 32
-    padded = torch.zeros(T, W * 32, dtype=torch.int64)
-    padded[:, :T] = dense.long()
-    words = (padded.view(T, W, 32) << torch.arange(32)).sum(-1)
-    packed = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return packed[None].cuda(), dense[None].cuda()
+    return pack_mask(dense)[None].cuda(), dense[None].cuda()
 
 
 def load_anchors() -> dict:
