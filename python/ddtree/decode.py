@@ -173,21 +173,17 @@ class _HostRead(NamedTuple):
         size = tree.num_nodes.max()[None].long()
         if prev is None:
             return cls(int(size.item()) + 1, [], None, [])
-        B = prev.keep.shape[0]
-        packed = torch.cat([size, prev.keep, prev.accept_len.long(), prev.tree_size.long(), prev.done.long(),
-                            prev.new_tokens.flatten()]).tolist()  # the host synchronisation
-        keep, accept_len, tree_size, done, flat = (packed[1:1 + B], packed[1 + B:1 + 2 * B],
-                                                   packed[1 + 2 * B:1 + 3 * B], packed[1 + 3 * B:1 + 4 * B],
-                                                   packed[1 + 4 * B:])
-        W = len(flat) // B
+        # One row per request: this round's tree size, then the previous round's keep, accept_len,
+        # tree size, done flag and new tokens.
+        columns = (size.expand(prev.keep.shape[0]), prev.keep, prev.accept_len, prev.tree_size, prev.done)
+        rows = torch.cat([torch.stack([c.long() for c in columns], 1), prev.new_tokens], 1).tolist()  # host sync
         m = prev.marks
         stats = RoundStats(
-            accept_len=accept_len, tree_size=tree_size, draft_s=clock.seconds(m.start, m.drafted),
+            accept_len=[r[2] for r in rows], tree_size=[r[3] for r in rows], draft_s=clock.seconds(m.start, m.drafted),
             build_s=clock.seconds(m.drafted, m.built), verify_s=clock.seconds(m.built, m.verified),
             commit_s=clock.seconds(m.verified, m.committed),
         )
-        new_tokens = [flat[b * W:b * W + keep[b]] for b in range(B)]
-        return cls(packed[0] + 1, new_tokens, stats, [bool(d) for d in done])
+        return cls(rows[0][0] + 1, [r[5:5 + r[1]] for r in rows], stats, [bool(r[4]) for r in rows])
 
 
 def _stop_rule(new_tokens, valid, count, done, stops, max_new_tokens):
