@@ -1,9 +1,8 @@
 """The cost model (ddtree.cost, ddtree.cost_fit): fit, JSON, table, default estimate, profile. CPU only.
 
-Data: tests/data/caddtree_cost_curves_a800.json is a copy of shared/data/caddtree_cost_curves_a800.json,
-the monotone-convex verification-cost curves published with CaDDTree (MIT license, cost_models/
-*_convex.pt, measured on A800s with Hugging Face transformers in bf16), in seconds, for Qwen3-4B/8B at
-contexts 1..8000 and n = 0..512 nodes.
+Data: tests/data/caddtree_cost_curves_a800.json holds the monotone-convex verification-cost curves
+published with CaDDTree (MIT license, cost_models/*_convex.pt, measured on A800s with Hugging Face
+transformers in bf16), in seconds, for Qwen3-4B/8B at contexts 1..8000 and n = 0..512 nodes.
 """
 from __future__ import annotations
 
