@@ -78,6 +78,25 @@ def median_ms(fn, device, warmup: int = 3, repeats: int = 10, timer=None) -> flo
     return statistics.median(samples_ms(fn, device, warmup, repeats, timer))
 
 
+def events_ms(fn, warmup: int = 10, repeats: int = 25, inner: int = 1) -> float:
+    """CUDA only: the median over ``repeats`` of the mean time of ``inner`` back-to-back calls, each
+    bracketed by two CUDA events; all repeats are queued back to back and read after one synchronisation,
+    so the GPU does not idle waiting for the host between calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    pairs = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) / inner for s, e in pairs)
+
+
 def median_iqr(samples: Sequence[float]) -> tuple[float, float]:
     q1, q2, q3 = np.percentile(samples, [25, 50, 75])
     return float(q2), float(q3 - q1)
