@@ -1,14 +1,16 @@
 """The decode loop: ``generate(target, drafter, prompts, method=...)``.
 
-One round (``_draft_tree`` then ``_verify_commit``), for a batch of ``B`` requests whose last committed token ``x`` is not yet in the
-target's cache:
+One round, for a batch of ``B`` requests whose last committed token ``x`` is not yet in the target's
+cache, as ``generate`` runs it:
 
-    drafter.draft -> topk_marginals -> build_tree -> [host sync] -> target.verify (tree_attention)
-    -> sample/argmax per slot -> accept_tree -> target.commit (compact_kv)
+    _draft_tree      drafter.draft -> topk_marginals -> build_tree
+    _HostRead.take   [host sync] this round's tree size; the previous round's tokens, stats, stop flags
+    _verify_commit   target.verify (tree_attention) -> sample/argmax per slot -> accept_tree
+                     -> target.commit (compact_kv)
+    _stop_rule       on the device: which new tokens each request emits, which requests are done
 
 Between the drafter forward and the target forward only ``ddtree`` ops run; there is no Python loop over
-tree nodes, and the host synchronises once per round (in ``generate``: it reads the tree size and the
-previous round's committed tokens, to stream them and to stop). Methods: ``ar`` (root-only tree, no
+tree nodes, and the host synchronises once per round. Methods: ``ar`` (root-only tree, no
 drafter), ``dflash`` (a single chain of the drafter's top-1 tokens, ``K = 1``), ``ddtree`` (best-first
 tree of ``max_nodes`` nodes) and ``caddtree`` (the cost-aware budget from ``cost_model``).
 
@@ -302,8 +304,8 @@ def generate(
 
     # The first token, from the prefill; the stop rule may already end a request here.
     x, feats, feat_lens = _prefill(target, prompts, plan)
-    _, count, done = _stop_rule(x[:, None], torch.ones_like(x), torch.zeros_like(x), torch.zeros_like(x, dtype=torch.bool),
-                                stops, max_new_tokens)
+    none_yet = torch.zeros_like(x)
+    _, count, done = _stop_rule(x[:, None], torch.ones_like(x), none_yet, none_yet.bool(), stops, max_new_tokens)
     first, finished = torch.stack([x, done.long()]).tolist()  # host sync: time to first token
     prefill_s = time.perf_counter() - start
     out, done_host = [[t] for t in first], [bool(d) for d in finished]
