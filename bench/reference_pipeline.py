@@ -7,7 +7,8 @@ benchmarks to race against (bench_tree.py: tree construction; bench_e2e.py: whol
   accept walk, per-layer cache compaction.
 
 The Python heap is ``tests/reference.py``'s ``select_nodes`` (the heap of the op contract, the one heap in
-this repository), so the reference builds exactly the trees ``ddtree.build_tree`` builds.
+this repository), run as a plain Python heap does, with scores summed in double: the reference builds the
+trees ``ddtree.build_tree`` builds (up to ties that fp32 rounding would break differently).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def python_tree(logprobs: torch.Tensor, token_ids, root: int, max_nodes: int, ve
     values) turns on the CaDDTree stop."""
     ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids
     tokens, parents, depths, slot_of = [root], [-1], [0], {(): 0}
-    for ranks, _ in select_nodes(logprobs, max_nodes, verify_cost, draft_cost):
+    for ranks, _ in select_nodes(logprobs, max_nodes, verify_cost, draft_cost, fp32=False):
         slot_of[ranks] = len(tokens)
         tokens.append(ids[len(ranks) - 1][ranks[-1]])
         parents.append(slot_of[ranks[:-1]])

@@ -90,15 +90,17 @@ def _theta(phi: float, draft_cost: float, verify_cost: float) -> float:
 
 
 def select_nodes(logprobs: torch.Tensor, max_nodes: int, verify_cost: Optional[Sequence[float]] = None,
-                 draft_cost: float = 0.0) -> list[tuple[tuple[int, ...], float]]:
-    """One request's chosen nodes, in selection order, as ``(rank_sequence, score)`` (fp32 values).
+                 draft_cost: float = 0.0, fp32: bool = True) -> list[tuple[tuple[int, ...], float]]:
+    """One request's chosen nodes, in selection order, as ``(rank_sequence, score)``.
 
     logprobs ``[D, K]`` f32. The best-first heap of docs/DESIGN.md: it starts from ``(0,)`` and each pop
     of ``(..., r)`` pushes ``(..., r + 1)`` and ``(..., r, 0)``; the key ``(-score, rank_sequence)`` pops
     the larger score first and equal scores by the lexicographically smaller rank sequence (a prefix
     first). With ``verify_cost`` (``max_nodes + 1`` values) node ``n + 1`` is taken only while
-    ``theta(n + 1) > theta(n)``. The benchmarks time it as the reference pipeline's Python heap.
+    ``theta(n + 1) > theta(n)``. With ``fp32=False`` scores are summed in double, as a plain Python heap
+    over float log-probs does: the benchmarks time it that way as the reference pipeline's heap.
     """
+    add = (lambda a, b: _f32(a + b)) if fp32 else float.__add__
     lp = torch.where(logprobs.isnan(), NEG_INF, logprobs.float()).tolist()  # fp32 values, NaN as -inf
     D, K = len(lp), len(lp[0])
     heap = [(-lp[0][0], (0,), 0.0)]  # (-score, ranks, parent score)
@@ -118,9 +120,9 @@ def select_nodes(logprobs: torch.Tensor, max_nodes: int, verify_cost: Optional[S
         phi += _exp(score)
         d, r = len(ranks), ranks[-1]
         if r + 1 < K:  # next sibling: same parent, next rank at this depth
-            heapq.heappush(heap, (-_f32(parent_score + lp[d - 1][r + 1]), ranks[:-1] + (r + 1,), parent_score))
+            heapq.heappush(heap, (-add(parent_score, lp[d - 1][r + 1]), ranks[:-1] + (r + 1,), parent_score))
         if d < D:  # first child
-            heapq.heappush(heap, (-_f32(score + lp[d][0]), ranks + (0,), score))
+            heapq.heappush(heap, (-add(score, lp[d][0]), ranks + (0,), score))
     return chosen
 
 
