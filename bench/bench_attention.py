@@ -1,6 +1,6 @@
 """Tree attention on CUDA against SDPA, with the hardware floor beside every time.
 
-Shapes (issue 4): B = 1, Hq = 32, Hkv = 8, d = 128, bf16, contexts {1024, 4096, 16384}, tree sizes
+Shapes: B = 1, Hq = 32, Hkv = 8, d = 128, bf16, contexts {1024, 4096, 16384}, tree sizes
 T in {16, 64, 256, 1024} (a random tree over all T slots). Compared, side by side in the same run:
   * ours:         torch.ops.ddtree.tree_attention (bit-packed mask, GQA in the kernel)
   * sdpa_dense:   F.scaled_dot_product_attention with the equivalent dense additive mask [1, 1, T, S]
@@ -20,34 +20,16 @@ import argparse
 import json
 import math
 import random
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import ddtree
-from ddtree.cost import measure_rates
+from ddtree.timing import events_ms, measure_rates
+from ddtree.ops import pack_mask
 
-ANCHORS = Path(__file__).resolve().parents[1] / "shared" / "data" / "anchors_h100_reference_path.json"
-ANCHORS_FALLBACK = Path("/work/shared/data/anchors_h100_reference_path.json")
-
-
-def time_ms(fn, warmup: int = 10, reps: int = 25, inner: int = 10) -> float:
-    """Median over `reps` of the mean time of `inner` back-to-back calls (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
+ANCHORS = Path(__file__).resolve().parent / "data" / "anchors_h100_reference_path.json"
 
 
 def random_tree_mask(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,20 +40,14 @@ def random_tree_mask(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         if i > 0:
             dense[i] = dense[rng.randint(max(0, i - 8), i - 1)]
         dense[i, i] = True
-    W = (T + 31) // 32
-    padded = torch.zeros(T, W * 32, dtype=torch.int64)
-    padded[:, :T] = dense.long()
-    words = (padded.view(T, W, 32) << torch.arange(32)).sum(-1)
-    packed = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return packed[None].cuda(), dense[None].cuda()
+    return pack_mask(dense)[None].cuda(), dense[None].cuda()
 
 
 def load_anchors() -> dict:
-    for path in (ANCHORS, ANCHORS_FALLBACK):
-        if path.exists():
-            rows = json.loads(path.read_text()).get("attention", [])
-            return {(int(r[0]), int(r[1])): r for r in rows}
-    return {}
+    if not ANCHORS.exists():
+        return {}
+    rows = json.loads(ANCHORS.read_text()).get("attention", [])
+    return {(int(r[0]), int(r[1])): r for r in rows}
 
 
 def main() -> None:
@@ -121,7 +97,8 @@ def main() -> None:
 
             ref = sdpa_dense().float()
             err = ((ours().float() - ref).norm() / ref.norm()).item()  # relative to SDPA (both bf16)
-            t_ours, t_dense, t_nomask = time_ms(ours), time_ms(sdpa_dense), time_ms(sdpa_nomask)
+            t_ours, t_dense, t_nomask = (events_ms(f, warmup=10, repeats=25, inner=10)
+                                         for f in (ours, sdpa_dense, sdpa_nomask))
             bytes_moved = (2 * Hkv * S * d + 2 * Hq * T * d) * 2
             flops = 4 * Hq * T * S * d
             floor = max(bytes_moved / bw, flops / rate) * 1e3

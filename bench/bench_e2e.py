@@ -12,21 +12,23 @@ same distribution. ``mu0`` and ``g`` are found by bisection, in simulation on CP
 chain's acceptance length is 7.8 and DDTree's at 256 nodes is 10.7 (the published Qwen3-8B MATH-500
 figures, temperature 0).
 
+Every method runs through the shipped decode loop, ``ddtree.decode.generate``, with its one host
+synchronisation per round: ``OracleDrafter`` and ``OracleTarget`` wrap the real drafter and fast target,
+whose forwards run for real before their outputs are overwritten with the oracle's marginals and choices.
+
 Reports: tokens/s per method; CaDDTree against the best fixed budget in hindsight; CaDDTree against the
 reference pipeline (HF forward with a dense tree mask over a DynamicCache, torch.topk + Python heap
 build, Python accept walk, per-layer cache compaction) running CaDDTree, target >= 4x; the time outside
 the two model forwards as a share of a round, target <= 5%.
 
-    python3 bench/bench_e2e.py --small                 # tiny model on CPU, seconds
+    python3 bench/bench_e2e.py --small                 # tiny model on CPU, a minute or two
     python3 bench/bench_e2e.py --out out/e2e           # GPU: the full run, JSON + plots
     python3 bench/bench_e2e.py --verify-only           # GPU: verify forward vs weight-read floor vs HF
 """
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
-import math
 import statistics
 import sys
 import time
@@ -37,9 +39,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import ddtree  # noqa: E402
-from ddtree.cost import CostModel, measure_rates, profile  # noqa: E402
-from ddtree.decode import Clock  # noqa: E402
+from ddtree.cost import profile  # noqa: E402
+from ddtree.decode import generate  # noqa: E402
 from ddtree.fast_target import FastTarget  # noqa: E402
+from ddtree.timing import device_name, measure_rates, median_ms, wall_ms  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_pipeline import ReferencePipeline, profile_reference, run_reference  # noqa: E402
 
 BUDGETS = (16, 32, 64, 128, 256, 512, 1024)
 PUBLISHED = {"dflash_chain": 7.8, "ddtree_256": 10.7}  # Qwen3-8B, MATH-500, temperature 0
@@ -66,7 +72,7 @@ def make_models(small: bool, device, dtype, seed: int = 0):
     """(HF model, FastTarget over the same weights, DFlash drafter) with random weights."""
     from transformers import AutoModelForCausalLM
 
-    from ddtree.drafter import DFlashConfig, DFlashDrafter, default_target_layer_ids
+    from ddtree.drafter import DFlashConfig, DFlashDrafter
 
     cfg = target_config(small)
     draft_layers = 1 if small else 5  # 5: the published DFlash drafter for Qwen3-8B
@@ -74,12 +80,7 @@ def make_models(small: bool, device, dtype, seed: int = 0):
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
     fast = FastTarget.from_model(hf)
-    L = cfg.num_hidden_layers
-    dcfg = DFlashConfig(hidden_size=cfg.hidden_size, num_hidden_layers=draft_layers,
-                        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-                        head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
-                        block_size=16, num_target_layers=L, target_layer_ids=default_target_layer_ids(L, draft_layers),
-                        mask_token_id=cfg.vocab_size - 1, rms_norm_eps=cfg.rms_norm_eps)
+    dcfg = DFlashConfig.for_target(cfg, num_layers=draft_layers, block_size=16, mask_token_id=cfg.vocab_size - 1)
     with torch.device(device):
         drafter = DFlashDrafter(dcfg).to(dtype).eval()
     return hf, fast, drafter
@@ -159,264 +160,68 @@ def calibrate(oracle: Oracle, R: int = 1024) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# Timing helpers
+# The shipped decode loop, with the oracle standing in for what random weights cannot do
 
 
-class Timer(Clock):
-    """The decode loop's clock plus sums of marked spans (device time on GPU)."""
+class OracleDrafter:
+    """The real drafter, its marginals replaced by the oracle's. Its forward runs for real; then the
+    logits are -inf outside the round's K candidates per depth and the oracle's log-probabilities on them,
+    so ``topk_marginals`` (which still reads all ``[B, D, V]``) returns the oracle's marginals."""
 
-    def __init__(self, device):
-        super().__init__(torch.device(device))
-        self.spans: dict[str, list] = {}
+    def __init__(self, inner, logprobs: torch.Tensor, token_ids: torch.Tensor):
+        self.inner, self.logprobs, self.token_ids = inner, logprobs, token_ids  # [R, D, K] on the device
+        self.block_size, self.target_layer_ids = inner.block_size, inner.target_layer_ids
+        self.round = 0
 
-    def add(self, name, a, b):
-        self.spans.setdefault(name, []).append((a, b))
+    def reset(self, batch_size: int, max_len: int) -> None:
+        self.inner.reset(batch_size, max_len)
+        self.round = 0
 
-    def total_s(self, name) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return sum(self.seconds(a, b) for a, b in self.spans.get(name, []))
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, device, warmup=3, repeats=10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    def draft(self, target, root_tokens, features, lengths):
+        logits = self.inner.draft(target, root_tokens, features, lengths)  # [B, D, V] f32, a fresh tensor
+        r, B = min(self.round, len(self.logprobs) - 1), logits.shape[0]
+        self.round += 1
+        return logits.fill_(float("-inf")).scatter_(2, self.token_ids[r].expand(B, -1, -1),
+                                                    self.logprobs[r].expand(B, -1, -1))
 
 
-# --------------------------------------------------------------------------------------------------
-# The fast pipeline: one method, R rounds
+class OracleTarget:
+    """The fast target, its choices following the oracle. Its verify forward runs for real; then each
+    slot's logits get +inf at the oracle's true token after that slot's depth, so greedy sampling (which
+    still reads all ``[B, T, V]``) picks it. Everything else is the fast target's own."""
+
+    def __init__(self, inner: FastTarget, true_tokens: torch.Tensor):
+        self.inner, self.true_tokens = inner, true_tokens  # [R, D + 1] on the device
+        self.round = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def reset(self, batch_size: int, max_len: int) -> None:
+        self.inner.reset(batch_size, max_len)
+        self.round = 0
+
+    def verify(self, tree):
+        logits, feats = self.inner.verify(tree)
+        r = min(self.round, len(self.true_tokens) - 1)
+        self.round += 1
+        choice = self.true_tokens[r][tree.depths.long()]  # [B, T]
+        return logits.scatter_(2, choice[..., None], float("inf")), feats
 
 
-def run_fast(method, budget, fast: FastTarget, drafter, oracle_rounds, prompt, new_tokens, cost_model, device,
-             cache_tokens=None):
-    """Decode ``new_tokens`` after ``prompt`` ``[1, L]`` with the fast runner and the ops. The caches are
-    sized for ``cache_tokens`` (default ``new_tokens``): a warm-up sized like the timed run keeps the
-    timed run's buffers and captured graphs.
-
-    Returns dict(tokens, seconds, tokens_per_s, acceptance, budgets, draft_s, verify_s, other_share).
-    """
-    lp_all, ids_all, true_all = oracle_rounds
-    D = drafter.block_size - 1
-    S = prompt.shape[1] + (cache_tokens or new_tokens) + 2 * (D + 1) + 1024 + 8
-    fast.set_feature_layers(list(drafter.target_layer_ids))
-    fast.reset(1, S)
-    drafter.reset(1, S)
-    logits, feats = fast.prefill(prompt, torch.tensor([prompt.shape[1]], device=device))
-    x = logits.argmax(-1)
-    feat_lens = torch.tensor([prompt.shape[1]], device=device)
-    timer, done, r = Timer(device), 0, 0
-    accepts, sizes = [], []
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        while done < new_tokens:
-            t0 = timer.mark()
-            ctx = fast.context_lens
-            if method == "ar":
-                z = torch.zeros(1, 1, 1, device=device)
-                t1 = timer.mark()
-                tree = ddtree.build_tree(z, z.long(), x, ctx, 0)
-            else:
-                draft_logits = drafter.draft(fast, x, feats, feat_lens)  # real forward, [1, D, V]
-                t1 = timer.mark()
-                k = 1 if method == "dflash" else oracle_k(lp_all)
-                ddtree.topk_marginals(draft_logits, k)  # real cost; the oracle's marginals replace it
-                lp, ids = lp_all[r:r + 1, :, :k], ids_all[r:r + 1, :, :k]
-                if method == "caddtree":
-                    N = max(BUDGETS)
-                    tree = ddtree.build_tree(lp, ids, x, ctx, N, cost_model.table(ctx, N), cost_model.draft_cost)
-                else:
-                    tree = ddtree.build_tree(lp, ids, x, ctx, D if method == "dflash" else budget)
-            tree = tree.trim(int(tree.num_nodes.max()) + 1)  # host sync: the verify size (graph bucket)
-            t2 = timer.mark()
-            vlogits, vfeats = fast.verify(tree)
-            t3 = timer.mark()
-            vlogits.argmax(-1)  # real cost of greedy target tokens; the oracle's replace them
-            target_tokens = true_all[r:r + 1].gather(1, tree.depths.long())
-            acc, alen, nxt = ddtree.accept_tree(tree.tokens, tree.parents, tree.num_nodes, target_tokens, D)
-            fast.commit(acc, alen)
-            slots = acc.clamp(min=0)
-            feats = vfeats.gather(1, slots[..., None].expand(-1, -1, vfeats.shape[-1]))
-            feat_lens, x = alen.long(), nxt
-            a, n = torch.stack([alen[0].long(), tree.num_nodes[0].long()]).tolist()  # bookkeeping sync
-            timer.add("draft", t0, t1)
-            timer.add("verify", t2, t3)
-            accepts.append(a)
-            sizes.append(n)
-            done += a
-            r += 1
-    sync(device)
-    wall = time.perf_counter() - start
-    draft_s, verify_s = timer.total_s("draft"), timer.total_s("verify")
-    return {"method": method, "budget": budget, "tokens": done, "rounds": r, "seconds": wall,
-            "tokens_per_s": done / wall, "acceptance": statistics.mean(accepts), "budgets": sizes,
-            "draft_s": draft_s, "verify_s": verify_s, "other_share": max(0.0, 1 - (draft_s + verify_s) / wall)}
-
-
-def oracle_k(lp_all) -> int:
-    return lp_all.shape[2]
-
-
-# --------------------------------------------------------------------------------------------------
-# The reference pipeline (reimplemented from the DDTree/CaDDTree description)
-
-
-class Reference:
-    """HF forward with a dense tree mask over a DynamicCache, torch.topk + Python heap build with the
-    CaDDTree stop, Python accept walk, per-layer cache compaction."""
-
-    def __init__(self, hf, drafter, cost_model: CostModel):
-        self.hf, self.drafter, self.cost = hf, drafter, cost_model
-        self.device = next(hf.parameters()).device
-        self.dtype = next(hf.parameters()).dtype
-        # What the drafter shares with the target
-        self.embed = hf.get_input_embeddings()
-        self.lm_head = lambda h: hf.lm_head(h).float()
-        self.ids = list(drafter.target_layer_ids)
-
-    def prefill(self, prompt):
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache()
-        out = self.hf(prompt, past_key_values=self.cache, use_cache=True, output_hidden_states=bool(self.ids))
-        self.ctx = prompt.shape[1]
-        return out.logits[:, -1].float(), self._features(out)
-
-    def _features(self, out):
-        if not self.ids:
-            return None
-        return torch.cat([out.hidden_states[i + 1] for i in self.ids], -1)
-
-    @staticmethod
-    def build(lp, ids, root, max_nodes, verify_cost, draft_cost):
-        """Python best-first heap over rank sequences (CaDDTree stop when verify_cost is given)."""
-        D, K = len(lp), len(lp[0])
-        tokens, parents, depths, scores, phi = [root], [-1], [0], [0.0], 0.0
-        heap = [(-lp[0][0], (0,), 0)]
-        theta = 1.0 / (draft_cost + verify_cost[0]) if verify_cost is not None else None
-        while heap and len(tokens) <= max_nodes:
-            neg, ranks, parent = heapq.heappop(heap)
-            s = -neg
-            if verify_cost is not None:
-                n = len(tokens)
-                new_theta = (1 + phi + math.exp(s)) / (draft_cost + verify_cost[n])
-                if new_theta <= theta:
-                    break
-                theta = new_theta
-            phi += math.exp(s)
-            d, r = len(ranks), ranks[-1]
-            slot = len(tokens)
-            tokens.append(ids[d - 1][r])
-            parents.append(parent)
-            depths.append(d)
-            scores.append(s)
-            if r + 1 < K:
-                heapq.heappush(heap, (-(s - lp[d - 1][r] + lp[d - 1][r + 1]), ranks[:-1] + (r + 1,), parent))
-            if d < D:
-                heapq.heappush(heap, (-(s + lp[d][0]), ranks + (0,), slot))
-        return tokens, parents, depths
-
-    def verify(self, tokens, parents, depths):
-        T = len(tokens)
-        anc = torch.zeros(T, T, dtype=torch.bool)
-        for i in range(T):
-            anc[i, i] = True
-            if parents[i] >= 0:
-                anc[i] |= anc[parents[i]]
-        mask = torch.cat([torch.ones(T, self.ctx, dtype=torch.bool), anc], 1).to(self.device)
-        bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(~mask, torch.finfo(self.dtype).min)
-        ids = torch.tensor([tokens], device=self.device)
-        pos = torch.tensor([depths], device=self.device) + self.ctx
-        out = self.hf(ids, position_ids=pos, attention_mask=bias[None, None], past_key_values=self.cache,
-                      use_cache=True, output_hidden_states=bool(self.ids))
-        return out.logits.float(), self._features(out)
-
-    def compact(self, accepted: list[int]):
-        idx = torch.tensor(accepted, device=self.device) + self.ctx
-        for layer in self.cache.layers:  # per layer, as the reference does
-            layer.keys = torch.cat([layer.keys[:, :, :self.ctx], layer.keys.index_select(2, idx)], 2)
-            layer.values = torch.cat([layer.values[:, :, :self.ctx], layer.values.index_select(2, idx)], 2)
-        self.ctx += len(accepted)
-
-
-def run_reference(ref: Reference, drafter, oracle_rounds, prompt, new_tokens, device):
-    lp_all, ids_all, true_all = oracle_rounds
-    D = drafter.block_size - 1
-    drafter.reset(1, prompt.shape[1] + new_tokens + 2 * (D + 1) + 8)
-    logits, feats = ref.prefill(prompt)
-    x = logits.argmax(-1)
-    feat_lens = torch.tensor([prompt.shape[1]], device=device)
-    N = max(BUDGETS)
-    lp_host, ids_host, true_host = lp_all.cpu().tolist(), ids_all.cpu().tolist(), true_all.cpu().tolist()
-    timer, done, r, accepts, sizes = Timer(device), 0, 0, [], []
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        while done < new_tokens:
-            t0 = timer.mark()
-            draft_logits = drafter.draft(ref, x, feats, feat_lens)
-            t1 = timer.mark()
-            torch.topk(torch.log_softmax(draft_logits.float(), -1), lp_all.shape[2], dim=-1)[0].cpu()  # real cost
-            cost = ref.cost.verify_cost(range(N + 1), ref.ctx).tolist()
-            tokens, parents, depths = Reference.build(lp_host[r], ids_host[r], int(x), N, cost, ref.cost.draft_cost)
-            t2 = timer.mark()
-            vlogits, vfeats = ref.verify(tokens, parents, depths)
-            t3 = timer.mark()
-            vlogits.argmax(-1).cpu()  # real cost; the oracle's tokens replace it
-            children = {}
-            for s in range(1, len(tokens)):
-                children.setdefault((parents[s], tokens[s]), s)
-            path, c = [0], 0
-            while (c, true_host[r][depths[c]]) in children:
-                c = children[(c, true_host[r][depths[c]])]
-                path.append(c)
-            ref.compact(path)
-            idx = torch.tensor(path, device=device)
-            feats, feat_lens = vfeats[:, idx], torch.tensor([len(path)], device=device)
-            x = torch.tensor([true_host[r][depths[c]]], device=device)
-            timer.add("draft", t0, t1)
-            timer.add("verify", t2, t3)
-            accepts.append(len(path))
-            sizes.append(len(tokens) - 1)
-            done += len(path)
-            r += 1
-    sync(device)
-    wall = time.perf_counter() - start
-    draft_s, verify_s = timer.total_s("draft"), timer.total_s("verify")
-    return {"method": "reference_caddtree", "budget": None, "tokens": done, "rounds": r, "seconds": wall,
-            "tokens_per_s": done / wall, "acceptance": statistics.mean(accepts), "budgets": sizes,
-            "draft_s": draft_s, "verify_s": verify_s, "other_share": max(0.0, 1 - (draft_s + verify_s) / wall)}
-
-
-def profile_reference(ref: Reference, prompt_len: int, contexts, grid, device, vocab, draft_cost):
-    """Cv(n; l) of the reference verify (dense mask, DynamicCache), fitted like the fast runner's."""
-    med = []
-    for ctx in contexts:
-        row = []
-        ref.prefill(torch.randint(0, vocab, (1, ctx), device=device))
-        for n in grid:
-            tree = Reference.build([[-0.1 * (k + 1) for k in range(8)]] * 15, [list(range(8))] * 15, 0, n, None, 0.0)
-
-            def once():
-                ref.verify(*tree)
-                for layer in ref.cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, :ctx], layer.values[:, :, :ctx]
-            row.append(median_ms(once, device, warmup=1, repeats=3))
-        med.append(row)
-    return CostModel.fit(grid, contexts, med, draft_cost, meta={"source": "bench_e2e reference profile"})
+def run_method(method, budget, target: OracleTarget, drafter: OracleDrafter, prompt: list[int], new_tokens: int,
+               cost_model) -> dict:
+    """``ddtree.decode.generate`` itself: ``new_tokens`` after ``prompt`` with ``method`` (``budget`` nodes
+    for ddtree; the largest budget is the CaDDTree cap). Decode time excludes the prefill."""
+    out = generate(target, drafter, [prompt], method=method, max_new_tokens=new_tokens,
+                   max_nodes=budget or max(BUDGETS), cost_model=cost_model)
+    seconds = out.total_s - out.prefill_s
+    tokens = len(out.tokens[0]) - 1  # the first token is the prefill's
+    draft_s, verify_s = sum(r.draft_s for r in out.rounds), sum(r.verify_s for r in out.rounds)
+    return {"method": method, "budget": budget, "tokens": tokens, "rounds": len(out.rounds), "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "acceptance": out.acceptance_length,
+            "budgets": [n for r in out.rounds for n in r.tree_size],
+            "draft_s": draft_s, "verify_s": verify_s, "other_share": max(0.0, 1 - (draft_s + verify_s) / seconds)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,20 +239,19 @@ def verify_only(hf, fast: FastTarget, device, context: int, sizes=(1, 16, 32, 64
     fast.set_feature_layers([])
     fast.reset(1, context + 1024 + 8)
     fast.context_lens.fill_(context)
-    ref = Reference(hf, type("D", (), {"target_layer_ids": []})(), None)
+    ref = ReferencePipeline(hf, [], None)
     ref.prefill(torch.randint(0, s.vocab, (1, context), device=device))
     rows = []
     for T in sizes:
         lp, ids = torch.full((1, 15, 8), -0.1), torch.arange(8).repeat(1, 15, 1)
         tree = ddtree.build_tree(lp, ids, torch.zeros(1, dtype=torch.long), torch.tensor([context]), T - 1).to(device)
-        fast_ms = median_ms(lambda: fast.verify(tree), device)
+        fast_ms = median_ms(lambda: fast.verify(tree), device, timer=wall_ms)
         host = (tree.tokens[0].tolist(), tree.parents[0].tolist(), tree.depths[0].tolist())
 
         def hf_once():
             ref.verify(*host)
-            for layer in ref.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, :context], layer.values[:, :, :context]
-        hf_ms = median_ms(hf_once, device, warmup=2, repeats=5)
+            ref.truncate(context)
+        hf_ms = median_ms(hf_once, device, warmup=2, repeats=5, timer=wall_ms)
         rows.append({"slots": T, "fast_ms": fast_ms, "hf_ms": hf_ms, "floor_ms": floor_ms,
                      "fast_over_floor": fast_ms / floor_ms, "hf_over_fast": hf_ms / fast_ms})
     # AR per token: a whole round with an empty tree (build, verify, argmax, accept, commit)
@@ -459,7 +263,7 @@ def verify_only(hf, fast: FastTarget, device, context: int, sizes=(1, 16, 32, 64
         lg, _ = fast.verify(tree)
         acc, alen, _ = ddtree.accept_tree(tree.tokens, tree.parents, tree.num_nodes, lg.argmax(-1), 0)
         fast.commit(acc, alen * 0)  # commit nothing: the context stays at `context`
-    ar_ms = median_ms(ar_round, device)
+    ar_ms = median_ms(ar_round, device, timer=wall_ms)
     print(f"\nverify forward at context {context} ({device_name(device)}, weight+KV read floor {floor_ms:.2f} ms "
           f"at {bw / 1e9:.0f} GB/s measured copy bandwidth):")
     print(f"{'slots':>6} {'fast ms':>9} {'HF ms':>9} {'floor ms':>9} {'fast/floor':>11} {'HF/fast':>8}")
@@ -469,11 +273,6 @@ def verify_only(hf, fast: FastTarget, device, context: int, sizes=(1, 16, 32, 64
     print(f"AR round per token: {ar_ms:.3f} ms = {ar_ms / floor_ms:.2f}x floor (target <= 1.3x for T <= 128)")
     return {"context": context, "bandwidth_GBps": bw / 1e9, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
             "rows": rows, "ar_round_ms": ar_ms}
-
-
-def device_name(device) -> str:
-    d = torch.device(device)
-    return torch.cuda.get_device_name(d) if d.type == "cuda" else "CPU"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,6 +310,7 @@ def main(argv=None):
           f"acceptance chain {got['dflash_chain']:.2f} (published 7.8), DDTree-256 {got['ddtree_256']:.2f} (10.7)")
     rounds = [t.to(device) for t in oracle.rounds(new_tokens + 1, fast.vocab_size, args.seed + 1)]
     prompt = torch.randint(0, fast.vocab_size, (1, context), device=device)
+    oracle_target, oracle_drafter = OracleTarget(fast, rounds[2]), OracleDrafter(drafter, rounds[0], rounds[1])
 
     # Cost models: the fast runner through ddtree.cost.profile, the reference through the same fit
     contexts = [context, context + new_tokens]
@@ -523,9 +323,8 @@ def main(argv=None):
     t = time.perf_counter()
     cost_fast = profile(fast, draft_round, max_nodes=max(BUDGETS), contexts=contexts, node_grid=grid,
                         warmup=2, repeats=5, progress=False)
-    ref = Reference(hf, drafter, None)
-    ref.cost = profile_reference(ref, context, contexts, [0, 16, 64, 256, 1024], device, fast.vocab_size,
-                                 cost_fast.draft_cost)
+    ref = ReferencePipeline(hf, drafter.target_layer_ids, None)
+    ref.cost = profile_reference(ref, contexts, [0, 16, 64, 256, 1024], device, fast.vocab_size, cost_fast.draft_cost)
     print(f"profiled Cv in {time.perf_counter() - t:.1f}s; Cd {cost_fast.draft_cost:.3f} ms")
     results["cost"] = {"fast": {"node_grid": cost_fast.node_grid, "contexts": cost_fast.contexts,
                                 "verify_ms": cost_fast.verify_ms.tolist(), "measured": cost_fast.measured,
@@ -534,14 +333,16 @@ def main(argv=None):
                                      "verify_ms": ref.cost.verify_ms.tolist()}}
 
     methods = [("ar", None), ("dflash", None)] + [("ddtree", b) for b in BUDGETS] + [("caddtree", None)]
-    runs = []
+    # Caches sized once for the longest run: generate's resets then keep them, and with them the verify
+    # graphs captured during each method's warm-up.
+    fast.reset(1, context + new_tokens + 2 * drafter.block_size + max(BUDGETS) + 2)
+    runs, prompt_ids = [], prompt[0].tolist()
     for m, b in methods:
-        run_fast(m, b, fast, drafter, rounds, prompt, min(new_tokens, 32), cost_fast, device,
-                 cache_tokens=new_tokens)  # warm-up: same caches, so the graphs are captured here
-        runs.append(run_fast(m, b, fast, drafter, rounds, prompt, new_tokens, cost_fast, device))
+        run_method(m, b, oracle_target, oracle_drafter, prompt_ids, min(new_tokens, 32), cost_fast)  # warm-up
+        runs.append(run_method(m, b, oracle_target, oracle_drafter, prompt_ids, new_tokens, cost_fast))
         _print_run(runs[-1])
-    run_reference(ref, drafter, rounds, prompt, min(new_tokens, 16), device)  # warm-up
-    runs.append(run_reference(ref, drafter, rounds, prompt, new_tokens, device))
+    run_reference(ref, drafter, rounds, prompt, min(new_tokens, 16), max(BUDGETS), device)  # warm-up
+    runs.append(run_reference(ref, drafter, rounds, prompt, new_tokens, max(BUDGETS), device))
     _print_run(runs[-1])
     results["runs"] = runs
 

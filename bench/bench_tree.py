@@ -10,112 +10,32 @@
 Times are medians over repeated calls after warm-up: CUDA events for the GPU-only paths, wall clock
 (ending in the host copy the path needs anyway) for the reference tree path. The floor is the bytes of
 logits read once over the bandwidth of a large device-to-device copy measured in this run. The
-anchors measured earlier on an H100 (shared/data/anchors_h100_reference_path.json) are printed for
-context only: every ratio uses the side-by-side measurement.
+anchors measured earlier on an H100 (bench/data/anchors_h100_reference_path.json) are printed for
+context only: every ratio uses the side-by-side measurement. The reference path is in
+bench/reference_pipeline.py.
 
     PYTHONPATH=python python bench/bench_tree.py --out bench_tree.json
 """
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
-import statistics
-import time
+import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import ddtree
-from ddtree.cost import measure_rates
+from ddtree.timing import events_ms, measure_rates, median_ms, wall_ms
 
-REPO = Path(__file__).resolve().parent.parent
-ANCHOR_PATHS = (REPO / "shared/data/anchors_h100_reference_path.json",
-                Path("/work/shared/data/anchors_h100_reference_path.json"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_pipeline import reference_topk, reference_tree, reference_tree_one  # noqa: E402
 
-
-def cuda_median_ms(fn, iters: int, warmup: int) -> float:
-    """Median of per-call CUDA-event times of fn() on the current stream."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    pairs = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        pairs.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in pairs)
-
-
-def wall_median_ms(fn, iters: int, warmup: int) -> float:
-    """Median wall time of fn() from a synchronised start to its (synchronising) end."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-# --------------------------------------------------------------------------------------------------
-# The reference path, reimplemented from the algorithm.
-
-
-def reference_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk + torch.logsumexp: [.., V] -> (log-probs [.., k] f32, ids [.., k] i64)."""
-    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
-    vals, ids = torch.topk(logits, k, dim=-1)
-    return vals.float() - lse, ids
-
-
-def reference_tree_one(logits: torch.Tensor, k: int, max_nodes: int, root: int, ctx: int):
-    """One request: logits [D, V] on the GPU. Best-first heap in Python, numpy visibility matrix."""
-    lp, ids = reference_topk(logits, k)
-    lp, ids = lp.cpu().numpy(), ids.cpu().numpy()
-    D, K = lp.shape
-    tokens, parents, depths, scores = [root], [-1], [0], [0.0]
-    heap = [(-float(lp[0, 0]), (0,), 0, 0.0)]  # (-score, rank sequence, parent slot, parent score)
-    while heap and len(tokens) <= max_nodes:
-        neg, seq, parent, pscore = heapq.heappop(heap)
-        slot, d, r = len(tokens), len(seq), seq[-1]
-        tokens.append(int(ids[d - 1, r]))
-        parents.append(parent)
-        depths.append(d)
-        scores.append(-neg)
-        if r + 1 < K:
-            heapq.heappush(heap, (-(pscore + float(lp[d - 1, r + 1])), seq[:-1] + (r + 1,), parent, pscore))
-        if d < D:
-            heapq.heappush(heap, (neg - float(lp[d, 0]), seq + (0,), slot, -neg))
-    n = len(tokens)
-    vis = np.zeros((n, n), dtype=bool)
-    vis[0, 0] = True
-    for i in range(1, n):
-        vis[i] = vis[parents[i]]
-        vis[i, i] = True
-    positions = ctx + np.asarray(depths)
-    return tokens, parents, depths, positions, scores, vis
-
-
-def reference_tree(logits: torch.Tensor, k: int, max_nodes: int, roots: list, ctxs: list):
-    return [reference_tree_one(logits[b], k, max_nodes, roots[b], ctxs[b]) for b in range(logits.shape[0])]
-
-
-# --------------------------------------------------------------------------------------------------
+ANCHORS = Path(__file__).resolve().parent / "data" / "anchors_h100_reference_path.json"
 
 
 def load_anchors() -> dict:
-    for p in ANCHOR_PATHS:
-        if p.exists():
-            return json.loads(p.read_text())
-    return {}
+    return json.loads(ANCHORS.read_text()) if ANCHORS.exists() else {}
 
 
 def main() -> None:
@@ -145,8 +65,8 @@ def main() -> None:
     logits = torch.randn(1, D, V, device="cuda", dtype=torch.bfloat16) * 3
     floor = logits.numel() * logits.element_size() / (bw * 1e9) * 1e3
     for k in (16, 64, 256, 1024):
-        ours = cuda_median_ms(lambda: torch.ops.ddtree.topk_marginals(logits, k, 1.0), args.iters, 10)
-        ref = cuda_median_ms(lambda: reference_topk(logits, k), args.iters, 10)
+        ours = events_ms(lambda: torch.ops.ddtree.topk_marginals(logits, k, 1.0), 10, args.iters)
+        ref = events_ms(lambda: reference_topk(logits, k), 10, args.iters)
         # Sanity: the same log-prob values (ids may differ on ties, where torch.topk's order is unspecified).
         got = torch.ops.ddtree.topk_marginals(logits, k, 1.0)[0]
         exp = reference_topk(logits, k)[0]
@@ -170,8 +90,8 @@ def main() -> None:
                 lp, ids = torch.ops.ddtree.topk_marginals(logits, n, 1.0)
                 return torch.ops.ddtree.build_tree(lp, ids, roots, ctx, n, None, 0.0)
 
-            ours = cuda_median_ms(ours_fn, max(10, args.iters // 4), 5)
-            ref = wall_median_ms(lambda: reference_tree(logits, n, n, roots_l, ctx_l), args.ref_iters, 1)
+            ours = events_ms(ours_fn, 5, max(10, args.iters // 4))
+            ref = median_ms(lambda: reference_tree(logits, n, n, roots_l, ctx_l), "cuda", 1, args.ref_iters, wall_ms)
             # Sanity: the same number of nodes and the same root-children tokens at depth 1 for request 0.
             tree = ours_fn()
             ref0 = reference_tree_one(logits[0], n, n, roots_l[0], ctx_l[0])

@@ -1,6 +1,6 @@
 // The op surface of ddtree: one declaration per (op, backend).
 //
-// The contracts are in DESIGN.md ("The ops"); the points that contract leaves open are pinned down
+// The contracts are in docs/DESIGN.md ("The ops"); the points that contract leaves open are pinned down
 // here, because the CPU and CUDA kernels must agree on them bit for bit:
 //
 // topk_marginals
@@ -75,34 +75,31 @@ inline int64_t accept_width(int64_t slots, int64_t max_depth) {
   return max_depth < 0 ? slots : std::min<int64_t>(max_depth + 1, slots);
 }
 
+// Each op's kernel signature, written once and declared below for each backend: cpu:: always,
+// cuda:: when the extension is built with CUDA (torch_bindings.cpp registers them per dispatch key).
+#define DDTREE_KERNELS                                                                                  \
+  TopkResult topk_marginals(const at::Tensor& logits, int64_t k, double temperature);                \
+  TreeResult build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids,                     \
+                        const at::Tensor& root_tokens, const at::Tensor& context_lens,              \
+                        int64_t max_nodes, const std::optional<at::Tensor>& verify_cost,            \
+                        double draft_cost);                                                          \
+  at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, \
+                            const at::Tensor& context_lens, const at::Tensor& tree_mask,            \
+                            const at::Tensor& num_nodes, double scale);                              \
+  AcceptResult accept_tree(const at::Tensor& tokens, const at::Tensor& parents,                      \
+                           const at::Tensor& num_nodes, const at::Tensor& target_tokens,            \
+                           int64_t max_depth);                                                       \
+  void compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& context_lens,             \
+                  const at::Tensor& accepted_slots, const at::Tensor& accept_len);
+
 namespace cpu {
-TopkResult topk_marginals(const at::Tensor& logits, int64_t k, double temperature);
-TreeResult build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids,
-                      const at::Tensor& root_tokens, const at::Tensor& context_lens, int64_t max_nodes,
-                      const std::optional<at::Tensor>& verify_cost, double draft_cost);
-at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& context_lens, const at::Tensor& tree_mask,
-                          const at::Tensor& num_nodes, double scale);
-AcceptResult accept_tree(const at::Tensor& tokens, const at::Tensor& parents,
-                         const at::Tensor& num_nodes, const at::Tensor& target_tokens,
-                         int64_t max_depth);
-void compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& context_lens,
-                const at::Tensor& accepted_slots, const at::Tensor& accept_len);
+DDTREE_KERNELS
 }  // namespace cpu
 
 namespace cuda {
-TopkResult topk_marginals(const at::Tensor& logits, int64_t k, double temperature);
-TreeResult build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids,
-                      const at::Tensor& root_tokens, const at::Tensor& context_lens, int64_t max_nodes,
-                      const std::optional<at::Tensor>& verify_cost, double draft_cost);
-at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& context_lens, const at::Tensor& tree_mask,
-                          const at::Tensor& num_nodes, double scale);
-AcceptResult accept_tree(const at::Tensor& tokens, const at::Tensor& parents,
-                         const at::Tensor& num_nodes, const at::Tensor& target_tokens,
-                         int64_t max_depth);
-void compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& context_lens,
-                const at::Tensor& accepted_slots, const at::Tensor& accept_len);
+DDTREE_KERNELS
 }  // namespace cuda
+
+#undef DDTREE_KERNELS
 
 }  // namespace ddtree

@@ -48,6 +48,14 @@ double host_memory_bytes() {
 #endif
 }
 
+// A per-request vector: rank 1, the given dtype, one entry per request (B = the size of batch_source).
+void check_batch_vector(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t B,
+                        const char* batch_source) {
+  check_rank(op, name, t, 1);
+  check_dtype(op, name, t, dtype);
+  check_size(op, name, t, 0, B, batch_source);
+}
+
 }  // namespace
 
 void check_topk_marginals(const at::Tensor& logits, int64_t k, double temperature) {
@@ -75,12 +83,8 @@ void check_build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids, c
   const int64_t B = logprobs.size(0);
   TORCH_CHECK(logprobs.size(1) >= 1, op, ": logprobs must have at least one depth (size(1) >= 1)");
   TORCH_CHECK(logprobs.size(2) >= 1, op, ": logprobs must have at least one candidate (size(2) >= 1)");
-  check_rank(op, "root_tokens", root_tokens, 1);
-  check_dtype(op, "root_tokens", root_tokens, at::kLong);
-  check_size(op, "root_tokens", root_tokens, 0, B, "the batch size logprobs.size(0)");
-  check_rank(op, "context_lens", context_lens, 1);
-  check_dtype(op, "context_lens", context_lens, at::kLong);
-  check_size(op, "context_lens", context_lens, 0, B, "the batch size logprobs.size(0)");
+  check_batch_vector(op, "root_tokens", root_tokens, at::kLong, B, "the batch size logprobs.size(0)");
+  check_batch_vector(op, "context_lens", context_lens, at::kLong, B, "the batch size logprobs.size(0)");
   check_same_device(op, "token_ids", token_ids, logprobs, "logprobs");
   check_same_device(op, "root_tokens", root_tokens, logprobs, "logprobs");
   check_same_device(op, "context_lens", context_lens, logprobs, "logprobs");
@@ -133,17 +137,13 @@ void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
               ") must be a multiple of the key/value heads k_cache.size(1) (", Hkv, ")");
   TORCH_CHECK(k_cache.size(2) >= T, op, ": k_cache holds ", k_cache.size(2),
               " positions, fewer than the tree slots q.size(2) (", T, ")");
-  check_rank(op, "context_lens", context_lens, 1);
-  check_dtype(op, "context_lens", context_lens, at::kLong);
-  check_size(op, "context_lens", context_lens, 0, B, "the batch size q.size(0)");
+  check_batch_vector(op, "context_lens", context_lens, at::kLong, B, "the batch size q.size(0)");
   check_rank(op, "tree_mask", tree_mask, 3);
   check_dtype(op, "tree_mask", tree_mask, at::kInt);
   check_size(op, "tree_mask", tree_mask, 0, B, "the batch size q.size(0)");
   check_size(op, "tree_mask", tree_mask, 1, T, "the tree slots q.size(2)");
   check_size(op, "tree_mask", tree_mask, 2, mask_words(T), "ceil(tree slots / 32)");
-  check_rank(op, "num_nodes", num_nodes, 1);
-  check_dtype(op, "num_nodes", num_nodes, at::kInt);
-  check_size(op, "num_nodes", num_nodes, 0, B, "the batch size q.size(0)");
+  check_batch_vector(op, "num_nodes", num_nodes, at::kInt, B, "the batch size q.size(0)");
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"k_cache", &k_cache},
                          {"v_cache", &v_cache},
                          {"context_lens", &context_lens},
@@ -165,9 +165,7 @@ void check_accept_tree(const at::Tensor& tokens, const at::Tensor& parents, cons
   check_dtype(op, "parents", parents, at::kInt);
   TORCH_CHECK(parents.sizes() == tokens.sizes(), op, ": parents shape ", parents.sizes(),
               " must equal tokens shape ", tokens.sizes());
-  check_rank(op, "num_nodes", num_nodes, 1);
-  check_dtype(op, "num_nodes", num_nodes, at::kInt);
-  check_size(op, "num_nodes", num_nodes, 0, B, "the batch size tokens.size(0)");
+  check_batch_vector(op, "num_nodes", num_nodes, at::kInt, B, "the batch size tokens.size(0)");
   check_rank(op, "target_tokens", target_tokens, 2);
   check_dtype(op, "target_tokens", target_tokens, at::kLong);
   TORCH_CHECK(target_tokens.sizes() == tokens.sizes(), op, ": target_tokens shape ", target_tokens.sizes(),
@@ -184,12 +182,8 @@ void check_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& c
   check_rank(op, "accepted_slots", accepted_slots, 2);
   check_dtype(op, "accepted_slots", accepted_slots, at::kLong);
   const int64_t B = accepted_slots.size(0);
-  check_rank(op, "context_lens", context_lens, 1);
-  check_dtype(op, "context_lens", context_lens, at::kLong);
-  check_size(op, "context_lens", context_lens, 0, B, "the batch size accepted_slots.size(0)");
-  check_rank(op, "accept_len", accept_len, 1);
-  check_dtype(op, "accept_len", accept_len, at::kInt);
-  check_size(op, "accept_len", accept_len, 0, B, "the batch size accepted_slots.size(0)");
+  check_batch_vector(op, "context_lens", context_lens, at::kLong, B, "the batch size accepted_slots.size(0)");
+  check_batch_vector(op, "accept_len", accept_len, at::kInt, B, "the batch size accepted_slots.size(0)");
   check_same_device(op, "context_lens", context_lens, accepted_slots, "accepted_slots");
   check_same_device(op, "accept_len", accept_len, accepted_slots, "accepted_slots");
   for (size_t i = 0; i < caches.size(); ++i) {

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in stages that each fit a device call (see DEVELOPERS.md "The GPU").
+# Everything that needs a GPU, in stages that each fit one call on a rented GPU machine.
 #
 #   bash scripts/gpu_check.sh [STAGE ...]      (default: build tests)
 #
 #   build     build the extension (sm_90a) unless .carry/_C*.so is present; the .so goes to $OUT for reuse
 #   tests     pytest -m gpu over tests/ (every CUDA kernel test, graph capture, fast runner, decode bf16)
 #   sanitize  compute-sanitizer memcheck + racecheck on a small set of kernel tests
-#   bench     bench/bench_tree.py and bench/bench_attention.py (issues 3 and 4)
-#   verify    bench/bench_e2e.py --verify-only (issue 8 item 2)
-#   e2e       bench/bench_e2e.py, the full run with plots (issue 8 items 3-4)
-#   profile   a random Qwen3-8B-shaped checkpoint in /tmp, then `ddtree profile` on it (issue 6 item 6)
+#   bench     bench/bench_tree.py and bench/bench_attention.py
+#   verify    bench/bench_e2e.py --verify-only
+#   e2e       bench/bench_e2e.py, the full run with plots
+#   profile   a random Qwen3-8B-shaped checkpoint in a scratch folder, then `ddtree profile` on it
 #
 # Every stage has its own time limit, so a slow one cannot eat the call. $OUT receives summary.txt,
 # results.tgz (all logs, JSON and plots) and the built _C*.so: three files (a device call returns at most 8).
@@ -60,8 +60,8 @@ for stage in "${stages[@]}"; do
     e2e)
       run e2e 540 python3 bench/bench_e2e.py --out "$WORK/e2e" ;;
     profile)
-      run ckpt_8b 200 python3 bench/make_checkpoint.py --out /tmp/qwen3-8b-shape
-      run profile_8b 360 python3 -m ddtree profile --target /tmp/qwen3-8b-shape --device cuda --dtype bfloat16 \
+      run ckpt_8b 200 python3 bench/make_checkpoint.py --out "$(dirname "$WORK")/qwen3-8b-shape"
+      run profile_8b 360 python3 -m ddtree profile --target "$(dirname "$WORK")/qwen3-8b-shape" --device cuda --dtype bfloat16 \
         --max-nodes 512 --contexts 128,1024,2048,4096,8192 --repeats 10 --out "$WORK/qwen3_8b_cost.json" ;;
     *) echo "unknown stage $stage"; failed=$((failed + 1)) ;;
   esac

@@ -1,6 +1,6 @@
 """Tiny random targets and drafters for the decode-loop tests (hidden 64, 2 layers, small vocabularies).
 
-The builders themselves live in :mod:`ddtree.demo` (the demo uses the same pair); this module adds the
+The builders themselves live in :mod:`ddtree.tiny` (the demo uses the same pair); this module adds the
 test-only pieces: Hugging Face greedy references and an "oracle-ish" drafter that knows the target's
 future greedy tokens, so that long accepted paths and KV compaction get exercised.
 """
@@ -10,26 +10,14 @@ from typing import Sequence
 
 import torch
 
-from ddtree import demo
+from ddtree import tiny
 
 # Models this small only lose time to intra-op threads (and the test machine has 2 busy cores).
 torch.set_num_threads(1)
 
-tiny_target = demo.random_target  # (arch="qwen3", seed=0, dtype=..., **config_kw) -> HF causal LM
-tiny_drafter = demo.random_drafter  # (target_config, block_size=4, ...) -> DFlashDrafter
-
-
-def save_pair(folder, arch: str = "qwen3", seed: int = 0, block_size: int = 4, **config_kw):
-    """Write a random target (with the character tokenizer) and a matching drafter; returns both folders."""
-    from pathlib import Path
-
-    folder = Path(folder)
-    target = tiny_target(arch, seed=seed, **config_kw)
-    drafter = tiny_drafter(target.config, block_size=block_size, seed=seed + 1)
-    target.save_pretrained(folder / "target")
-    demo.char_tokenizer().save_pretrained(folder / "target")
-    drafter.save_pretrained(folder / "drafter")
-    return folder / "target", folder / "drafter"
+tiny_target = tiny.random_target  # (arch="qwen3", seed=0, dtype=..., **config_kw) -> HF causal LM
+tiny_drafter = tiny.random_drafter  # (target_config, block_size=4, ...) -> DFlashDrafter
+save_pair = tiny.make_pair  # (folder, arch="qwen3", seed=0, block_size=4, **config_kw) -> (target dir, drafter dir)
 
 
 @torch.no_grad()

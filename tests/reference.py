@@ -1,6 +1,6 @@
 """Plain PyTorch/Python reference of every ddtree op, written from the contracts alone.
 
-The contracts are ``DESIGN.md`` ("The ops") and the clarifications at the top of ``csrc/ops.h``. Each
+The contracts are ``docs/DESIGN.md`` ("The ops") and the clarifications at the top of ``csrc/ops.h``. Each
 function here is the slow, obvious version of one op: a dense softmax, a Python heap, a Python walk,
 clone-then-write. The C++ kernels are tested against these functions, never the other way round, so
 when they disagree the contract decides which one is wrong.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import struct
 from typing import Optional, Sequence
 
 import numpy as np
@@ -56,16 +57,19 @@ def topk_marginals(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tu
 # build_tree
 
 
-def _f32(x) -> np.float32:
-    """An fp32 value with NaN counted as -inf (the contract's rule for log-probs and their sums)."""
-    x = np.float32(x)
-    return np.float32(NEG_INF) if np.isnan(x) else x
+_FP32 = struct.Struct("f")
 
 
-def _add(score: np.float32, logprob: float) -> np.float32:
-    """s(child) = s(parent) + logprob in fp32, a NaN log-prob or a NaN sum (-inf + inf) counting as -inf."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        return _f32(score + _f32(logprob))
+def _f32(x: float) -> float:
+    """x rounded to fp32 (kept as a Python float), NaN counted as -inf (the contract's rule for log-probs
+    and their sums). The sum of two fp32 values computed in double and then rounded to fp32 is their fp32
+    sum (a double carries more than twice fp32's precision), so ``_f32(a + b)`` is the fp32 addition."""
+    if x != x:
+        return NEG_INF
+    try:
+        return _FP32.unpack(_FP32.pack(x))[0]
+    except OverflowError:  # rounds past the largest fp32: an infinity
+        return math.copysign(math.inf, x)
 
 
 def _exp(x: float) -> float:
@@ -78,24 +82,29 @@ def _exp(x: float) -> float:
 
 def _theta(phi: float, draft_cost: float, verify_cost: float) -> float:
     """theta = (1 + phi) / (draft_cost + verify_cost) in double, with IEEE results for a zero cost."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.float64(1.0 + phi) / (np.float64(draft_cost) + np.float64(verify_cost)))
+    cost = float(draft_cost) + float(verify_cost)
+    if cost == 0.0:  # Python's division raises here; IEEE gives +-inf (or NaN for 0 / 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.float64(1.0 + phi) / np.float64(cost))
+    return (1.0 + phi) / cost
 
 
 def select_nodes(logprobs: torch.Tensor, max_nodes: int, verify_cost: Optional[Sequence[float]] = None,
-                 draft_cost: float = 0.0) -> list[tuple[tuple[int, ...], np.float32]]:
-    """One request's chosen nodes, in selection order, as ``(rank_sequence, fp32 score)``.
+                 draft_cost: float = 0.0, fp32: bool = True) -> list[tuple[tuple[int, ...], float]]:
+    """One request's chosen nodes, in selection order, as ``(rank_sequence, score)``.
 
-    logprobs ``[D, K]`` f32. The best-first heap of DESIGN.md: it starts from ``(0,)`` and each pop of
-    ``(..., r)`` pushes ``(..., r + 1)`` and ``(..., r, 0)``; the key ``(-score, rank_sequence)`` pops the
-    larger score first and equal scores by the lexicographically smaller rank sequence (a prefix first).
-    With ``verify_cost`` (``max_nodes + 1`` values) node ``n + 1`` is taken only while
-    ``theta(n + 1) > theta(n)``.
+    logprobs ``[D, K]`` f32. The best-first heap of docs/DESIGN.md: it starts from ``(0,)`` and each pop
+    of ``(..., r)`` pushes ``(..., r + 1)`` and ``(..., r, 0)``; the key ``(-score, rank_sequence)`` pops
+    the larger score first and equal scores by the lexicographically smaller rank sequence (a prefix
+    first). With ``verify_cost`` (``max_nodes + 1`` values) node ``n + 1`` is taken only while
+    ``theta(n + 1) > theta(n)``. With ``fp32=False`` scores are summed in double, as a plain Python heap
+    over float log-probs does: the benchmarks time it that way as the reference pipeline's heap.
     """
-    lp = logprobs.tolist()
+    add = (lambda a, b: _f32(a + b)) if fp32 else float.__add__
+    lp = torch.where(logprobs.isnan(), NEG_INF, logprobs.float()).tolist()  # fp32 values, NaN as -inf
     D, K = len(lp), len(lp[0])
-    heap = [(-_f32(lp[0][0]), (0,), np.float32(0.0))]  # (-score, ranks, parent score)
-    chosen: list[tuple[tuple[int, ...], np.float32]] = []
+    heap = [(-lp[0][0], (0,), 0.0)]  # (-score, ranks, parent score)
+    chosen: list[tuple[tuple[int, ...], float]] = []
     phi = 0.0
     while heap and len(chosen) < max_nodes:
         neg_score, ranks, parent_score = heap[0]
@@ -103,17 +112,17 @@ def select_nodes(logprobs: torch.Tensor, max_nodes: int, verify_cost: Optional[S
         if verify_cost is not None:
             n = len(chosen)
             theta_now = _theta(phi, draft_cost, verify_cost[n])
-            theta_next = _theta(phi + _exp(float(score)), draft_cost, verify_cost[n + 1])
+            theta_next = _theta(phi + _exp(score), draft_cost, verify_cost[n + 1])
             if not theta_next > theta_now:
                 break
         heapq.heappop(heap)
         chosen.append((ranks, score))
-        phi += _exp(float(score))
+        phi += _exp(score)
         d, r = len(ranks), ranks[-1]
         if r + 1 < K:  # next sibling: same parent, next rank at this depth
-            heapq.heappush(heap, (-_add(parent_score, lp[d - 1][r + 1]), ranks[:-1] + (r + 1,), parent_score))
+            heapq.heappush(heap, (-add(parent_score, lp[d - 1][r + 1]), ranks[:-1] + (r + 1,), parent_score))
         if d < D:  # first child
-            heapq.heappush(heap, (-_add(score, lp[d][0]), ranks + (0,), score))
+            heapq.heappush(heap, (-add(score, lp[d][0]), ranks + (0,), score))
     return chosen
 
 

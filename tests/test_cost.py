@@ -1,9 +1,8 @@
 """The cost model (ddtree.cost, ddtree.cost_fit): fit, JSON, table, default estimate, profile. CPU only.
 
-Data: tests/data/caddtree_cost_curves_a800.json is a copy of shared/data/caddtree_cost_curves_a800.json,
-the monotone-convex verification-cost curves published with CaDDTree (MIT license, cost_models/
-*_convex.pt, measured on A800s with Hugging Face transformers in bf16), in seconds, for Qwen3-4B/8B at
-contexts 1..8000 and n = 0..512 nodes.
+Data: tests/data/caddtree_cost_curves_a800.json holds the monotone-convex verification-cost curves
+published with CaDDTree (MIT license, cost_models/*_convex.pt, measured on A800s with Hugging Face
+transformers in bf16), in seconds, for Qwen3-4B/8B at contexts 1..8000 and n = 0..512 nodes.
 """
 from __future__ import annotations
 
@@ -225,10 +224,10 @@ QWEN3_8B = SimpleNamespace(hidden_size=4096, num_hidden_layers=36, num_attention
 
 def _seed_rates(tmp_path, monkeypatch, bw=3000.0, tflops=700.0):
     """Point the rate cache at tmp_path and pre-fill it with H100-like rates for this CPU."""
-    from ddtree.cost import _device_name
+    from ddtree.timing import device_name
 
     monkeypatch.setenv("DDTREE_CACHE_DIR", str(tmp_path))
-    key = f"{_device_name(torch.device('cpu'))}|float32"
+    key = f"{device_name(torch.device('cpu'))}|float32"
     (tmp_path / "device_rates.json").write_text(json.dumps({key: {"name": "fake", "bandwidth_gbs": bw, "matmul_tflops": tflops}}))
 
 
@@ -263,7 +262,7 @@ def test_default_roofline(tmp_path, monkeypatch):
 
 
 def test_device_rates_measured_once_and_cached(tmp_path, monkeypatch):
-    from ddtree.cost import device_rates
+    from ddtree.timing import device_rates
 
     monkeypatch.setenv("DDTREE_CACHE_DIR", str(tmp_path))
     first = device_rates("cpu")
@@ -333,7 +332,7 @@ def test_profile_end_to_end_on_fake_runner(tmp_path):
 def test_profile_medians_and_fit_with_a_fake_clock(monkeypatch):
     """Real timings on a shared CPU are too noisy to assert values; with a deterministic clock the
     profile must report the exact medians and IQRs per (l, n) and fit them back."""
-    import ddtree.cost as cost
+    import ddtree.timing as timing
 
     runner = FakeRunner(work=False)
     truth = lambda l, T: 1.0 + 0.01 * l + 0.05 * T + 0.002 * T * T  # noqa: E731  convex in T, ms
@@ -344,7 +343,7 @@ def test_profile_medians_and_fit_with_a_fake_clock(monkeypatch):
         ctx, T = runner.calls[-1]
         return truth(ctx, T) + next(jitter)
 
-    monkeypatch.setattr(cost, "_time_ms", fake_time_ms)
+    monkeypatch.setattr(timing, "time_ms", fake_time_ms)
     model = profile(runner, None, max_nodes=40, contexts=[0, 300, 1000], warmup=2, repeats=5, progress=False)
     grid = np.array(default_node_grid(40))
     expect = np.array([[truth(l, n + 1) for n in grid] for l in (0, 300, 1000)])

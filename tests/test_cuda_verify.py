@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import ddtree
+from ddtree.ops import pack_mask
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,16 +45,6 @@ def random_tree(T: int, nn: int, rng: random.Random) -> tuple[list[int], torch.T
             dense[i] = dense[parents[i]]
         dense[i, i] = True
     return parents, dense
-
-
-def pack_mask(dense: torch.Tensor) -> torch.Tensor:
-    """[B, T, T] bool -> [B, T, ceil(T/32)] int32, bit j of word j // 32 (two's complement for bit 31)."""
-    B, T, _ = dense.shape
-    W = (T + 31) // 32
-    padded = torch.zeros(B, T, W * 32, dtype=torch.int64, device=dense.device)
-    padded[..., :T] = dense.long()
-    words = (padded.view(B, T, W, 32) << torch.arange(32, device=dense.device)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def visibility(ctx: torch.Tensor, dense: torch.Tensor, nn: torch.Tensor, S: int) -> torch.Tensor:

@@ -89,7 +89,7 @@ class _Cost:
     def __init__(self, slope):
         self.slope, self.draft_cost = slope, 1.0
 
-    def table(self, context_lens, max_nodes):
+    def table(self, context_lens, max_nodes, max_context):
         n = torch.arange(max_nodes + 1, dtype=torch.float32)
         return (1.0 + self.slope * n).expand(context_lens.shape[0], -1).contiguous()
 

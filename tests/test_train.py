@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ddtree import train
-from ddtree.drafter import DFlashDrafter
+from ddtree.drafter import DFlashConfig, DFlashDrafter
 from ddtree.target import HFTarget
+from ddtree.tiny import MASK_ID
 
 from models import tiny_drafter, tiny_target
 
@@ -55,7 +56,8 @@ def test_a_few_steps_lower_both_losses():
 
     seqs = ids[: 16 * 40].view(16, 40)
     logs = []
-    drafter = train.new_drafter(target.config, num_layers=1, block_size=4, target_layer_ids=[0])
+    drafter = DFlashDrafter(DFlashConfig.for_target(target.config, num_layers=1, block_size=4,
+                                                    mask_token_id=MASK_ID, target_layer_ids=[0]))
     train.train_drafter(target, drafter, seqs, prompt_len=8, steps=60, batch=8, anchors_per_seq=4, log=logs.append)
     first, last = (float(line.split("loss")[1].split()[0]) for line in (logs[0], logs[-1]))
     assert last < first - 0.5

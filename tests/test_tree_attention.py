@@ -26,7 +26,7 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def skip_outside_cuda_contract(device: str, dtype: torch.dtype, d: int) -> None:
-    """The CUDA kernel's contract is fp16/bf16 and head dims 64 and 128 (DESIGN.md); fp32 and other
+    """The CUDA kernel's contract is fp16/bf16 and head dims 64 and 128 (docs/DESIGN.md); fp32 and other
     head dims are CPU-only."""
     if device == "cuda" and (dtype == torch.float32 or d not in (64, 128)):
         pytest.skip("outside the CUDA kernel's contract (fp16/bf16, head dim 64 or 128)")

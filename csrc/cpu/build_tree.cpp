@@ -1,6 +1,6 @@
 // CPU build_tree: the best-first draft tree of DDTree (fixed budget) and CaDDTree (cost-aware stop).
 //
-// This is the oracle for the CUDA kernel, so it runs the heap of DESIGN.md literally. Candidates are
+// This is the oracle for the CUDA kernel, so it runs the heap of docs/DESIGN.md literally. Candidates are
 // rank sequences (r1..rd); the heap starts from (0), and each pop of (..., r) pushes its next sibling
 // (..., r+1) when r+1 < K and its first child (..., r, 0) when d < D. Pop order: larger score first,
 // equal scores by the lexicographically smaller rank sequence (a proper prefix ranks first). Every

@@ -399,10 +399,10 @@ def _load_models(args, device: str, dtype, need_drafter: bool):
 
 
 def cmd_demo(args) -> int:
-    from . import demo
+    from . import demo, tiny
 
     if args.random:
-        tok, cfg = demo.char_tokenizer(), demo.target_config().to_dict()
+        tok, cfg = tiny.char_tokenizer(), tiny.target_config().to_dict()
     else:
         try:
             tdir, _ = demo.pretrained_pair()

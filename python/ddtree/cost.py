@@ -22,9 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import platform
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +30,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from . import timing
 from .cost_fit import check_monotone_convex, eval_curves, fit_monotone_convex
+from .timing import device_name, device_rates, median_iqr
 
 FORMAT = "ddtree-cost-model"
 VERSION = 1
@@ -201,7 +200,7 @@ class CostModel:
         FLOPs per token, ``K`` the KV bytes per context token and ``A`` the attention FLOPs per
         (query, context token). Each max of affine functions of ``n`` is convex and non-decreasing,
         so ``Cv`` is too. ``bw`` and ``rate`` are measured once per device and cached
-        (:func:`device_rates`). ``Cd``: the same roofline over the drafter's layers (plus the shared
+        (:func:`ddtree.timing.device_rates`). ``Cd``: the same roofline over the drafter's layers (plus the shared
         LM head) for ``block_size`` tokens if ``drafter_config`` is given, else ``DRAFT_FRACTION *
         Cv(0; 0)``.
         """
@@ -354,99 +353,7 @@ def _model_shape(config, vocab: Optional[int] = None) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------
-# Device rates (measured once, cached)
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DDTREE_CACHE_DIR") or Path.home() / ".cache" / "ddtree")
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type}: {platform.processor() or platform.machine()}"
-
-
-def device_rates(device, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """``{"name", "bandwidth_gbs", "matmul_tflops"}`` of a device, measured once and cached in
-    ``$DDTREE_CACHE_DIR`` (default ``~/.cache/ddtree``)/device_rates.json.
-
-    Bandwidth from a large device-to-device copy (bytes read + written), matrix rate from a large
-    square matmul in ``dtype`` (float32 on CPU, where bf16 matmuls are not representative).
-    """
-    device = torch.device(device)
-    name = _device_name(device)
-    mm_dtype = dtype if device.type == "cuda" else torch.float32
-    key = f"{name}|{str(mm_dtype).removeprefix('torch.')}"
-    path = _cache_dir() / "device_rates.json"
-    try:
-        cache = json.loads(path.read_text())
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    if key in cache:
-        return cache[key]
-    rates = {"name": name, **measure_rates(device, mm_dtype)}
-    cache[key] = rates
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cache, indent=1) + "\n")
-    except OSError:
-        pass  # a read-only home only costs a re-measurement next time
-    return rates
-
-
-def measure_rates(device, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """``{"bandwidth_gbs", "matmul_tflops"}`` measured now, uncached (the benchmarks' floors come from the
-    same run): a 1 GiB device-to-device copy (read + write bytes) and an 8192^3 matmul in ``dtype`` on
-    CUDA; 64 MiB and 512^3 elsewhere."""
-    device = torch.device(device)
-    big = device.type == "cuda"
-    nbytes = (1 << 30) if big else (64 << 20)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    copy_ms = _median_ms(lambda: dst.copy_(src), device, warmup=2, repeats=5)
-    m = 8192 if big else 512
-    a = torch.randn(m, m, device=device).to(dtype)
-    b = torch.randn(m, m, device=device).to(dtype)
-    mm_ms = _median_ms(lambda: torch.mm(a, b), device, warmup=2, repeats=5)
-    return {"bandwidth_gbs": 2 * nbytes / (copy_ms * 1e-3) / 1e9, "matmul_tflops": 2 * m**3 / (mm_ms * 1e-3) / 1e12}
-
-
-# -------------------------------------------------------------------------------------------------
 # Profiling
-
-
-def _time_ms(fn: Callable[[], Any], device: torch.device) -> float:
-    """Wall time of one call in ms: CUDA events on CUDA (queue drained before and after), perf_counter
-    elsewhere."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def _samples_ms(fn, device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    return [_time_ms(fn, device) for _ in range(repeats)]
-
-
-def _median_ms(fn, device, warmup: int, repeats: int) -> float:
-    return statistics.median(_samples_ms(fn, device, warmup, repeats))
-
-
-def _median_iqr(samples: Sequence[float]) -> tuple[float, float]:
-    q1, q2, q3 = np.percentile(samples, [25, 50, 75])
-    return float(q2), float(q3 - q1)
 
 
 def synthetic_tree(num_nodes: int, context_len: int, *, batch_size: int = 1, depth: int = 16, topk: int = 8,
@@ -516,18 +423,18 @@ def profile(
                 tree.positions = tree.depths.to(torch.int64) + ctx  # positions = context_len + depth
                 tree = tree.to(device)
                 runner.context_lens.fill_(ctx)  # in place: a graph-captured verify reads this buffer
-                med[i, j], iqr[i, j] = _median_iqr(_samples_ms(lambda: runner.verify(tree), device, warmup, repeats))
+                med[i, j], iqr[i, j] = median_iqr(timing.samples_ms(lambda: runner.verify(tree), device, warmup, repeats))
                 bar.update()
         bar.close()
         if drafter_round is not None:
-            draft_med, draft_iqr = _median_iqr(_samples_ms(drafter_round, device, warmup, repeats))
+            draft_med, draft_iqr = median_iqr(timing.samples_ms(drafter_round, device, warmup, repeats))
         else:
             draft_med, draft_iqr = None, None
 
     meta = {
         "source": "profile",
         "created": _now(),
-        "device": {"name": _device_name(device)},
+        "device": {"name": device_name(device)},
         "software": _software(),
         "model": model_identity(runner.config, getattr(runner, "dtype", None)),
         "profile": {"warmup": warmup, "repeats": repeats, "batch_size": batch_size, "seed": seed,

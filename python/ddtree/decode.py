@@ -1,32 +1,35 @@
 """The decode loop: ``generate(target, drafter, prompts, method=...)``.
 
-One round (``_draft_tree`` then ``_verify_commit``), for a batch of ``B`` requests whose last committed token ``x`` is not yet in the
-target's cache:
+One round, for a batch of ``B`` requests whose last committed token ``x`` is not yet in the target's
+cache, as ``generate`` runs it:
 
-    drafter.draft -> topk_marginals -> build_tree -> [host sync] -> target.verify (tree_attention)
-    -> sample/argmax per slot -> accept_tree -> target.commit (compact_kv)
+    _draft_tree      drafter.draft -> topk_marginals -> build_tree
+    _HostRead.take   [host sync] this round's tree size; the previous round's tokens, stats, stop flags
+    _verify_commit   target.verify (tree_attention) -> sample/argmax per slot -> accept_tree
+                     -> target.commit (compact_kv)
+    _stop_rule       on the device: which new tokens each request emits, which requests are done
 
 Between the drafter forward and the target forward only ``ddtree`` ops run; there is no Python loop over
-tree nodes, and the host synchronises once per round (in ``generate``: it reads the tree size and the
-previous round's committed tokens, to stream them and to stop). Methods: ``ar`` (root-only tree, no
+tree nodes, and the host synchronises once per round. Methods: ``ar`` (root-only tree, no
 drafter), ``dflash`` (a single chain of the drafter's top-1 tokens, ``K = 1``), ``ddtree`` (best-first
 tree of ``max_nodes`` nodes) and ``caddtree`` (the cost-aware budget from ``cost_model``).
 
 Greedy decoding (``temperature == 0``) is token-for-token the target's own greedy decoding. Sampling is
 exactly lossless: ``accept_tree`` follows one independent sample per tree slot from the target's
 processed distribution (temperature, then top-k, then top-p, as in transformers), so every committed
-token is a draw from the target (no rejection sampling: see DESIGN.md, accept_tree).
+token is a draw from the target (no rejection sampling: see docs/DESIGN.md, accept_tree).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 from .ops import DraftTree, accept_tree, build_tree, topk_marginals
 from .target import as_target
+from .timing import Clock
 
 METHODS = ("ar", "dflash", "ddtree", "caddtree")
 
@@ -96,37 +99,120 @@ def default_cost_model(target):
     return CostModel.default(target.config, target.device, target.dtype)
 
 
-class Clock:
-    """Timing marks: CUDA events on GPU (read them after a synchronisation), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def seconds(self, a, b) -> float:
-        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
-
-
 @dataclass
 class _Plan:
-    """What stays fixed across rounds."""
+    """How every round runs: the method settled once, with the sampling settings and the KV capacity."""
 
-    method: str
+    drafts: bool  # False for ar: the tree is the root alone and no drafter runs
+    trims: bool  # caddtree: its tree arrays have max_nodes + 1 slots, it verifies only the slots it chose
     max_nodes: int  # N: tree slots are N + 1
     depth: int  # D: accept width D + 1
     candidates: int  # K per depth
+    capacity: int  # S: KV cache positions per request
+    cost_table: Optional[Callable[[torch.Tensor], torch.Tensor]]  # context_lens -> [B, N+1] Cv (caddtree)
+    draft_cost: float
     temperature: float
     top_k: int
     top_p: float
-    cost_table: Optional[Callable[[torch.Tensor], torch.Tensor]]  # context_lens -> [B, N+1] Cv (caddtree)
-    draft_cost: float
     generator: torch.Generator
+
+    @classmethod
+    def settle(cls, method, target, drafter, prompt_lens, max_new_tokens, max_nodes, cost_model, temperature, top_k,
+               top_p, seed) -> "_Plan":
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method != "ar" and drafter is None:
+            raise ValueError(f"method {method!r} needs a drafter")
+        D = drafter.block_size - 1 if method != "ar" else 0
+        N = {"ar": 0, "dflash": D}.get(method, max_nodes)
+        # Capacity: prompt + generated + one round's overshoot + the tree slots + the drafter's block.
+        S = max(prompt_lens) + max_new_tokens + 2 * (D + 1) + N + 2
+        cost_table, draft_cost = None, 0.0
+        if method == "caddtree":
+            cost_model = cost_model if cost_model is not None else default_cost_model(target)
+            cost_table, draft_cost = (lambda lens: cost_model.table(lens, N, S)), float(cost_model.draft_cost)
+        return cls(
+            drafts=method != "ar", trims=method == "caddtree", max_nodes=N, depth=D,
+            candidates=1 if method == "dflash" else max(1, min(N, target.vocab_size)), capacity=S,
+            cost_table=cost_table, draft_cost=draft_cost, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=torch.Generator(device=target.device).manual_seed(seed),
+        )
+
+
+class _Marks(NamedTuple):
+    """Timing marks of one round (see :class:`~ddtree.timing.Clock`)."""
+
+    start: object
+    drafted: object  # drafter forward done
+    built: object  # topk_marginals + build_tree done
+    verified: object  # target forward done
+    committed: object  # sampling, accept_tree, compact_kv, stop rule done
+
+
+@dataclass
+class _Round:
+    """One round's results, left on the device until the next round's host synchronisation reads them."""
+
+    new_tokens: torch.Tensor  # [B, D+1] i64: the accepted nodes after the root, then the bonus token
+    keep: torch.Tensor  # [B] i64: how many of them the stop rule lets through
+    accept_len: torch.Tensor  # [B] i32
+    tree_size: torch.Tensor  # [B] i32
+    done: torch.Tensor  # [B] bool, after this round
+    marks: _Marks
+
+
+class _HostRead(NamedTuple):
+    """What the host learns at a round's one synchronisation: the slots to verify this round and, from
+    the previous round (when there is one), its tokens, statistics and which requests are done."""
+
+    slots: int
+    new_tokens: list[list[int]]  # per request, only the tokens to emit
+    stats: Optional[RoundStats]
+    done: list[bool]
+
+    @classmethod
+    def take(cls, tree: DraftTree, prev: Optional[_Round], clock: Clock) -> "_HostRead":
+        size = tree.num_nodes.max()[None].long()
+        if prev is None:
+            return cls(int(size.item()) + 1, [], None, [])
+        # One row per request: this round's tree size, then the previous round's keep, accept_len,
+        # tree size, done flag and new tokens.
+        columns = (size.expand(prev.keep.shape[0]), prev.keep, prev.accept_len, prev.tree_size, prev.done)
+        rows = torch.cat([torch.stack([c.long() for c in columns], 1), prev.new_tokens], 1).tolist()  # host sync
+        m = prev.marks
+        stats = RoundStats(
+            accept_len=[r[2] for r in rows], tree_size=[r[3] for r in rows], draft_s=clock.seconds(m.start, m.drafted),
+            build_s=clock.seconds(m.drafted, m.built), verify_s=clock.seconds(m.built, m.verified),
+            commit_s=clock.seconds(m.verified, m.committed),
+        )
+        return cls(rows[0][0] + 1, [r[5:5 + r[1]] for r in rows], stats, [bool(r[4]) for r in rows])
+
+
+def _stop_rule(new_tokens, valid, count, done, stops, max_new_tokens):
+    """The one stop rule, on the device. new_tokens ``[B, W]`` of which the first ``valid [B]`` are real;
+    count ``[B]`` i64 tokens emitted so far; done ``[B]`` bool. A request emits its tokens up to and
+    including the first stop token, at most ``max_new_tokens`` in all, and nothing once done. Returns
+    (keep ``[B]`` i64, count, done)."""
+    col = torch.arange(new_tokens.shape[1], device=new_tokens.device)
+    is_stop = torch.isin(new_tokens, stops) & (col < valid[:, None])
+    upto_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, valid.long())
+    keep = torch.where(done, 0, torch.minimum(upto_stop, max_new_tokens - count).clamp(min=0))
+    count = count + keep
+    done = done | (count >= max_new_tokens) | (is_stop & (col < keep[:, None])).any(1)
+    return keep, count, done
+
+
+def _prefill(target, prompts, plan: _Plan):
+    """The prompts' forward: returns the first new token ``[B]``, the target features ``[B, L, F]`` and
+    the prompt lengths ``[B]`` (the features the drafter reads first)."""
+    dev = target.device
+    lens = [len(p) for p in prompts]
+    ids = torch.zeros(len(prompts), max(lens), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    lengths = torch.tensor(lens, dtype=torch.long, device=dev)
+    logits, feats = target.prefill(ids.to(dev), lengths)
+    return sample_tokens(logits, plan.temperature, plan.top_k, plan.top_p, plan.generator), feats, lengths
 
 
 def _draft_tree(target, drafter, x, feats, feat_lens, plan: _Plan, clock: Clock):
@@ -134,37 +220,32 @@ def _draft_tree(target, drafter, x, feats, feat_lens, plan: _Plan, clock: Clock)
 
     x ``[B]`` i64: last committed tokens (not yet in the target cache). feats ``[B, P, F]``, feat_lens
     ``[B]``: target features of the tokens committed since the drafter last ran. Returns the padded tree
-    and the timing marks (t0, t1, t2). No host synchronisation.
+    and the marks (start, drafted, built). No host synchronisation.
     """
-    B = x.shape[0]
-    t0 = clock.mark()
-    if plan.method == "ar":
+    start = clock.mark()
+    if not plan.drafts:
         # The empty tree: only the root, verified like any other tree.
-        logprobs = torch.zeros(B, 1, 1, device=x.device)
-        t1 = clock.mark()
+        logprobs = torch.zeros(x.shape[0], 1, 1, device=x.device)
+        drafted = clock.mark()
         tree = build_tree(logprobs, torch.zeros_like(logprobs, dtype=torch.long), x, target.context_lens, 0)
-    else:
-        draft_logits = drafter.draft(target, x, feats, feat_lens)  # [B, D, V]
-        t1 = clock.mark()
-        draft_temp = plan.temperature if plan.temperature > 0 else 1.0
-        logprobs, token_ids = topk_marginals(draft_logits, plan.candidates, draft_temp)
-        cost, draft_cost = None, 0.0
-        if plan.method == "caddtree":
-            cost, draft_cost = plan.cost_table(target.context_lens), plan.draft_cost
-        tree: DraftTree = build_tree(logprobs, token_ids, x, target.context_lens, plan.max_nodes, cost, draft_cost)
-    return tree, (t0, t1, clock.mark())
+        return tree, (start, drafted, clock.mark())
+    draft_logits = drafter.draft(target, x, feats, feat_lens)  # [B, D, V]
+    drafted = clock.mark()
+    draft_temp = plan.temperature if plan.temperature > 0 else 1.0
+    logprobs, token_ids = topk_marginals(draft_logits, plan.candidates, draft_temp)
+    cost = plan.cost_table(target.context_lens) if plan.cost_table is not None else None
+    tree = build_tree(logprobs, token_ids, x, target.context_lens, plan.max_nodes, cost, plan.draft_cost)
+    return tree, (start, drafted, clock.mark())
 
 
 def _verify_commit(target, tree: DraftTree, x, done, plan: _Plan, clock: Clock):
     """Second half of a round: target forward over the tree, per-slot sample/argmax, accept_tree, commit.
 
-    done ``[B]`` bool: finished requests commit nothing. Returns (emitted ``[B, D+1]`` i64: the new
-    tokens, valid up to accept_len; accept_len ``[B]`` i32; next x, feats; timing marks (t3, t4)).
-    No host synchronisation.
+    done ``[B]`` bool: finished requests commit nothing. Returns (new tokens ``[B, D+1]`` i64, valid up to
+    accept_len; accept_len ``[B]`` i32; next x; next feats; the verified mark). No host synchronisation.
     """
     logits, vfeats = target.verify(tree)  # [B, T, V], [B, T, F]
-    t3 = clock.mark()
-
+    verified = clock.mark()
     target_tokens = sample_tokens(logits, plan.temperature, plan.top_k, plan.top_p, plan.generator)  # [B, T]
     accepted, accept_len, next_token = accept_tree(tree.tokens, tree.parents, tree.num_nodes, target_tokens, plan.depth)
     accept_len = torch.where(done, torch.zeros_like(accept_len), accept_len)
@@ -173,13 +254,12 @@ def _verify_commit(target, tree: DraftTree, x, done, plan: _Plan, clock: Clock):
     # New tokens this round: the accepted nodes after the root, then the bonus token.
     slots = accepted.clamp(min=0)
     path = tree.tokens.gather(1, slots)  # [B, D+1], root first
-    emitted = torch.cat([path[:, 1:], path[:, :1]], dim=1)
-    emitted.scatter_(1, (accept_len.long() - 1).clamp(min=0)[:, None], next_token[:, None])
+    new_tokens = torch.cat([path[:, 1:], path[:, :1]], dim=1)
+    new_tokens.scatter_(1, (accept_len.long() - 1).clamp(min=0)[:, None], next_token[:, None])
     # What the drafter reads next round: the accepted slots' target features.
     F = vfeats.shape[-1]
     next_feats = vfeats.gather(1, slots[..., None].expand(-1, -1, F)) if F else vfeats[:, : slots.shape[1]]
-    next_x = torch.where(done, x, next_token)
-    return emitted, accept_len, next_x, next_feats, (t3, clock.mark())
+    return new_tokens, accept_len, torch.where(done, x, next_token), next_feats, verified
 
 
 @torch.inference_mode()
@@ -203,116 +283,61 @@ def generate(
     target: a :class:`~ddtree.target.TargetRunner` or a Hugging Face causal LM (wrapped by
     :func:`~ddtree.target.as_target`). drafter: a :class:`~ddtree.drafter.DFlashDrafter` (or any object with
     ``block_size``, ``target_layer_ids``, ``reset`` and ``draft``); unused for ``ar``. ``max_nodes`` is the
-    DDTree budget and the CaDDTree cap; ``cost_model`` (``.table(context_lens, max_nodes)``, ``.draft_cost``)
-    defaults to ``ddtree.cost.CostModel.default``. ``on_tokens(row, new_tokens)`` streams output.
+    DDTree budget and the CaDDTree cap; ``cost_model`` (``.table(context_lens, max_nodes, max_context)``,
+    ``.draft_cost``) defaults to ``ddtree.cost.CostModel.default``. ``on_tokens(row, new_tokens)`` streams
+    output.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if method != "ar" and drafter is None:
-        raise ValueError(f"method {method!r} needs a drafter")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     start = time.perf_counter()
     target = as_target(target)
-    dev = target.device
-    B, lens = len(prompts), [len(p) for p in prompts]
-    D = drafter.block_size - 1 if method != "ar" else 0
-    N = {"ar": 0, "dflash": D}.get(method, max_nodes)
-    # Capacity: prompt + generated + one round's overshoot + the tree slots + the drafter's block.
-    S = max(lens) + max_new_tokens + 2 * (D + 1) + N + 2
-    cost_table, draft_cost = None, 0.0
-    if method == "caddtree":
-        from .cost import CostModel
-
-        cost_model = cost_model if cost_model is not None else default_cost_model(target)
-        draft_cost = float(cost_model.draft_cost)
-        if isinstance(cost_model, CostModel):  # its cached table covers contexts up to the KV capacity
-            cost_table = lambda lens: cost_model.table(lens, N, max_context=S)  # noqa: E731
-        else:  # any object with .table(context_lens, max_nodes) and .draft_cost
-            cost_table = lambda lens: cost_model.table(lens, N)  # noqa: E731
-    plan = _Plan(
-        method=method, max_nodes=N, depth=D, candidates=1 if method == "dflash" else max(1, min(N, target.vocab_size)),
-        temperature=temperature, top_k=top_k, top_p=top_p, cost_table=cost_table, draft_cost=draft_cost,
-        generator=torch.Generator(device=dev).manual_seed(seed),
-    )
-    target.set_feature_layers(list(drafter.target_layer_ids) if method != "ar" else [])
-    target.reset(B, S)
-    if method != "ar":
-        drafter.reset(B, S)
-
-    ids = torch.zeros(B, max(lens), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-    lengths = torch.tensor(lens, dtype=torch.long, device=dev)
+    plan = _Plan.settle(method, target, drafter, [len(p) for p in prompts], max_new_tokens, max_nodes, cost_model,
+                        temperature, top_k, top_p, seed)
+    B, dev = len(prompts), target.device
+    target.set_feature_layers(list(drafter.target_layer_ids) if plan.drafts else [])
+    target.reset(B, plan.capacity)
+    if plan.drafts:
+        drafter.reset(B, plan.capacity)
     stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=dev)
 
-    logits, feats = target.prefill(ids.to(dev), lengths)
-    x = sample_tokens(logits, temperature, top_k, top_p, plan.generator)  # [B]: the first new token
-    out = [[t] for t in x.tolist()]  # host sync: the first token
+    # The first token, from the prefill; the stop rule may already end a request here.
+    x, feats, feat_lens = _prefill(target, prompts, plan)
+    none_yet = torch.zeros_like(x)
+    _, count, done = _stop_rule(x[:, None], torch.ones_like(x), none_yet, none_yet.bool(), stops, max_new_tokens)
+    first, finished = torch.stack([x, done.long()]).tolist()  # host sync: time to first token
     prefill_s = time.perf_counter() - start
-    for b in range(B):
-        _emit(out, b, [], stop_token_ids, max_new_tokens, on_tokens, first=True)
-    done_host = [_finished(o, stop_token_ids, max_new_tokens) for o in out]
-    done = torch.tensor(done_host, device=dev)
-    count = torch.ones(B, dtype=torch.long, device=dev)
-    feat_lens = lengths
+    out, done_host = [[t] for t in first], [bool(d) for d in finished]
+    if on_tokens is not None:
+        for b in range(B):
+            on_tokens(b, out[b][:])
+
     clock, rounds = Clock(dev), []
-
-    # The one host synchronisation per round sits between build_tree and verify. It reads this round's
-    # tree size (the verify forward's shape is a host decision: CaDDTree pads its arrays to max_nodes + 1
-    # slots but verification should cost only the slots it chose) together with the previous round's
-    # committed tokens (to stream and truncate them) and whether every request has finished (to leave
-    # the loop). Deferring the previous round's read to this point costs one unused draft after the last
-    # round, instead of a second synchronisation in every round.
-    prev = None  # device results of the previous round, read at this round's synchronisation
-    while not (prev is None and all(done_host)):  # (finished by the first token alone: no round at all)
-        tree, (t0, t1, t2) = _draft_tree(target, drafter, x, feats, feat_lens, plan, clock)
-        size = tree.num_nodes.max()[None].long()
-        if prev is None:
-            packet = size.tolist()
-        else:
-            emitted, accept_len, num_nodes, marks = prev
-            packet = torch.cat([size, accept_len.long(), num_nodes.long(), done.long(), emitted.flatten()]).tolist()
-            a, n, d = packet[1 : 1 + B], packet[1 + B : 1 + 2 * B], packet[1 + 2 * B : 1 + 3 * B]
-            rows = packet[1 + 3 * B :]
-            W = len(rows) // B
-            p0, p1, p2, p3, p4 = marks
-            rounds.append(RoundStats(
-                accept_len=a, tree_size=n, draft_s=clock.seconds(p0, p1), build_s=clock.seconds(p1, p2),
-                verify_s=clock.seconds(p2, p3), commit_s=clock.seconds(p3, p4),
-            ))
-            for b in range(B):
-                if not done_host[b]:
-                    _emit(out, b, rows[b * W : b * W + a[b]], stop_token_ids, max_new_tokens, on_tokens)
-            done_host = [bool(v) for v in d]
-        if all(done_host):
-            break
-        if plan.method == "caddtree":
-            tree = tree.trim(packet[0] + 1)
-        emitted, accept_len, x, feats, (t3, t4) = _verify_commit(target, tree, x, done, plan, clock)
+    prev: Optional[_Round] = None  # the last round's results, read at this round's host synchronisation
+    while not all(done_host):
+        tree, (t_start, t_drafted, t_built) = _draft_tree(target, drafter, x, feats, feat_lens, plan, clock)
+        # The one host synchronisation of a round: this round's tree size (the verify forward's shape is a
+        # host decision) with the previous round's tokens, statistics and stop flags. Reading the previous
+        # round here, not at its end, costs one unused draft after the last round instead of a second
+        # synchronisation in every round.
+        read = _HostRead.take(tree, prev, clock)
+        if prev is not None:
+            rounds.append(read.stats)
+            for b, new in enumerate(read.new_tokens):
+                if new:
+                    out[b] += new
+                    if on_tokens is not None:
+                        on_tokens(b, new)
+            done_host = read.done
+            if all(done_host):
+                break
+        if plan.trims:
+            tree = tree.trim(read.slots)
+        new_tokens, accept_len, x, feats, t_verified = _verify_commit(target, tree, x, done, plan, clock)
+        keep, count, next_done = _stop_rule(new_tokens, accept_len, count, done, stops, max_new_tokens)
         feat_lens = accept_len
-        # Stop bookkeeping on the device, so that the round needs nothing from the host.
-        valid = torch.arange(emitted.shape[1], device=dev) < accept_len[:, None]
-        count += accept_len
-        hit = torch.isin(emitted, stops).logical_and(valid).any(1) if len(stops) else torch.zeros_like(done)
-        done = done | hit | (count >= max_new_tokens)
-        prev = (emitted, accept_len, tree.num_nodes, (t0, t1, t2, t3, t4))
+        marks = _Marks(t_start, t_drafted, t_built, t_verified, clock.mark())
+        prev = _Round(new_tokens, keep, accept_len, tree.num_nodes, next_done, marks)
+        done = next_done
     return GenerateOutput(out, rounds, prefill_s, time.perf_counter() - start)
-
-
-def _emit(out, b, new, stop_token_ids, max_new_tokens, on_tokens, first=False):
-    """Append ``new`` to request ``b``, cut after the first stop token and at ``max_new_tokens``."""
-    before = 0 if first else len(out[b])
-    seq = out[b] + list(new)
-    stop_at = next((i for i, t in enumerate(seq) if t in stop_token_ids), None)
-    if stop_at is not None:
-        seq = seq[: stop_at + 1]
-    out[b][:] = seq[:max_new_tokens]
-    if on_tokens is not None and len(out[b]) > before:
-        on_tokens(b, out[b][before:])
-
-
-def _finished(seq, stop_token_ids, max_new_tokens) -> bool:
-    return len(seq) >= max_new_tokens or any(t in stop_token_ids for t in seq)

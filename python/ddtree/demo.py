@@ -1,88 +1,20 @@
-"""``ddtree demo`` and the tiny pairs behind it and the tests; nothing is downloaded.
+"""``ddtree demo``: every method on a tiny pair, with what happened; nothing is downloaded.
 
 The default pair ships in the package (``pretrained/stdlib-char``): a character-level Qwen3 target and
-its DFlash drafter, trained here on the Python standard library's source by :mod:`ddtree.train`. The
-random builders below (a stock ``transformers`` Qwen3/Llama with random weights, a random
-:class:`~ddtree.drafter.DFlashDrafter`, a character-level tokenizer built with ``tokenizers``) serve the
-tests and ``ddtree demo --random``; with a random drafter the acceptance length is about 1.
+its DFlash drafter, trained on the Python standard library's source by :mod:`ddtree.train`.
+``--random`` builds a random pair instead (:func:`ddtree.tiny.make_pair`).
 """
 from __future__ import annotations
 
 import math
-import string
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from .drafter import DFlashConfig, DFlashDrafter
-
-SPECIALS = ["<unk>", "<eos>", "<mask>"]
-CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
-DEMO_VOCAB = len(SPECIALS) + len(CHARS)  # every id the model can produce is a character (or a special)
-
-
-def target_config(arch: str = "qwen3", vocab_size: int = DEMO_VOCAB, hidden_size: int = 64, num_layers: int = 2,
-                  num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, init_std: float = 0.2, **extra):
-    """A small Qwen3 or Llama config (untied LM head, ``init_std`` large enough that greedy argmaxes are
-    clear-cut rather than near-ties of an almost uniform distribution)."""
-    from transformers import LlamaConfig, Qwen3Config
-
-    cls = {"qwen3": Qwen3Config, "llama": LlamaConfig}[arch]
-    return cls(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        head_dim=head_dim, max_position_embeddings=4096, initializer_range=init_std,
-        tie_word_embeddings=False, eos_token_id=SPECIALS.index("<eos>"), pad_token_id=0, **extra,
-    )
-
-
-def random_target(arch: str = "qwen3", seed: int = 0, dtype=torch.float32, **config_kw):
-    """A randomly initialised ``transformers`` causal LM (eval mode, SDPA attention)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = target_config(arch, **config_kw)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
-    return model.eval()
-
-
-def random_drafter(target_cfg, block_size: int = 4, num_layers: int = 1, target_layer_ids: Optional[list[int]] = None,
-                   mask_token_id: int = SPECIALS.index("<mask>"), seed: int = 0, init_std: float = 0.2,
-                   dtype=torch.float32) -> DFlashDrafter:
-    """A random DFlash drafter shaped for ``target_cfg`` (same hidden size, head layout and vocabulary)."""
-    L = target_cfg.num_hidden_layers
-    cfg = DFlashConfig(
-        hidden_size=target_cfg.hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=target_cfg.num_attention_heads, num_key_value_heads=target_cfg.num_key_value_heads,
-        head_dim=target_cfg.head_dim, intermediate_size=target_cfg.intermediate_size,
-        vocab_size=target_cfg.vocab_size, block_size=block_size, num_target_layers=L,
-        target_layer_ids=list(target_layer_ids if target_layer_ids is not None else range(L)),
-        mask_token_id=mask_token_id, rms_norm_eps=target_cfg.rms_norm_eps,
-    )
-    gen = torch.Generator().manual_seed(seed)
-    model = DFlashDrafter(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("proj.weight") or name == "fc.weight":
-                p.copy_(torch.randn(p.shape, generator=gen) * init_std)
-    return model.to(dtype).eval()
-
-
-def char_tokenizer():
-    """A character-level tokenizer over printable ASCII plus ``<unk>``, ``<eos>``, ``<mask>`` (built offline)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIALS + list(CHARS))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", mask_token="<mask>")
-
+from .drafter import DFlashDrafter
+from .tiny import make_pair
 
 PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "stdlib-char"  # target/, drafter/, train_info.json
 DEMO_PROMPT = "    def __init__(self, "
@@ -94,19 +26,6 @@ def pretrained_pair() -> tuple[Path, Path]:
         raise FileNotFoundError(f"the trained demo pair is missing from this install ({PRETRAINED}); "
                                 "train it with `ddtree train --out DIR` or use `ddtree demo --random`")
     return PRETRAINED / "target", PRETRAINED / "drafter"
-
-
-def make_pair(folder: str | Path, arch: str = "qwen3", seed: int = 0, block_size: int = 8,
-              **config_kw) -> tuple[Path, Path]:
-    """Write a random target (with tokenizer) and drafter under ``folder``; returns their two folders.
-    ``config_kw`` go to :func:`target_config`."""
-    folder = Path(folder)
-    target = random_target(arch, seed=seed, **config_kw)
-    drafter = random_drafter(target.config, block_size=block_size, seed=seed + 1)
-    target.save_pretrained(folder / "target")
-    char_tokenizer().save_pretrained(folder / "target")
-    drafter.save_pretrained(folder / "drafter")
-    return folder / "target", folder / "drafter"
 
 
 def format_tree(tree, tokenizer=None, row: int = 0) -> str:
@@ -156,7 +75,7 @@ def run(prompt: str = DEMO_PROMPT, max_new_tokens: int = 96, max_nodes: int = 64
             out("ddtree demo: a tiny RANDOMLY initialised target and drafter (built here, nothing downloaded).")
             out("The drafter's guesses are random, so expect an acceptance length of about 1 and gibberish text.")
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ddtree-demo-"))
-            tdir, ddir = make_pair(tmp, seed=seed, head_dim=64)  # 64: a head size the CUDA kernels take
+            tdir, ddir = make_pair(tmp, seed=seed, block_size=8, head_dim=64)  # 64: a head size the CUDA kernels take
         else:
             tdir, ddir = pretrained_pair()
             out("ddtree demo: the tiny pair shipped with ddtree (a character-level Qwen3 target and its DFlash")

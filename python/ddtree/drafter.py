@@ -29,8 +29,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .hf_attention import write_kv
-from .ops import tree_attention
+from .layers import RMSNorm, rope, write_kv
+from .ops import pack_mask, tree_attention
 
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -91,6 +91,21 @@ class DFlashConfig:
         skip = set(known) | {"dflash_config", "rope_parameters"}
         return cls(**known, extra={k: v for k, v in d.items() if k not in skip})
 
+    @classmethod
+    def for_target(cls, target_cfg, num_layers: int, block_size: int, mask_token_id: int,
+                   target_layer_ids: Optional[list[int]] = None) -> "DFlashConfig":
+        """A drafter shaped for a target's Hugging Face config: the same hidden size, head layout, MLP
+        width, vocabulary and norm epsilon. ``target_layer_ids`` default to :func:`default_target_layer_ids`."""
+        L = target_cfg.num_hidden_layers
+        ids = target_layer_ids if target_layer_ids is not None else default_target_layer_ids(L, num_layers)
+        return cls(
+            hidden_size=target_cfg.hidden_size, num_hidden_layers=num_layers,
+            num_attention_heads=target_cfg.num_attention_heads, num_key_value_heads=target_cfg.num_key_value_heads,
+            head_dim=target_cfg.head_dim, intermediate_size=target_cfg.intermediate_size,
+            vocab_size=target_cfg.vocab_size, block_size=block_size, num_target_layers=L,
+            target_layer_ids=list(ids), mask_token_id=mask_token_id, rms_norm_eps=target_cfg.rms_norm_eps,
+        )
+
     def to_dict(self) -> dict:
         d = asdict(self)
         extra = d.pop("extra")
@@ -98,32 +113,6 @@ class DFlashConfig:
         out = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3", "hidden_act": "silu", **extra, **d}
         out["dflash_config"] = {"target_layer_ids": ids, "mask_token_id": mask}
         return out
-
-
-class RMSNorm(nn.Module):
-    """Qwen3's RMSNorm: normalise in fp32, cast back, then scale (same rounding as transformers)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half form): x ``[B, H, T, d]``, positions ``[B, T]`` i64."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float) / d))
-    freqs = positions[..., None].float() * inv_freq  # [B, T, d/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, d]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class DrafterAttention(nn.Module):
@@ -221,7 +210,8 @@ class DFlashDrafter(nn.Module):
         self.v_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.context_lens = torch.zeros(batch_size, dtype=torch.long, device=p.device)
         # Every block slot sees the whole context and the whole block: a tree mask with all bits set.
-        self._block_mask = _all_ones_mask(batch_size, self.block_size, p.device)
+        bs = self.block_size
+        self._block_mask = pack_mask(torch.ones(batch_size, bs, bs, dtype=torch.bool, device=p.device))
         self._last_slot = torch.full((batch_size,), self.block_size - 1, dtype=torch.int32, device=p.device)
 
     @torch.inference_mode()
@@ -292,12 +282,3 @@ class DFlashDrafter(nn.Module):
         (path / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
 
-
-def _all_ones_mask(B: int, slots: int, device) -> torch.Tensor:
-    """``[B, slots, ceil(slots/32)]`` i32 with bits ``0..slots-1`` set in every row."""
-    words = (slots + 31) // 32
-    bits = torch.arange(words * 32, device=device) < slots
-    weights = torch.ones(32, dtype=torch.int64, device=device) << torch.arange(32, device=device)
-    packed = (bits.view(words, 32).long() * weights).sum(-1)
-    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-    return packed.expand(B, slots, words).contiguous()

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .layers import apply_rope, inv_freq, rms_norm, rope_cos_sin, write_kv
 from .ops import DraftTree
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3")
@@ -79,16 +80,15 @@ def unsupported_reason(config) -> Optional[str]:
 def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
     """``[head_dim / 2]`` f32 inverse frequencies, exactly as transformers computes them."""
     rope = rope_parameters(config)
-    base = float(rope["rope_theta"])
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    default = inv_freq(float(rope["rope_theta"]), head_dim)
     if rope["rope_type"] == "default":
-        return inv_freq
+        return default
     if rope["rope_type"] == "llama3":
         factor, lo, hi = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
         old_ctx = rope["original_max_position_embeddings"]
         low_wavelen, high_wavelen = old_ctx / lo, old_ctx / hi
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        wavelen = 2 * math.pi / default
+        scaled = torch.where(wavelen > low_wavelen, default / factor, default)
         smooth = (old_ctx / wavelen - lo) / (hi - lo)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
@@ -123,29 +123,6 @@ class Shape:
             eps=float(_cfg(config, "rms_norm_eps", 1e-6)),
             qk_norm=_cfg(config, "model_type") == "qwen3",
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# Math (each op mirrors transformers' Llama/Qwen3 modules so fp32 results agree to rounding)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32, cast back to x's dtype, then scaled (transformers' order)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``[B, H, T, d]``; cos, sin ``[B, T, d]`` in x's dtype."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def _linear(x, w, b=None):
-    return F.linear(x, w, b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,8 +163,8 @@ def _load_config(path: str):
 class FastTarget:
     """Static-cache Llama/Qwen3 target with tree attention and CUDA-graph verify (see module doc).
 
-    Build with :meth:`from_pretrained` (a checkpoint folder) or :meth:`from_state_dict` (HF tensor
-    names). ``use_graphs`` (default: on CUDA) captures the verify forward per bucket on first use;
+    Build with :meth:`from_pretrained` (a checkpoint folder) or :meth:`from_model` (a loaded Hugging
+    Face model). ``use_graphs`` (default: on CUDA) captures the verify forward per bucket on first use;
     ``buckets`` (default :data:`DEFAULT_BUCKETS`) are the padded tree sizes. On CPU ``buckets`` may be set
     to exercise the padding path without graphs.
     """
@@ -264,12 +241,6 @@ class FastTarget:
         return cls(config, _load_safetensors(path, device), device, dtype, **kw)
 
     @classmethod
-    def from_state_dict(cls, config, state: dict[str, torch.Tensor], device="cuda", dtype=torch.bfloat16,
-                        **kw) -> "FastTarget":
-        """From tensors named as in a Hugging Face checkpoint (e.g. ``model.state_dict()``)."""
-        return cls(config, state, device, dtype, **kw)
-
-    @classmethod
     def from_model(cls, model, **kw) -> "FastTarget":
         """From a loaded Hugging Face Llama/Qwen3 causal LM, on its device and in its dtype. The fused
         projections are copies: the HF model may be freed afterwards."""
@@ -318,9 +289,8 @@ class FastTarget:
         self.context_lens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         # RoPE table over every cache position: a gather in the forward (capturable), values identical
         # to transformers' cos(pos * inv_freq) computed in fp32 then cast.
-        freqs = torch.arange(S, device=self.device, dtype=torch.int64).float()[:, None] * self.inv_freq[None]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos_table, self.sin_table = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        all_positions = torch.arange(S, device=self.device, dtype=torch.int64)
+        self.cos_table, self.sin_table = rope_cos_sin(all_positions, self.inv_freq, self.dtype)
 
     def _drop_graphs(self) -> None:
         """Forget every captured graph and their memory pool (a later capture starts a fresh pool)."""
@@ -334,7 +304,7 @@ class FastTarget:
         s = self.shape
         B, T, _ = h.shape
         x = rms_norm(h, L["attn_norm"], s.eps)
-        qkv = _linear(x, L["wqkv"], L["bqkv"])
+        qkv = F.linear(x, L["wqkv"], L["bqkv"])
         q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1)
         q = q.view(B, T, s.heads, s.head_dim)
         k = k.view(B, T, s.kv_heads, s.head_dim)
@@ -348,37 +318,39 @@ class FastTarget:
     def _layer_rest(self, L: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """attn ``[B, Hq, T, d]`` -> the layer's output ``[B, T, H]`` (o-proj, residual, MLP)."""
         B, T, _ = h.shape
-        h = h + _linear(attn.transpose(1, 2).reshape(B, T, -1), L["wo"], L["bo"])
-        gate, up = _linear(rms_norm(h, L["mlp_norm"], self.shape.eps), L["w13"], L["b13"]).chunk(2, dim=-1)
-        return h + _linear(F.silu(gate) * up, L["w2"], L["b2"])
+        h = h + F.linear(attn.transpose(1, 2).reshape(B, T, -1), L["wo"], L["bo"])
+        gate, up = F.linear(rms_norm(h, L["mlp_norm"], self.shape.eps), L["w13"], L["b13"]).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, L["w2"], L["b2"])
+
+    def _decoder(self, tokens, positions, write_pos, attend):
+        """Every decoder layer over tokens, positions ``[B, T]`` i64: each layer writes its K/V at
+        ``write_pos [B, T]`` and attends through ``attend(layer index, q, k, v)``. Returns the last
+        layer's output ``[B, T, H]`` (before the final norm) and the features ``[B, T, F]``."""
+        h = self.embed(tokens)
+        feats = {}
+        for i, L in enumerate(self.layers):
+            q, k, v = self._layer_qkv(L, h, positions)
+            write_kv(self.k_cache[i], write_pos, k)
+            write_kv(self.v_cache[i], write_pos, v)
+            h = self._layer_rest(L, h, attend(i, q, k, v))
+            if i in self.feature_layer_ids:
+                feats[i] = h
+        if not self.feature_layer_ids:
+            return h, h.new_empty((*h.shape[:-1], 0))
+        return h, torch.cat([feats[i] for i in self.feature_layer_ids], dim=-1)
 
     def _forward_tree(self, tokens, positions, tree_mask, num_nodes):
         """The verify forward. tokens, positions ``[B, T]`` i64; tree_mask ``[B, T, ceil(T/32)]`` i32;
         num_nodes ``[B]`` i32. Writes slot t's K/V at ``context_lens + t``; returns logits ``[B, T, V]``
         f32 and features ``[B, T, F]``. Device-only work: safe to capture in a CUDA graph."""
-        B, T = tokens.shape
-        write_pos = (self.context_lens[:, None] + torch.arange(T, device=self.device))  # [B, T]
-        b_idx = torch.arange(B, device=self.device)[:, None]
-        h = self.embed(tokens)
-        feats = []
-        for i, L in enumerate(self.layers):
-            q, k, v = self._layer_qkv(L, h, positions)
-            # Advanced indices around a slice put the indexed dims first: cache[b, :, pos] is [B, T, Hkv, d].
-            self.k_cache[i][b_idx, :, write_pos] = k.transpose(1, 2)  # index_put_ on the device
-            self.v_cache[i][b_idx, :, write_pos] = v.transpose(1, 2)
-            attn = torch.ops.ddtree.tree_attention(q, self.k_cache[i], self.v_cache[i], self.context_lens,
-                                                   tree_mask, num_nodes, self.scale)
-            h = self._layer_rest(L, h, attn)
-            if i in self.feature_layer_ids:
-                feats.append((i, h))
-        logits = self.lm_head(rms_norm(h, self.norm_weight, self.shape.eps))
-        return logits, self._features(feats, B, T)
+        write_pos = self.context_lens[:, None] + torch.arange(tokens.shape[1], device=self.device)
 
-    def _features(self, feats, B, T) -> torch.Tensor:
-        by_id = dict(feats)
-        if not self.feature_layer_ids:
-            return torch.empty(B, T, 0, dtype=self.dtype, device=self.device)
-        return torch.cat([by_id[i] for i in self.feature_layer_ids], dim=-1)
+        def attend(i, q, k, v):  # the context and each slot's own ancestors, from the cache
+            return torch.ops.ddtree.tree_attention(q, self.k_cache[i], self.v_cache[i], self.context_lens,
+                                                   tree_mask, num_nodes, self.scale)
+
+        h, feats = self._decoder(tokens, positions, write_pos, attend)
+        return self.lm_head(rms_norm(h, self.norm_weight, self.shape.eps)), feats
 
     # ---- interface: prefill / verify / commit ----------------------------------------------------
 
@@ -397,22 +369,17 @@ class FastTarget:
             raise ValueError(f"fast target: prompt length {L} > max_len {self.max_len}")
         s = self.shape
         positions = torch.arange(L, device=self.device).expand(B, L)
-        h = self.embed(input_ids.to(self.device))
-        feats = []
-        for i, Lw in enumerate(self.layers):
-            q, k, v = self._layer_qkv(Lw, h, positions)
-            self.k_cache[i][:, :, :L] = k
-            self.v_cache[i][:, :, :L] = v
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+
+        def attend(i, q, k, v):  # causal over the prompt itself: the context is empty
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                                   enable_gqa=s.heads != s.kv_heads)
-            h = self._layer_rest(Lw, h, attn)
-            if i in self.feature_layer_ids:
-                feats.append((i, h))
+
+        h, feats = self._decoder(input_ids.to(self.device), positions, positions, attend)
         lengths = lengths.to(device=self.device, dtype=torch.int64)
         last = h[torch.arange(B, device=self.device), lengths - 1]  # [B, H]
         logits = self.lm_head(rms_norm(last, self.norm_weight, s.eps))
         self.context_lens.copy_(lengths)  # in place: captured graphs read this tensor
-        return logits, self._features(feats, B, L)
+        return logits, feats
 
     def bucket(self, slots: int) -> int:
         """The smallest bucket holding ``slots`` (``slots`` itself when there is none)."""

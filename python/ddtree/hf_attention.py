@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from .layers import write_kv
 from .ops import tree_attention
 
 ATTN_NAME = "ddtree_tree"
@@ -43,16 +44,6 @@ class TreeAttentionState:
     context_lens: torch.Tensor
     tree_mask: Optional[torch.Tensor]
     num_nodes: Optional[torch.Tensor]
-
-
-def write_kv(cache: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
-    """In place: ``cache[b, :, positions[b, t]] = values[b, :, t]``.
-
-    cache ``[B, H, S, d]``, positions ``[B, T]`` i64 (distinct within a row, ``< S``), values ``[B, H, T, d]``.
-    """
-    rows = torch.arange(cache.shape[0], device=cache.device)[:, None]
-    # Mixed advanced indexing puts the indexed dims first: the target view is [B, T, H, d].
-    cache[rows, :, positions] = values.transpose(1, 2).to(cache.dtype)
 
 
 def tree_attention_forward(

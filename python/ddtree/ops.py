@@ -1,6 +1,6 @@
 """Typed wrappers over ``torch.ops.ddtree.*``, their fake (meta) implementations, and ``DraftTree``.
 
-Every op takes its arguments positionally in the order of ``shared/DESIGN.md`` and runs on CPU and,
+Every op takes its arguments positionally in the order of ``docs/DESIGN.md`` and runs on CPU and,
 when the extension was built with CUDA, on CUDA. Shapes below use: ``B`` requests, ``D`` draft depth,
 ``V`` vocabulary, ``K`` candidates per depth, ``N`` max_nodes (tree arrays have ``N + 1`` slots, slot 0
 is the root), ``W = ceil((N + 1) / 32)`` mask words, ``S`` cache positions, ``d`` head dim.
@@ -19,6 +19,18 @@ _ops = torch.ops.ddtree
 
 def _mask_words(slots: int) -> int:
     return (slots + 31) // 32
+
+
+def pack_mask(dense: torch.Tensor) -> torch.Tensor:
+    """The packed form of a tree mask: dense ``[..., T, S]`` bool -> ``[..., T, ceil(S / 32)]`` i32 whose
+    word ``w`` holds columns ``32 w .. 32 w + 31``, column ``j`` in bit ``j % 32`` (the inverse of
+    :meth:`DraftTree.dense_mask`)."""
+    S = dense.shape[-1]
+    W = _mask_words(S)
+    padded = torch.zeros(*dense.shape[:-1], W * 32, dtype=torch.int64, device=dense.device)
+    padded[..., :S] = dense.long()
+    words = (padded.view(*dense.shape[:-1], W, 32) << torch.arange(32, device=dense.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def _check_same_device(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:

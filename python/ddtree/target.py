@@ -15,14 +15,13 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 
 from . import hf_attention
+from .fast_target import FastTarget
 from .ops import DraftTree, compact_kv
-
-FAST_MODEL_TYPES = ("llama", "qwen3")  # what fast_target.FastTarget runs
 
 
 @runtime_checkable
 class TargetRunner(Protocol):
-    """What the decode loop needs from a target model (see /tmp/runner_iface.md for the shared text)."""
+    """What the decode loop needs from a target model (both runners implement it; see the module doc)."""
 
     config: object  # the Hugging Face PretrainedConfig of the target
     device: torch.device
@@ -164,11 +163,7 @@ class HFTarget:
 def _fast_runner(source, device, dtype):
     """The hook for the fast runner (``ddtree.fast_target.FastTarget``): ``from_pretrained(path, device=,
     dtype=)`` for a folder, ``from_model(model)`` for a loaded model (its device and dtype).
-    ``None`` when it is not importable or does not support the checkpoint (the HF runner is used then)."""
-    try:
-        from .fast_target import FastTarget
-    except ImportError:
-        return None
+    ``None`` when it does not support the checkpoint (the HF runner is used then)."""
     try:
         if isinstance(source, (str, os.PathLike)):
             return FastTarget.from_pretrained(str(source), device=device, dtype=dtype)
@@ -184,11 +179,7 @@ def _wants_fast(fast: Optional[bool], config, device: torch.device) -> bool:
     """``fast`` when given; by default the fast runner on CUDA for every checkpoint it supports."""
     if fast is not None:
         return fast
-    if device.type != "cuda" or getattr(config, "model_type", "") not in FAST_MODEL_TYPES:
-        return False
-    try:
-        from .fast_target import FastTarget
-    except ImportError:
+    if device.type != "cuda":
         return False
     return FastTarget.supports(config)
 

@@ -30,11 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .demo import CHARS, SPECIALS, char_tokenizer, target_config
-from .drafter import DFlashConfig, DFlashDrafter, rope
-
-MASK_ID = SPECIALS.index("<mask>")
-EOS_ID = SPECIALS.index("<eos>")
+from .drafter import DFlashConfig, DFlashDrafter
+from .layers import rope
+from .tiny import CHARS, EOS_ID, MASK_ID, SPECIALS, char_tokenizer, target_config
 HELD_OUT_EVERY = 20  # one file in 20 (by path hash) is held out
 
 
@@ -210,18 +208,6 @@ def drafter_block_logits(drafter: DFlashDrafter, embed, lm_head, features: torch
     return logits.view(B, m, bs, -1)[:, :, 1:]
 
 
-def new_drafter(target_cfg, num_layers: int, block_size: int, target_layer_ids: list[int]) -> DFlashDrafter:
-    cfg = DFlashConfig(
-        hidden_size=target_cfg.hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=target_cfg.num_attention_heads, num_key_value_heads=target_cfg.num_key_value_heads,
-        head_dim=target_cfg.head_dim, intermediate_size=target_cfg.intermediate_size,
-        vocab_size=target_cfg.vocab_size, block_size=block_size, num_target_layers=target_cfg.num_hidden_layers,
-        target_layer_ids=list(target_layer_ids), mask_token_id=MASK_ID, rms_norm_eps=target_cfg.rms_norm_eps,
-        rope_theta=getattr(target_cfg, "rope_theta", None) or 1_000_000.0,
-    )
-    return DFlashDrafter(cfg)
-
-
 def train_drafter(target, drafter: DFlashDrafter, seqs: torch.Tensor, prompt_len: int, steps: int, batch: int = 32,
                   anchors_per_seq: int = 8, lr: float = 3e-3, seed: int = 0, log=print) -> DFlashDrafter:
     """Block-diffusion objective on the target's greedy text ``seqs``: cross-entropy of each block's
@@ -337,8 +323,8 @@ def main(argv=None, parser_class=argparse.ArgumentParser) -> int:
     prompt_len, new_tokens = 64, 128
     seqs = greedy_corpus(target, train_ids, args.greedy_seqs, prompt_len, new_tokens, seed=args.seed + 1)
     L = target.config.num_hidden_layers
-    drafter = new_drafter(target.config, num_layers=1, block_size=args.block_size,
-                          target_layer_ids=[max(0, L // 2 - 1), L - 2])
+    drafter = DFlashDrafter(DFlashConfig.for_target(target.config, num_layers=1, block_size=args.block_size,
+                                                    mask_token_id=MASK_ID, target_layer_ids=[max(0, L // 2 - 1), L - 2]))
     drafter = train_drafter(target, drafter, seqs, prompt_len, args.drafter_steps, seed=args.seed + 2)
 
     args.out.mkdir(parents=True, exist_ok=True)
