@@ -248,6 +248,7 @@ class Trace:
 
     sizes: list[np.ndarray] = field(default_factory=list)
     accepts: list[np.ndarray] = field(default_factory=list)
+    expected: list[np.ndarray] = field(default_factory=list)  # the drafter's estimate: 1 + sum of path probabilities
     tokens: int = 0
     per_request: dict = field(default_factory=dict)  # request -> [(accept_len, tree_size), ...]
 
@@ -285,6 +286,7 @@ def simulate(req: Requests, group: list[int], policy: Policy, source: CostSource
         n = tree.num_nodes.long()
         trace.sizes.append(n.numpy().copy())
         trace.accepts.append(a.numpy().copy())
+        trace.expected.append(tree.expected_tokens.double().numpy().copy())
         for r, ai, ni in zip(rows.tolist(), a.tolist(), n.tolist()):
             trace.per_request[r].append((ai, ni))
         trace.tokens += int((torch.clamp(ks + a, max=M) - ks).sum())
@@ -312,8 +314,10 @@ def summarise(traces: list[Trace], source: CostSource, verify: str) -> dict:
     ms = sum(price(t, source, verify) for t in traces)
     sizes = np.concatenate([s for t in traces for s in t.sizes])
     accepts = np.concatenate([a for t in traces for a in t.accepts])
+    expected = np.concatenate([e for t in traces for e in t.expected])
     return {"tokens": tokens, "model_ms": ms, "tokens_per_s": tokens / ms * 1e3, "mean_tree_size": float(sizes.mean()),
-            "acceptance": float(accepts.mean()), "rounds": sum(len(t.sizes) for t in traces)}
+            "acceptance": float(accepts.mean()), "expected_acceptance": float(expected.mean()),
+            "rounds": sum(len(t.sizes) for t in traces)}
 
 
 # ---- the check against real generate runs --------------------------------------------------------------
@@ -394,10 +398,13 @@ def run(args) -> dict:
     return {
         "command": args.command, "commit": _commit(), "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"CPU, {torch.get_num_threads()} torch thread(s)",
-        "requests": args.requests, "new_tokens": args.new_tokens, "batch_sizes": list(args.batch_sizes),
+        "requests": args.requests, "new_tokens": args.new_tokens, "check_requests": args.check_requests, "batch_sizes": list(args.batch_sizes),
         "cap": CAP, "depth": req.depth, "mean_prompt_len": float(req.prompt_lens.float().mean()),
         "assumptions": {s.name: s.assumption for s in sources},
-        "cpu_profile": {B: {"draft_ms": m.draft_cost, "node_grid": m.node_grid, "verify_ms": m.verify_ms[0].tolist()}
+        "cpu_profile": {B: {"node_grid": m.node_grid, "verify_fit_ms": m.verify_ms[0].tolist(),
+                            "verify_median_ms": m.measured["verify_median_ms"][0],
+                            "verify_iqr_ms": m.measured["verify_iqr_ms"][0],
+                            "draft_median_ms": m.measured["draft_median_ms"], "draft_iqr_ms": m.measured["draft_iqr_ms"]}
                         for B, m in sources[1].models.items()},
         "check_against_generate": check, "table": table, "gains": gains, "rounds": rounds,
         "seconds": {"precompute": t_pre, "profile": t_prof, "simulate": t_sim},
@@ -432,60 +439,87 @@ def _commit() -> str:
 
 
 def markdown(res: dict) -> str:
-    lines = []
+    checks = "; ".join(f"{s}/{p}: {c['equal']}/{c['rounds']} rounds equal, greedy text {c['greedy_tokens_match']}"
+                       for s, runs in res["check_against_generate"].items() for p, c in runs.items())
+    lines = [f"{res['requests']} held-out prompts (mean length {res['mean_prompt_len']:.0f}), {res['new_tokens']} new "
+             f"tokens each, draft depth {res['depth']}, adaptive cap N = {res['cap']}. Simulation against real "
+             f"`generate` runs of {res['check_requests']} prompts: {checks}.", ""]
     for s, by_b in res["table"].items():
         Bs = list(by_b)
-        lines += [f"**{s}** ({res['assumptions'][s]})", "",
-                  "| policy | " + " | ".join(f"B={B} tok/s | n̄ | acc" for B in Bs) + " |",
+        first = by_b[Bs[0]]
+        # Fixed budgets give every tree n nodes, so their ragged price equals the padded one: one row.
+        same = all(math.isclose(by_b[B][f"{n}-ragged"]["model_ms"], by_b[B][n]["model_ms"], rel_tol=1e-12)
+                   for B in Bs for n in first if n.startswith("fixed-") and not n.endswith("-ragged"))
+        names = [n for n in first if not (same and n.startswith("fixed-") and n.endswith("-ragged"))]
+        lines += [f"**{s}**: {res['assumptions'][s]}.", "",
+                  "| policy (verify priced) | " + " | ".join(f"B={B} tok/s | n̄ | acc" for B in Bs) + " |",
                   "|---|" + "---:|---:|---:|" * len(Bs)]
-        for name in by_b[Bs[0]]:
+        for name in names:
             cells = [f"{by_b[B][name]['tokens_per_s']:.1f} | {by_b[B][name]['mean_tree_size']:.1f} | "
                      f"{by_b[B][name]['acceptance']:.2f}" for B in Bs]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "| gain | " + " | ".join(f"B={B}" for B in Bs) + " |", "|---|" + "---:|" * len(Bs)]
+            lines.append(f"| {_label(name, same)} | " + " | ".join(cells) + " |")
+        lines += ["", "| gain (ratio of tok/s) | " + " | ".join(f"B={B}" for B in Bs) + " |", "|---|" + "---:|" * len(Bs)]
         g = res["gains"][s]
         for key in ("best_fixed_padded", "best_fixed_ragged"):
             lines.append(f"| {key} | " + " | ".join(g[B][key] for B in Bs) + " |")
         for key in ("batch_over_caddtree", "batch_over_best_fixed", "ragged_over_caddtree_ragged",
                     "ragged_over_best_fixed_ragged", "ragged_over_caddtree", "ragged_over_batch"):
             lines.append(f"| {key} | " + " | ".join(f"{g[B][key]:.3f}" for B in Bs) + " |")
+        lines += ["", "| realised / expected acceptance | " + " | ".join(f"B={B}" for B in Bs) + " |",
+                  "|---|" + "---:|" * len(Bs)]
+        for name in ("caddtree", "batch", "ragged"):
+            lines.append(f"| {name} | " + " | ".join(
+                f"{by_b[B][name]['acceptance']:.2f} / {by_b[B][name]['expected_acceptance']:.2f}" for B in Bs) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
+def _label(name: str, fixed_merged: bool) -> str:
+    if name.startswith("fixed-"):
+        return name.replace("-ragged", " (ragged)") if name.endswith("-ragged") else \
+            name + (" (padded = ragged)" if fixed_merged else " (padded)")
+    return {"caddtree": "per-request CaDDTree (padded)", "caddtree-ragged": "per-request CaDDTree (ragged)",
+            "batch": "batch mode (padded)", "ragged": "ragged mode (ragged)"}[name]
+
+
 def plot(res: dict, path: Path) -> Path:
+    """Top: tokens per modelled second against B; bottom: the same over the best fixed budget in hindsight
+    (under the same pricing)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sources = list(res["table"])
-    fig, axes = plt.subplots(1, len(sources), figsize=(6.0 * len(sources), 4.4))
-    for ax, s in zip(np.atleast_1d(axes), sources):
-        by_b = res["table"][s]
+    fig, axes = plt.subplots(2, len(sources), figsize=(6.0 * len(sources), 8.0), squeeze=False)
+    for col, s in enumerate(sources):
+        by_b, g = res["table"][s], res["gains"][s]
         Bs = list(by_b)
-        g = res["gains"][s]
-        series = {
-            "best fixed (padded, in hindsight)": [by_b[B][g[B]["best_fixed_padded"]]["tokens_per_s"] for B in Bs],
-            "best fixed (ragged-priced)": [by_b[B][g[B]["best_fixed_ragged"] + "-ragged"]["tokens_per_s"] for B in Bs],
-            "per-request CaDDTree (padded)": [by_b[B]["caddtree"]["tokens_per_s"] for B in Bs],
-            "per-request CaDDTree (ragged-priced)": [by_b[B]["caddtree-ragged"]["tokens_per_s"] for B in Bs],
-            "batch mode (padded)": [by_b[B]["batch"]["tokens_per_s"] for B in Bs],
-            "ragged mode (ragged)": [by_b[B]["ragged"]["tokens_per_s"] for B in Bs],
-        }
-        styles = ["o:", "s:", "o--", "s--", "o-", "s-"]
-        for (label, ys), st in zip(series.items(), styles):
-            ax.plot(Bs, ys, st, label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel("tokens per second of modelled time")
-        ax.set_title(f"cost source: {s}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        best = {"padded": [by_b[B][g[B]["best_fixed_padded"]]["tokens_per_s"] for B in Bs],
+                "ragged": [by_b[B][g[B]["best_fixed_ragged"] + "-ragged"]["tokens_per_s"] for B in Bs]}
+        series = [("best fixed budget in hindsight", "padded", lambda B: by_b[B][g[B]["best_fixed_padded"]], "k:", "o"),
+                  ("per-request CaDDTree (padded)", "padded", lambda B: by_b[B]["caddtree"], "C0--", "o"),
+                  ("per-request CaDDTree (ragged-priced)", "ragged", lambda B: by_b[B]["caddtree-ragged"], "C1--", "s"),
+                  ("batch mode (padded)", "padded", lambda B: by_b[B]["batch"], "C2-", "o"),
+                  ("ragged mode (ragged)", "ragged", lambda B: by_b[B]["ragged"], "C3-", "s")]
+        for label, pricing, row, style, marker in series:
+            ys = [row(B)["tokens_per_s"] for B in Bs]
+            axes[0, col].plot(Bs, ys, style, marker=marker, label=label)
+            axes[1, col].plot(Bs, [y / b for y, b in zip(ys, best[pricing])], style, marker=marker,
+                              label=f"{label} / best fixed ({pricing})")
+        for row_ax, ylabel in ((axes[0, col], "tokens per second of modelled time"),
+                               (axes[1, col], "ratio to the best fixed budget, same pricing")):
+            row_ax.set_xscale("log", base=2)
+            row_ax.set_xticks(Bs, [str(B) for B in Bs])
+            row_ax.set_xlabel("batch size B")
+            row_ax.set_ylabel(ylabel)
+            row_ax.grid(alpha=0.3)
+            row_ax.legend(fontsize=7)
+        axes[0, col].set_yscale("log")
+        axes[0, col].set_title(f"cost source: {s}")
     fig.suptitle("greedy decoding, shipped stdlib-char pair, held-out prompts (exact simulation)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -497,7 +531,7 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--check-requests", type=int, default=8, help="prompts run through real generate as a check")
-    p.add_argument("--repeats", type=int, default=7, help="timed calls per profiled point")
+    p.add_argument("--repeats", type=int, default=15, help="timed calls per profiled point")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
