@@ -14,9 +14,11 @@ the walk can reach: a slot is reached only when its path is the greedy one) -> `
 The script checks this against real ``generate`` runs (per request, per round: accepted length and
 tree size) for fixed budgets and per-request CaDDTree before it reports anything.
 
-Batches: the same ``R`` held-out prompts (different files and positions, so difficulty differs) split
-into groups of ``B`` for each ``B``; every request generates ``M`` tokens; a finished request leaves its
-batch (the verify covers the active requests only). A round's modelled time is
+Batches: the same ``R`` held-out prompts (different files and positions, so difficulty differs), every
+request generating ``M`` tokens. ``--schedule static`` (default) splits them into groups of ``B``, each
+group one batch from which a finished request leaves (the verify covers the active requests only), so a
+batch ends with a tail of few active requests; ``--schedule refill`` keeps ``B`` slots filled from the
+queue (continuous batching; prefills not modelled), so the tail is only at the very end. A round's modelled time is
 ``Cd(B') + verify`` for the ``B'`` active requests, the verify priced by the forward the policy implies:
 
 * padded (one ``[B', max_b n_b + 1]`` forward): fixed budgets, per-request CaDDTree, batch mode;
@@ -295,18 +297,24 @@ class Trace:
 
 
 @torch.inference_mode()
-def simulate(req: Requests, group: list[int], policy: Policy, source: CostSource | None) -> Trace:
-    """Run the requests ``group`` as one batch under ``policy`` (cost rows from ``source``)."""
+def simulate(req: Requests, queue: list[int], policy: Policy, source: CostSource | None,
+             slots: int | None = None) -> Trace:
+    """Run the requests ``queue`` under ``policy`` (cost rows from ``source``) in a batch of ``slots``
+    (default: all of them at once). A request leaves when it has its tokens; the next queued one takes
+    its slot from the next round on (its prefill is not modelled)."""
     M, D = req.new_tokens, req.depth
     V = req.logits.shape[-1]
     K = max(1, min(policy.budget, V))  # candidates per depth, as generate picks them
-    idx = torch.tensor(group)
-    k = torch.ones(len(group), dtype=torch.long)  # tokens generated so far
-    trace = Trace(per_request={r: [] for r in group})
-    while bool((k < M).any()):
-        act = (k < M).nonzero().flatten()
-        rows, ks = idx[act], k[act]
-        B = len(act)
+    pending = list(queue)
+    slots = len(pending) if slots is None else slots
+    running = pending[:slots]
+    del pending[:slots]
+    k = {r: 1 for r in queue}  # tokens generated so far
+    trace = Trace(per_request={r: [] for r in queue})
+    while running:
+        rows = torch.tensor(running)
+        ks = torch.tensor([k[r] for r in running])
+        B = len(running)
         lp, ids = ddtree.topk_marginals(req.logits[rows, ks - 1], K, 1.0)
         roots = req.greedy[rows, ks - 1]
         ctx = req.prompt_lens[rows] + ks - 1
@@ -331,7 +339,11 @@ def simulate(req: Requests, group: list[int], policy: Policy, source: CostSource
         for r, ai, ni in zip(rows.tolist(), a.tolist(), n.tolist()):
             trace.per_request[r].append((ai, ni))
         trace.tokens += int((torch.clamp(ks + a, max=M) - ks).sum())
-        k[act] = ks + a
+        for r, ai in zip(running, a.tolist()):
+            k[r] += ai
+        running = [r for r in running if k[r] < M]
+        while len(running) < slots and pending:
+            running.append(pending.pop(0))
     return trace
 
 
@@ -345,8 +357,12 @@ def price(trace: Trace, source: CostSource, verify: str) -> float:
     return total
 
 
-def run_batches(req: Requests, B: int, policy: Policy, source) -> list[Trace]:
+def run_batches(req: Requests, B: int, policy: Policy, source, schedule: str) -> list[Trace]:
+    """``static``: the requests in groups of ``B``, each group one batch that shrinks as requests finish;
+    ``refill``: one batch of ``B`` slots over the whole queue (continuous batching)."""
     R = len(req.prompts)
+    if schedule == "refill":
+        return [simulate(req, list(range(R)), policy, source, slots=B)]
     return [simulate(req, list(range(s, min(s + B, R))), policy, source) for s in range(0, R, B)]
 
 
@@ -423,10 +439,10 @@ def run(args) -> dict:
     for B in args.batch_sizes:
         for policy in policies():
             if policy.mode == "fixed":  # trees do not depend on the cost source
-                traces = run_batches(req, B, policy, None)
+                traces = run_batches(req, B, policy, None, args.schedule)
             for s in sources:
                 if policy.mode != "fixed":
-                    traces = run_batches(req, B, policy, s)
+                    traces = run_batches(req, B, policy, s, args.schedule)
                     rounds[s.name].setdefault(B, {})[policy.name] = [x.tolist() for t in traces for x in t.sizes]
                 rows = table[s.name].setdefault(B, {})
                 if policy.mode in ("fixed", "request"):
@@ -439,7 +455,8 @@ def run(args) -> dict:
     return {
         "command": args.command, "commit": _commit(), "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"CPU, {torch.get_num_threads()} torch thread(s)",
-        "requests": args.requests, "new_tokens": args.new_tokens, "check_requests": args.check_requests, "batch_sizes": list(args.batch_sizes),
+        "requests": args.requests, "new_tokens": args.new_tokens, "check_requests": args.check_requests,
+        "schedule": args.schedule, "batch_sizes": list(args.batch_sizes),
         "cap": CAP, "depth": req.depth, "mean_prompt_len": float(req.prompt_lens.float().mean()),
         "assumptions": {s.name: s.assumption for s in sources},
         "cpu_profile": {B: {"node_grid": m.node_grid, "verify_fit_ms": m.verify_ms[0].tolist(),
@@ -482,8 +499,10 @@ def _commit() -> str:
 def markdown(res: dict) -> str:
     checks = "; ".join(f"{s}/{p}: {c['equal']}/{c['rounds']} rounds equal, greedy text {c['greedy_tokens_match']}"
                        for s, runs in res["check_against_generate"].items() for p, c in runs.items())
+    schedule = {"static": "static batches (groups of B; a finished request leaves)",
+                "refill": "continuous batching (B slots; a queued request takes a finished one's slot)"}[res["schedule"]]
     lines = [f"{res['requests']} held-out prompts (mean length {res['mean_prompt_len']:.0f}), {res['new_tokens']} new "
-             f"tokens each, draft depth {res['depth']}, adaptive cap N = {res['cap']}. Simulation against real "
+             f"tokens each, {schedule}, draft depth {res['depth']}, adaptive cap N = {res['cap']}. Simulation against real "
              f"`generate` runs of {res['check_requests']} prompts: {checks}.", ""]
     for s, by_b in res["table"].items():
         Bs = list(by_b)
@@ -590,6 +609,9 @@ def parse_args(argv=None):
     p.add_argument("--passes", type=int, default=3, help="profile passes per batch size (least median kept)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", choices=("static", "refill"), default="static",
+                   help="static: groups of B that shrink as requests finish; refill: B slots, queued requests "
+                        "take the place of finished ones")
     args = p.parse_args(argv)
     args.batch_sizes = BATCH_SIZES
     args.node_grid = [0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]

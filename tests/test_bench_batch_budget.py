@@ -49,6 +49,14 @@ def test_perfect_drafter_accepts_the_whole_chain(bench):
         assert trace.tokens == 3 * (M - 1)
 
 
+def test_refill_keeps_the_slots_busy(bench):
+    req = synthetic(bench, R=5)
+    per_request = -(-(req.new_tokens - 1) // (req.depth + 1))  # rounds each request takes
+    trace = bench.simulate(req, [0, 1, 2, 3, 4], bench.Policy("fixed-8", "fixed", 8), None, slots=2)
+    assert [len(n) for n in trace.sizes] == [2] * (2 * per_request) + [1] * per_request
+    assert trace.tokens == 5 * (req.new_tokens - 1)
+
+
 def test_drafter_that_never_guesses_right_accepts_nothing(bench):
     req = synthetic(bench, perfect=False)
     trace = bench.simulate(req, [0, 1, 2], bench.Policy("fixed-1", "fixed", 1), None)
