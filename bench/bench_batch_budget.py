@@ -160,7 +160,8 @@ class SlotCurve(CostSource):
     """One batch-1 curve read as a function of a forward's total slots; a constant draft cost."""
 
     def __init__(self, name: str, curve_ms: np.ndarray, draft_ms: float, assumption: str):
-        self.name, self.curve, self.draft_ms, self.assumption = name, np.asarray(curve_ms, np.float64), draft_ms, assumption
+        self.name, self.draft_ms, self.assumption = name, draft_ms, assumption
+        self.curve = np.asarray(curve_ms, np.float64)
 
     def slots(self, S) -> np.ndarray:
         n = np.asarray(S, np.float64) - 1
@@ -223,7 +224,8 @@ def cpu_source(target, drafter, batch_sizes, context: int, node_grid, repeats: i
         for B in batch_sizes:  # interleaved, so a burst hits one pass of each size, not every pass of one
             drafter.reset(B, context + drafter.block_size + 1)
             drafter.extend(torch.zeros(B, context, F, dtype=target.dtype), torch.full((B,), context))
-            roots, nothing, zero = torch.zeros(B, dtype=torch.long), torch.zeros(B, 0, F), torch.zeros(B, dtype=torch.long)
+            roots = zero = torch.zeros(B, dtype=torch.long)
+            nothing = torch.zeros(B, 0, F)
             runs[B].append(costmod.profile(target, lambda: drafter.draft(target, roots, nothing, zero),
                                            max_nodes=max(node_grid), contexts=[context], node_grid=node_grid,
                                            warmup=2, repeats=repeats, batch_size=B, progress=False))
@@ -399,7 +401,8 @@ def check_against_generate(target, drafter, req: Requests, count: int, source: C
     prompts = [req.prompts[r] for r in group]
     out = {}
     for policy, kw in ((Policy("fixed-64", "fixed", 64), dict(method="ddtree", max_nodes=64)),
-                       (Policy("caddtree", "request"), dict(method="caddtree", max_nodes=CAP, cost_model=_RequestTable(source)))):
+                       (Policy("caddtree", "request"),
+                        dict(method="caddtree", max_nodes=CAP, cost_model=_RequestTable(source)))):
         run = decode.generate(target, drafter, prompts, max_new_tokens=req.new_tokens, **kw)
         sim = simulate(req, group, policy, source)
         same_tokens = all(run.tokens[i] == req.greedy[r, : req.new_tokens].tolist() for i, r in enumerate(group))
@@ -500,9 +503,11 @@ def markdown(res: dict) -> str:
     checks = "; ".join(f"{s}/{p}: {c['equal']}/{c['rounds']} rounds equal, greedy text {c['greedy_tokens_match']}"
                        for s, runs in res["check_against_generate"].items() for p, c in runs.items())
     schedule = {"static": "static batches (groups of B; a finished request leaves)",
-                "refill": "continuous batching (B slots; a queued request takes a finished one's slot)"}[res["schedule"]]
+                "refill": "continuous batching (B slots; a queued request takes a finished one's slot)"}
+    schedule = schedule[res["schedule"]]
     lines = [f"{res['requests']} held-out prompts (mean length {res['mean_prompt_len']:.0f}), {res['new_tokens']} new "
-             f"tokens each, {schedule}, draft depth {res['depth']}, adaptive cap N = {res['cap']}. Simulation against real "
+             f"tokens each, {schedule}, draft depth {res['depth']}, adaptive cap N = {res['cap']}. "
+             f"Simulation against real "
              f"`generate` runs of {res['check_requests']} prompts: {checks}.", ""]
     for s, by_b in res["table"].items():
         Bs = list(by_b)
@@ -518,7 +523,8 @@ def markdown(res: dict) -> str:
             cells = [f"{by_b[B][name]['tokens_per_s']:.1f} | {by_b[B][name]['mean_tree_size']:.1f} | "
                      f"{by_b[B][name]['acceptance']:.2f}" for B in Bs]
             lines.append(f"| {_label(name, same)} | " + " | ".join(cells) + " |")
-        lines += ["", "| gain (ratio of tok/s) | " + " | ".join(f"B={B}" for B in Bs) + " |", "|---|" + "---:|" * len(Bs)]
+        lines += ["", "| gain (ratio of tok/s) | " + " | ".join(f"B={B}" for B in Bs) + " |",
+                  "|---|" + "---:|" * len(Bs)]
         g = res["gains"][s]
         for key in ("best_fixed_padded", "best_fixed_ragged"):
             lines.append(f"| {key} | " + " | ".join(g[B][key] for B in Bs) + " |")
