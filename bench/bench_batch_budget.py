@@ -18,8 +18,9 @@ Batches: the same ``R`` held-out prompts (different files and positions, so diff
 request generating ``M`` tokens. ``--schedule static`` (default) splits them into groups of ``B``, each
 group one batch from which a finished request leaves (the verify covers the active requests only), so a
 batch ends with a tail of few active requests; ``--schedule refill`` keeps ``B`` slots filled from the
-queue (continuous batching; prefills not modelled), so the tail is only at the very end. A round's modelled time is
-``Cd(B') + verify`` for the ``B'`` active requests, the verify priced by the forward the policy implies:
+queue (continuous batching; prefills not modelled), so the tail is only at the very end. A round's
+modelled time is ``Cd(B') + verify`` for the ``B'`` active requests, the verify priced by the forward the
+policy implies:
 
 * padded (one ``[B', max_b n_b + 1]`` forward): fixed budgets, per-request CaDDTree, batch mode;
 * ragged (a varlen forward over ``B' + sum_b n_b`` slots): ragged mode; fixed budgets and per-request
@@ -38,12 +39,15 @@ Cost sources (the assumptions are printed with the results):
   with ``B(n+1) - 1`` nodes costs. It ignores the per-request KV reads. ``Cd`` = the published 6.5 ms,
   the same at every batch size.
 * ``cpu``: this machine, the shipped target through the runner generation uses (``HFTarget``),
-  ``ddtree.cost.profile(runner, batch_size=B)`` at one context for ``B`` in {1, 4, 16, 64} (padded
-  forwards), the drafter round timed at each ``B``; between profiled batch sizes linear in ``B``.
+  ``ddtree.cost.profile(runner, batch_size=B)`` at one context (mean prompt length + M/2) for ``B`` in
+  {1, 4, 16, 64} (padded forwards), the drafter round timed at each ``B``; per point the least of
+  ``--passes`` interleaved passes' medians (a shared machine's load only slows forwards down), refitted
+  monotone convex; between profiled batch sizes linear in ``B``.
   There is no varlen runner, so the ragged cost of ``B'`` roots + ``t`` nodes is modelled as the padded
   cost of ``B'`` rows at the same total slots (``n = (B' + t) / B' - 1``, interpolated).
 
     PYTHONPATH=python python bench/bench_batch_budget.py --out out/batch_budget
+    PYTHONPATH=python python bench/bench_batch_budget.py --schedule refill --requests 256 --out out/batch_budget_refill
     PYTHONPATH=python python bench/bench_batch_budget.py --quick --out /tmp/bb   # smoke run, < 1 min
 """
 from __future__ import annotations
