@@ -19,6 +19,22 @@
 //     and > 0 for every n <= max_nodes.
 //   * Unused slots: tokens 0, parents -1, depths 0, positions context_len, scores -inf, mask 0.
 //     expected_tokens = float(1 + phi(num_nodes)).
+//   * budget_mode chooses how verify_cost prices the tree; p_b(i) = exp(double(score)) of request b's
+//     i-th node in its own (fixed-budget) order, S_b(n) = sum_{i<=n} p_b(i), built_b = the node count
+//     of its fixed-budget tree with max_nodes = N:
+//     - "request" (CaDDTree): verify_cost [B, >= N+1], each request stops on its own as above.
+//     - "batch" (one padded verify for the batch): verify_cost [1, >= N+1], cost of verifying every
+//       request with n nodes. One n for all: the smallest n in 0..N-1 with Theta(n+1) <= Theta(n),
+//       else N, Theta(n) = (B + sum_b S_b(min(n, built_b))) / (draft_cost + verify_cost[0, n]); each
+//       request keeps its first min(n, built_b) nodes.
+//     - "ragged" (one varlen verify): verify_cost [1, >= B*N+1], cost of B roots plus t nodes in all.
+//       The requests' node sequences are merged by descending score, ties to the smaller request index
+//       (for log-probs <= 0 this is "all nodes by descending p"; the merge keeps each request's share a
+//       prefix of its own order otherwise); t is the smallest with Theta(t+1) <= Theta(t), else the
+//       total, Theta(t) = (B + sum of the first t p's) / (draft_cost + verify_cost[0, t]); each request
+//       keeps its nodes among the first t.
+//     Both are evaluated in double by budget_rule.h, the same code on CPU and CUDA; the batch numerator
+//     adds the requests' p's step by step, so a rounding difference can only flip a near-tie.
 //
 // tree_attention
 //   * Row i attends to cache positions [0, ctx) and to ctx + j for every j <= num_nodes whose bit is
@@ -41,9 +57,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#include "budget_rule.h"
 
 namespace ddtree {
 
@@ -57,9 +76,11 @@ using AcceptResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // Shape, dtype and device checks shared by both backends (validate.cpp). They raise a RuntimeError
 // naming the argument. They never look at tensor values, so they never synchronise.
 void check_topk_marginals(const at::Tensor& logits, int64_t k, double temperature);
-void check_build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids,
-                      const at::Tensor& root_tokens, const at::Tensor& context_lens, int64_t max_nodes,
-                      const std::optional<at::Tensor>& verify_cost, double draft_cost);
+// Returns the budget mode named by budget_mode ("request", "batch" or "ragged").
+budget::Mode check_build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids,
+                              const at::Tensor& root_tokens, const at::Tensor& context_lens, int64_t max_nodes,
+                              const std::optional<at::Tensor>& verify_cost, double draft_cost,
+                              c10::string_view budget_mode);
 void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& context_lens, const at::Tensor& tree_mask,
                           const at::Tensor& num_nodes, double scale);
@@ -82,7 +103,7 @@ inline int64_t accept_width(int64_t slots, int64_t max_depth) {
   TreeResult build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids,                     \
                         const at::Tensor& root_tokens, const at::Tensor& context_lens,              \
                         int64_t max_nodes, const std::optional<at::Tensor>& verify_cost,            \
-                        double draft_cost);                                                          \
+                        double draft_cost, c10::string_view budget_mode);                           \
   at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, \
                             const at::Tensor& context_lens, const at::Tensor& tree_mask,            \
                             const at::Tensor& num_nodes, double scale);                              \

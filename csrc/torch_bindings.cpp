@@ -9,11 +9,11 @@ TORCH_LIBRARY(ddtree, m) {
   m.def("topk_marginals(Tensor logits, int k, float temperature=1.0) -> (Tensor logprobs, Tensor token_ids)");
 
   // Draft tree: best-first selection of rank sequences; fixed budget (DDTree) or, with a cost
-  // table, the cost-aware stopping rule (CaDDTree).
+  // table, the cost-aware stopping rule (CaDDTree), per request or for the whole batch.
   m.def(
       "build_tree(Tensor logprobs, Tensor token_ids, Tensor root_tokens, Tensor context_lens, int max_nodes, "
-      "Tensor? verify_cost=None, float draft_cost=0.0) -> (Tensor num_nodes, Tensor tokens, "
-      "Tensor parents, Tensor depths, Tensor positions, Tensor scores, Tensor tree_mask, "
+      "Tensor? verify_cost=None, float draft_cost=0.0, str budget_mode='request') -> (Tensor num_nodes, "
+      "Tensor tokens, Tensor parents, Tensor depths, Tensor positions, Tensor scores, Tensor tree_mask, "
       "Tensor expected_tokens)");
 
   // Verification: attention of the tree slots over the committed context plus their own ancestors.

@@ -70,10 +70,21 @@ void check_topk_marginals(const at::Tensor& logits, int64_t k, double temperatur
               ": temperature must be positive and finite, got ", temperature);
 }
 
-void check_build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids, const at::Tensor& root_tokens,
-                      const at::Tensor& context_lens, int64_t max_nodes,
-                      const std::optional<at::Tensor>& verify_cost, double draft_cost) {
+budget::Mode check_build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids,
+                              const at::Tensor& root_tokens, const at::Tensor& context_lens, int64_t max_nodes,
+                              const std::optional<at::Tensor>& verify_cost, double draft_cost,
+                              c10::string_view budget_mode) {
   const char* op = "build_tree";
+  budget::Mode mode;
+  if (budget_mode == "request") {
+    mode = budget::kRequest;
+  } else if (budget_mode == "batch") {
+    mode = budget::kBatch;
+  } else if (budget_mode == "ragged") {
+    mode = budget::kRagged;
+  } else {
+    TORCH_CHECK(false, op, ": budget_mode must be 'request', 'batch' or 'ragged', got '", budget_mode, "'");
+  }
   check_rank(op, "logprobs", logprobs, 3);
   check_dtype(op, "logprobs", logprobs, at::kFloat);
   check_rank(op, "token_ids", token_ids, 3);
@@ -103,15 +114,25 @@ void check_build_tree(const at::Tensor& logprobs, const at::Tensor& token_ids, c
               "tree mask grows with max_nodes squared), more than this machine's ", memory / 1e9, " GB of memory");
   TORCH_CHECK(std::isfinite(draft_cost) && draft_cost >= 0.0, op,
               ": draft_cost must be finite and non-negative, got ", draft_cost);
+  TORCH_CHECK(mode == budget::kRequest || verify_cost.has_value(), op, ": budget_mode '", budget_mode,
+              "' prices the whole batch and needs verify_cost");
   if (verify_cost.has_value()) {
     const at::Tensor& c = *verify_cost;
     check_rank(op, "verify_cost", c, 2);
     check_dtype(op, "verify_cost", c, at::kFloat);
-    check_size(op, "verify_cost", c, 0, B, "the batch size logprobs.size(0)");
-    TORCH_CHECK(c.size(1) >= max_nodes + 1, op, ": verify_cost must have at least max_nodes + 1 (",
-                max_nodes + 1, ") columns, got ", c.size(1));
+    if (mode == budget::kRequest) {
+      check_size(op, "verify_cost", c, 0, B, "the batch size logprobs.size(0)");
+    } else {
+      check_size(op, "verify_cost", c, 0, 1, "1 for a batch budget mode");
+    }
+    // ragged prices the total number of nodes: B roots plus up to B * max_nodes nodes.
+    const int64_t columns = mode == budget::kRagged ? B * max_nodes + 1 : max_nodes + 1;
+    const char* what = mode == budget::kRagged ? "B * max_nodes + 1" : "max_nodes + 1";
+    TORCH_CHECK(c.size(1) >= columns, op, ": verify_cost must have at least ", what, " (", columns,
+                ") columns for budget_mode '", budget_mode, "', got ", c.size(1));
     check_same_device(op, "verify_cost", c, logprobs, "logprobs");
   }
+  return mode;
 }
 
 void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

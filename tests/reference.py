@@ -281,3 +281,43 @@ def compact_kv(caches: Sequence[torch.Tensor], context_lens: torch.Tensor, accep
                 new[b, :, ctx + i] = old[b, :, ctx + int(accepted_slots[b, i])]
         result.append(new)
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# build_tree's batch-coupled budget modes
+
+
+def batch_budget_cuts(scores: Sequence[Sequence[float]], verify_cost: Sequence[float], draft_cost: float,
+                      mode: str) -> list[int]:
+    """Each request's node count under ``budget_mode`` "batch" or "ragged" (csrc/ops.h, build_tree).
+
+    scores: per request, the fp32 scores of its fixed-budget nodes in its own selection order.
+    verify_cost: the one cost row (``N + 1`` entries for "batch", ``B * N + 1`` for "ragged").
+    Written from the contract with exact sums (``math.fsum``): near-ties of Theta are where an
+    implementation's rounding may decide otherwise.
+    """
+    B = len(scores)
+    p = [[_exp(float(s)) for s in row] for row in scores]
+    if mode == "batch":
+        N = len(verify_cost) - 1
+
+        def theta(n):
+            return _theta(math.fsum(q for row in p for q in row[:n]) + B - 1, draft_cost, verify_cost[n])
+
+        n = next((n for n in range(N) if not theta(n + 1) > theta(n)), N)
+        return [min(n, len(row)) for row in p]
+    # ragged: merge the requests' sequences by descending score, ties to the smaller request index.
+    order, cursor = [], [0] * B
+    for _ in range(sum(len(row) for row in p)):
+        b = max((b for b in range(B) if cursor[b] < len(p[b])), key=lambda b: (scores[b][cursor[b]], -b))
+        order.append(b)
+        cursor[b] += 1
+
+    def theta(t):
+        taken = [0] * B
+        for b in order[:t]:
+            taken[b] += 1
+        return _theta(math.fsum(q for b in range(B) for q in p[b][: taken[b]]) + B - 1, draft_cost, verify_cost[t])
+
+    t = next((t for t in range(len(order)) if not theta(t + 1) > theta(t)), len(order))
+    return [order[:t].count(b) for b in range(B)]

@@ -33,6 +33,9 @@ def samples_build_tree(device):
     yield (*tree_inputs(1, 1, 1, device, 2), 0, None, 0.0)  # empty tree
     costs = 1.0 + 0.01 * torch.arange(41.0).repeat(3, 1)
     yield (*tree_inputs(3, 5, 4, device, 3), 40, costs.to(device), 0.2)  # CaDDTree: with a cost table
+    row = (1.0 + 0.01 * torch.arange(3 * 40 + 1.0))[None].to(device)
+    yield (*tree_inputs(3, 5, 4, device, 3), 40, row[:, :41], 0.2, "batch")  # one budget for the batch
+    yield (*tree_inputs(3, 5, 4, device, 3), 40, row, 0.2, "ragged")  # the batch's best nodes
 
 
 def samples_tree_attention(device):

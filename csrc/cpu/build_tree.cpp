@@ -9,6 +9,8 @@
 // does a NaN sum (only -inf + +inf, from a +inf logprob), so the heap never compares a NaN.
 // The cost-aware rule (ops.h) is evaluated in double: node n+1 is taken only while theta(n+1) > theta(n).
 // Requests are independent and each builds its tree serially; the batch is split with at::parallel_for.
+// The batch-coupled budget modes build every request's fixed-budget tree first, then cut each tree to
+// the prefix the batch rule of budget_rule.h grants it (a prefix of the selection order is a tree).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -17,6 +19,7 @@
 #include <queue>
 #include <vector>
 
+#include "budget_rule.h"
 #include "check_cpu.h"
 #include "ops.h"
 
@@ -114,14 +117,36 @@ void build_one(const RequestView& in, int64_t root_token, int64_t ctx, int64_t m
   *expected = static_cast<float>(1.0 + phi);
 }
 
+// Cuts request b's tree (built[b] nodes) to its first cut[b] nodes: the slots past the cut get the
+// unused-slot values, and expected_tokens is recomputed with build_one's summation order.
+void cut_tree(int64_t b, int32_t cut, int64_t T, int64_t W, int32_t* num_nodes, int64_t* tokens,
+              int32_t* parents, int32_t* depths, int64_t* positions, float* scores, int32_t* mask,
+              float* expected) {
+  const int64_t built = num_nodes[b];
+  const int64_t ctx = positions[b * T];  // the root's position is context_len
+  for (int64_t s = cut + 1; s <= built; ++s) {
+    tokens[b * T + s] = 0;
+    parents[b * T + s] = -1;
+    depths[b * T + s] = 0;
+    positions[b * T + s] = ctx;
+    scores[b * T + s] = kNegInf;
+    for (int64_t w = 0; w < W; ++w) mask[(b * T + s) * W + w] = 0;
+  }
+  double phi = 0.0;
+  for (int64_t s = 1; s <= cut; ++s) phi += std::exp(static_cast<double>(scores[b * T + s]));
+  num_nodes[b] = cut;
+  expected[b] = static_cast<float>(1.0 + phi);
+}
+
 }  // namespace
 
 TreeResult build_tree(const at::Tensor& logprobs_in, const at::Tensor& token_ids_in,
                       const at::Tensor& root_tokens_in, const at::Tensor& context_lens_in, int64_t max_nodes,
-                      const std::optional<at::Tensor>& verify_cost_in, double draft_cost) {
+                      const std::optional<at::Tensor>& verify_cost_in, double draft_cost,
+                      c10::string_view budget_mode) {
   const char* op = "build_tree";
-  check_build_tree(logprobs_in, token_ids_in, root_tokens_in, context_lens_in, max_nodes, verify_cost_in,
-                   draft_cost);
+  const budget::Mode mode = check_build_tree(logprobs_in, token_ids_in, root_tokens_in, context_lens_in,
+                                             max_nodes, verify_cost_in, draft_cost, budget_mode);
   check_cpu(op, "logprobs", logprobs_in);
   check_cpu(op, "token_ids", token_ids_in);
   check_cpu(op, "root_tokens", root_tokens_in);
@@ -142,8 +167,11 @@ TreeResult build_tree(const at::Tensor& logprobs_in, const at::Tensor& token_ids
   const float* vc = verify_cost.defined() ? verify_cost.data_ptr<float>() : nullptr;
   const int64_t vc_cols = verify_cost.defined() ? verify_cost.size(1) : 0;
   if (vc) {
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t n = 0; n <= max_nodes; ++n) {
+    // The entries each mode can read: [B, N+1] (request), [1, N+1] (batch), [1, B*N+1] (ragged).
+    const int64_t rows = mode == budget::kRequest ? B : 1;
+    const int64_t last = mode == budget::kRagged ? B * max_nodes : max_nodes;
+    for (int64_t b = 0; b < rows; ++b) {
+      for (int64_t n = 0; n <= last; ++n) {
         const double total = draft_cost + static_cast<double>(vc[b * vc_cols + n]);
         TORCH_CHECK(std::isfinite(total) && total > 0.0, op, ": draft_cost + verify_cost[", b, ", ", n,
                     "] = ", total, " must be finite and positive");
@@ -167,7 +195,8 @@ TreeResult build_tree(const at::Tensor& logprobs_in, const at::Tensor& token_ids
   const int64_t* roots = root_tokens.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const RequestView in{lp + b * D * K, ids + b * D * K, vc ? vc + b * vc_cols : nullptr, D, K};
+      const float* vc_b = vc && mode == budget::kRequest ? vc + b * vc_cols : nullptr;
+      const RequestView in{lp + b * D * K, ids + b * D * K, vc_b, D, K};
       build_one(in, roots[b], ctx[b], max_nodes, draft_cost, W, num_nodes.data_ptr<int32_t>() + b,
                 tokens.data_ptr<int64_t>() + b * T, parents.data_ptr<int32_t>() + b * T,
                 depths.data_ptr<int32_t>() + b * T, positions.data_ptr<int64_t>() + b * T,
@@ -175,6 +204,21 @@ TreeResult build_tree(const at::Tensor& logprobs_in, const at::Tensor& token_ids
                 expected.data_ptr<float>() + b);
     }
   });
+  if (mode != budget::kRequest && B > 0) {
+    int32_t* nn = num_nodes.data_ptr<int32_t>();
+    std::vector<int32_t> cut(B);
+    if (mode == budget::kBatch) {
+      const int64_t n = budget::batch_cut(scores.data_ptr<float>(), T, nn, B, max_nodes, vc, draft_cost);
+      for (int64_t b = 0; b < B; ++b) cut[b] = static_cast<int32_t>(std::min<int64_t>(n, nn[b]));
+    } else {
+      budget::ragged_cut(scores.data_ptr<float>(), T, nn, B, vc, draft_cost, cut.data());
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      cut_tree(b, cut[b], T, W, nn, tokens.data_ptr<int64_t>(), parents.data_ptr<int32_t>(),
+               depths.data_ptr<int32_t>(), positions.data_ptr<int64_t>(), scores.data_ptr<float>(),
+               tree_mask.data_ptr<int32_t>(), expected.data_ptr<float>());
+    }
+  }
   return {num_nodes, tokens, parents, depths, positions, scores, tree_mask, expected};
 }
 

@@ -32,6 +32,7 @@
 #include <limits>
 #include <mutex>
 
+#include "cuda/batch_budget_kernel.cuh"
 #include "cuda/tree_common.cuh"
 #include "ops.h"
 
@@ -321,10 +322,11 @@ __global__ void __launch_bounds__(kThreads)
 
 TreeResult build_tree(const at::Tensor& logprobs_in, const at::Tensor& token_ids_in,
                       const at::Tensor& root_tokens_in, const at::Tensor& context_lens_in, int64_t max_nodes,
-                      const std::optional<at::Tensor>& verify_cost_in, double draft_cost) {
+                      const std::optional<at::Tensor>& verify_cost_in, double draft_cost,
+                      c10::string_view budget_mode) {
   const char* op = "build_tree";
-  check_build_tree(logprobs_in, token_ids_in, root_tokens_in, context_lens_in, max_nodes, verify_cost_in,
-                   draft_cost);
+  const budget::Mode mode = check_build_tree(logprobs_in, token_ids_in, root_tokens_in, context_lens_in,
+                                             max_nodes, verify_cost_in, draft_cost, budget_mode);
   // validate.cpp checks that every argument is on logprobs' device.
   TORCH_CHECK(logprobs_in.is_cuda(), op, ": logprobs must be a CUDA tensor for the CUDA kernel, got ",
               logprobs_in.device());
@@ -354,7 +356,8 @@ TreeResult build_tree(const at::Tensor& logprobs_in, const at::Tensor& token_ids
   if (B == 0) return {num_nodes, tokens, parents, depths, positions, scores, tree_mask, expected};
 
   const int64_t Kc = std::min<int64_t>(K, max_nodes + 1);
-  const bool cost = verify_cost.defined();
+  // The batch modes build every request's fixed-budget tree, then cut them (batch_budget_kernel.cuh).
+  const bool cost = verify_cost.defined() && mode == budget::kRequest;
   const Layout layout = make_layout(max_nodes, D, Kc, cost);
 
   // Shared memory when it fits (opted in once per device, up to the device's limit), else global scratch.
@@ -388,6 +391,18 @@ TreeResult build_tree(const at::Tensor& logprobs_in, const at::Tensor& token_ids
       depths.data_ptr<int32_t>(), positions.data_ptr<int64_t>(), scores.data_ptr<float>(),
       tree_mask.data_ptr<int32_t>(), expected.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (mode != budget::kRequest) {
+    at::Tensor cut = at::empty({B}, opt.dtype(at::kInt));
+    batch_budget_kernel<<<1, 1, 0, stream>>>(scores.data_ptr<float>(), T, num_nodes.data_ptr<int32_t>(), B,
+                                             max_nodes, verify_cost.data_ptr<float>(), draft_cost,
+                                             static_cast<int>(mode), cut.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cut_tree_kernel<kThreads><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+        cut.data_ptr<int32_t>(), T, W, num_nodes.data_ptr<int32_t>(), tokens.data_ptr<int64_t>(),
+        parents.data_ptr<int32_t>(), depths.data_ptr<int32_t>(), positions.data_ptr<int64_t>(),
+        scores.data_ptr<float>(), tree_mask.data_ptr<int32_t>(), expected.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {num_nodes, tokens, parents, depths, positions, scores, tree_mask, expected};
 }
 

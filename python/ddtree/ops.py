@@ -118,20 +118,31 @@ def build_tree(
     max_nodes: int,
     verify_cost: Optional[torch.Tensor] = None,
     draft_cost: float = 0.0,
+    budget_mode: str = "request",
 ) -> DraftTree:
     """Best-first draft tree over the factorised marginals.
 
     logprobs ``[B, D, K]`` f32 and token_ids ``[B, D, K]`` i64 (as from :func:`topk_marginals`),
     root_tokens ``[B]`` i64, context_lens ``[B]`` i64. Without ``verify_cost`` (DDTree) it takes
-    ``min(max_nodes, #candidates)`` nodes; with ``verify_cost [B, >= max_nodes+1]`` f32 (CaDDTree) it
-    stops at the first ``n`` where ``theta(n+1) <= theta(n)``,
-    ``theta(n) = (1 + sum_{k<=n} p_k) / (draft_cost + verify_cost[b, n])``.
+    ``min(max_nodes, #candidates)`` nodes. With ``verify_cost`` f32 it stops where adding a node no
+    longer raises the surrogate throughput; ``budget_mode`` says what the table prices:
+
+    * ``"request"`` (CaDDTree), ``verify_cost [B, >= N+1]``: each request on its own, stopping at the
+      first ``n`` where ``theta(n+1) <= theta(n)``, ``theta(n) = (1 + sum_{k<=n} p_k) / (draft_cost + verify_cost[b, n])``.
+    * ``"batch"`` (padded verify), ``verify_cost [1, >= N+1]``: the cost of verifying every request with
+      ``n`` nodes; one ``n`` for the whole batch, maximising ``(B + sum_b S_b(n)) / (draft_cost + verify_cost[0, n])``.
+    * ``"ragged"`` (varlen verify), ``verify_cost [1, >= B*N+1]``: the cost of ``B`` roots plus ``t``
+      nodes in all; the batch's nodes in descending probability, the first ``t`` of them.
+
+    The exact rules are in ``csrc/ops.h``.
     """
-    return DraftTree(*_ops.build_tree(logprobs, token_ids, root_tokens, context_lens, max_nodes, verify_cost, draft_cost))
+    return DraftTree(*_ops.build_tree(logprobs, token_ids, root_tokens, context_lens, max_nodes, verify_cost,
+                                      draft_cost, budget_mode))
 
 
 @torch.library.register_fake("ddtree::build_tree")
-def _build_tree_fake(logprobs, token_ids, root_tokens, context_lens, max_nodes, verify_cost=None, draft_cost=0.0):
+def _build_tree_fake(logprobs, token_ids, root_tokens, context_lens, max_nodes, verify_cost=None, draft_cost=0.0,
+                     budget_mode="request"):
     _check_same_device("build_tree", "logprobs", logprobs, token_ids=token_ids, root_tokens=root_tokens,
                        context_lens=context_lens, verify_cost=verify_cost)
     B = logprobs.shape[0]
