@@ -26,7 +26,8 @@ done
 
 # The CUDA headers: $CUDA_HOME, else the toolkit of the nvcc on PATH, else /usr/local/cuda.
 if [ -z "${CUDA_HOME:-}" ]; then
-  for c in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent/bin/nvcc)")")")" /usr/local/cuda; do
+  nvcc_path=$(readlink -f "$(command -v nvcc || echo /nonexistent/bin/nvcc)")
+  for c in "$(dirname "$(dirname "$nvcc_path")")" /usr/local/cuda; do
     if [ -f "$c/include/crt/host_defines.h" ]; then CUDA_HOME=$c; break; fi
   done
 fi
@@ -87,7 +88,8 @@ check_op() {
 }
 
 start=$(date +%s)
-echo "emu_check: ops [$OPS], schedules [default $SEEDS]${EMU_SANITIZE:+, ASan+UBSan}, kernels from $CSRC/cuda, $JOBS at a time"
+echo "emu_check: ops [$OPS], schedules [default $SEEDS]${EMU_SANITIZE:+, ASan+UBSan}," \
+  "kernels from $CSRC/cuda, $JOBS at a time"
 running=0
 for op in $OPS; do
   rm -f "$BUILD/$op.rc" "$BUILD/test_$op"
@@ -101,5 +103,6 @@ for op in $OPS; do
   cat "$BUILD/$op.log"
   [ "$(cat "$BUILD/$op.rc" 2>/dev/null)" = 0 ] || failed+=("$op")
 done
-echo "emu_check: $(( $(date +%s) - start ))s wall; ${#failed[@]} of $(wc -w <<<"$OPS") ops failed${failed:+: ${failed[*]}}"
+echo "emu_check: $(( $(date +%s) - start ))s wall;" \
+  "${#failed[@]} of $(wc -w <<<"$OPS") ops failed${failed:+: ${failed[*]}}"
 [ ${#failed[@]} -eq 0 ]

@@ -43,7 +43,9 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
 }
 __device__ __forceinline__ void cp_async_commit() { ::cuemu::cp_async_commit(); }
 __device__ __forceinline__ void cp_async_wait_all() { ::cuemu::cp_async_wait_all(); }
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { ::cuemu::ldmatrix_x4(r, smem, false); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  ::cuemu::ldmatrix_x4(r, smem, false);
+}
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
   ::cuemu::ldmatrix_x4(r, smem, true);
 }

@@ -5,8 +5,10 @@
 // What it models
 //   * A launch runs its blocks one after another. The threads of a block are fibers (stacks switched
 //     by a few lines of x86-64 assembly) on one OS thread, so `__shared__` variables can be `static`;
-//     dynamic shared memory is one buffer per launch, filled with garbage (0xA5) like real shared
-//     memory.
+//     dynamic shared memory is one buffer per launch. Both start every block filled with garbage
+//     (0xA5), as shared memory is on hardware, except the static __shared__ variables of template
+//     kernels (g++ ignores the section attribute that finds them there): those start zeroed and keep
+//     the previous block's values.
 //   * __syncthreads is a barrier over all threads of the block. A barrier that cannot complete fails
 //     the test, naming the block and the threads: threads waiting at different __syncthreads (by
 //     source line), a thread that exits while others wait at one, or one that reaches a barrier
@@ -32,7 +34,6 @@
 // What it does not model
 //   * Races between blocks, and the memory ordering between threads of a block between two
 //     synchronisation points: a thread runs from one wait to the next without interruption.
-//   * Static __shared__ variables start zeroed and keep the previous block's values (hardware: garbage).
 //   * Tensor-core accumulation order and rounding (the emulated mma sums exact fp32 products in k order,
 //     then adds them to c), the GPU's libm (expf, exp2f, exp, log are glibc's), fast-math intrinsics.
 //   * The fragment layouts follow the PTX documentation; they have not been checked against hardware.
@@ -72,7 +73,8 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static
+// Every static __shared__ variable goes to one section, so that each block can start with it garbage.
+#define __shared__ __attribute__((section("cuemu_shared"))) static
 #define __launch_bounds__(...)
 #define __grid_constant__
 
@@ -87,6 +89,10 @@
 extern "C" void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
 extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old);
 #endif
+
+// The linker's bounds of the section (absent, so null, when no kernel has a static __shared__ variable).
+extern "C" __attribute__((weak)) unsigned char __start_cuemu_shared[];
+extern "C" __attribute__((weak)) unsigned char __stop_cuemu_shared[];
 
 namespace cuemu {
 
@@ -262,7 +268,8 @@ inline void syncthreads(const Site& site) {
         fail("divergent barrier: " + where(g_cur) + " reached __syncthreads at " + at(site) + " after " +
              where(i) + " exited");
   }
-  if (g_bar_arrived > 0 && (std::strcmp(site.file_name(), g_bar_site.file_name()) != 0 || site.line() != g_bar_site.line())) {
+  const bool same_site = site.line() == g_bar_site.line() && std::strcmp(site.file_name(), g_bar_site.file_name()) == 0;
+  if (g_bar_arrived > 0 && !same_site) {
     for (int i = 0; i < g_n; ++i)
       if (g_th[i].wait == Wait::kBarrier)
         fail("divergent barrier: " + where(g_cur) + " reached __syncthreads at " + at(site) + " while " +
@@ -331,6 +338,13 @@ T* dynamic_smem() {
   return reinterpret_cast<T*>(g_dyn);
 }
 
+// Fills the static __shared__ variables with garbage, as a block finds them on hardware. A plain loop:
+// the section holds no AddressSanitizer redzones to respect, and memset would be checked.
+__attribute__((no_sanitize("address"))) inline void garble_static_shared() {
+  if (!__start_cuemu_shared) return;
+  for (volatile unsigned char* p = __start_cuemu_shared; p < __stop_cuemu_shared; ++p) *p = 0xA5;
+}
+
 template <class K, class... A>
 void launch(K kernel, dim3 grid, dim3 block, size_t smem, A... args) {
   const unsigned n = block.x * block.y * block.z;
@@ -357,6 +371,7 @@ void launch(K kernel, dim3 grid, dim3 block, size_t smem, A... args) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         g_blockIdx = uint3{bx, by, bz};
         std::memset(g_dyn, 0xA5, smem_alloc);
+        garble_static_shared();
         g_slots.assign(warps * 32, Slot{});
         g_warp_results.assign(warps, WarpResult{});
         g_live = static_cast<int>(n);
@@ -410,10 +425,13 @@ auto warp_op(const char* what, const Site& site, unsigned mask, const T& v, F f)
     std::snprintf(m, sizeof m, "0x%08x", x);
     return std::string(m);
   };
-  if (!((mask >> l) & 1u)) fail(std::string(what) + " with mask " + hex(mask) + " called by " + where(g_cur) + ", not in its mask, at " + at(site));
+  if (!((mask >> l) & 1u))
+    fail(std::string(what) + " with mask " + hex(mask) + " called by " + where(g_cur) + ", not in its mask, at " +
+         at(site));
   for (unsigned j = 0; j < 32; ++j)  // a partial last warp: its missing lanes can never arrive
     if (((mask >> j) & 1u) && base + j >= static_cast<unsigned>(g_n))
-      fail(std::string(what) + " mask " + hex(mask) + " names lane " + std::to_string(j) + ", which the block does not have");
+      fail(std::string(what) + " mask " + hex(mask) + " names lane " + std::to_string(j) +
+           ", which the block does not have");
   Slot* W = &g_slots[base];
   wait(Wait::kSlotFree, site, what);
   std::memcpy(W[l].data, &v, sizeof(T));
@@ -466,7 +484,8 @@ inline void cp_async_wait_all() {  // cp.async.wait_group 0: every committed gro
 
 // ---- ldmatrix.x4(.trans) m8n8 b16: lane l supplies the row address of matrix l / 8, row l % 8 ----
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans, const Site& site = Site::current()) {
-  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix row address not 16-byte aligned, " + where(g_cur) + " at " + at(site));
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0)
+    fail("ldmatrix row address not 16-byte aligned, " + where(g_cur) + " at " + at(site));
   struct P {
     const uint16_t* p;
   };
@@ -554,19 +573,19 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
 #define gridDim (::cuemu::g_gridDim)
 inline constexpr int warpSize = 32;
 
-inline void __syncthreads(const std::source_location& site = std::source_location::current()) {
+inline void __syncthreads(const cuemu::Site& site = cuemu::Site::current()) {
   cuemu::syncthreads(site);
 }
-inline void __syncwarp(unsigned mask = 0xffffffffu, const std::source_location& site = std::source_location::current()) {
+inline void __syncwarp(unsigned mask = 0xffffffffu, const cuemu::Site& site = cuemu::Site::current()) {
   cuemu::warp_op("__syncwarp", site, mask, 0, [](auto, unsigned) { return 0; });
 }
 template <class T>
-T __shfl_sync(unsigned m, T v, int src, int w = 32, const std::source_location& site = std::source_location::current()) {
+T __shfl_sync(unsigned m, T v, int src, int w = 32, const cuemu::Site& site = cuemu::Site::current()) {
   return cuemu::warp_op("__shfl_sync", site, m, v,
                         [&](auto get, unsigned l) { return get((l & ~(w - 1)) + (src & (w - 1))); });
 }
 template <class T>
-T __shfl_xor_sync(unsigned m, T v, int x, int w = 32, const std::source_location& site = std::source_location::current()) {
+T __shfl_xor_sync(unsigned m, T v, int x, int w = 32, const cuemu::Site& site = cuemu::Site::current()) {
   return cuemu::warp_op("__shfl_xor_sync", site, m, v, [&](auto get, unsigned l) {
     const unsigned src = l ^ static_cast<unsigned>(x);
     return src < (l & ~(w - 1u)) + w ? get(src) : get(l);  // a later group: own value
@@ -574,17 +593,17 @@ T __shfl_xor_sync(unsigned m, T v, int x, int w = 32, const std::source_location
 }
 template <class T>
 T __shfl_down_sync(unsigned m, T v, unsigned d, int w = 32,
-                   const std::source_location& site = std::source_location::current()) {
+                   const cuemu::Site& site = cuemu::Site::current()) {
   return cuemu::warp_op("__shfl_down_sync", site, m, v, [&](auto get, unsigned l) {
     return (l % w) + d < static_cast<unsigned>(w) ? get(l + d) : get(l);
   });
 }
 template <class T>
-T __shfl_up_sync(unsigned m, T v, unsigned d, int w = 32, const std::source_location& site = std::source_location::current()) {
+T __shfl_up_sync(unsigned m, T v, unsigned d, int w = 32, const cuemu::Site& site = cuemu::Site::current()) {
   return cuemu::warp_op("__shfl_up_sync", site, m, v,
                         [&](auto get, unsigned l) { return (l % w) >= d ? get(l - d) : get(l); });
 }
-inline unsigned __ballot_sync(unsigned m, int pred, const std::source_location& site = std::source_location::current()) {
+inline unsigned __ballot_sync(unsigned m, int pred, const cuemu::Site& site = cuemu::Site::current()) {
   return cuemu::warp_op("__ballot_sync", site, m, pred != 0, [&](auto get, unsigned) {
     unsigned r = 0;
     for (unsigned j = 0; j < 32; ++j)
@@ -592,14 +611,14 @@ inline unsigned __ballot_sync(unsigned m, int pred, const std::source_location& 
     return r;
   });
 }
-inline int __any_sync(unsigned m, int p, const std::source_location& site = std::source_location::current()) {
+inline int __any_sync(unsigned m, int p, const cuemu::Site& site = cuemu::Site::current()) {
   return __ballot_sync(m, p, site) != 0;
 }
-inline int __all_sync(unsigned m, int p, const std::source_location& site = std::source_location::current()) {
+inline int __all_sync(unsigned m, int p, const cuemu::Site& site = cuemu::Site::current()) {
   return __ballot_sync(m, p, site) == m;
 }
 template <class T>
-unsigned __match_any_sync(unsigned m, T v, const std::source_location& site = std::source_location::current()) {
+unsigned __match_any_sync(unsigned m, T v, const cuemu::Site& site = cuemu::Site::current()) {
   return cuemu::warp_op("__match_any_sync", site, m, v, [&](auto get, unsigned) {
     unsigned r = 0;
     for (unsigned j = 0; j < 32; ++j)

@@ -127,9 +127,10 @@ static void run(const char* dtype, int B, int Hq, int Hkv, int Tn, int S, Layout
   int64_t ks[4], vs[4];
   std::copy(kc.stride, kc.stride + 4, ks);
   std::copy(vc.stride, vc.stride + 4, vs);
-  Cache<T> kuse = kv_layout_ok(kc.data(), ks) ? kc : contiguous(kc, B, Hkv, S, D);
-  Cache<T> vuse = kv_layout_ok(vc.data(), vs) ? vc : contiguous(vc, B, Hkv, S, D);
-  st.copied_operands += (&kuse.buf != &kc.buf && !kv_layout_ok(kc.data(), ks)) + !kv_layout_ok(vc.data(), vs);
+  const bool k_ok = kv_layout_ok(kc.data(), ks), v_ok = kv_layout_ok(vc.data(), vs);
+  Cache<T> kuse = k_ok ? kc : contiguous(kc, B, Hkv, S, D);
+  Cache<T> vuse = v_ok ? vc : contiguous(vc, B, Hkv, S, D);
+  st.copied_operands += !k_ok + !v_ok;
   Params p{};
   p.q = q.data();
   p.k = kuse.data();
