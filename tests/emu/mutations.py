@@ -96,6 +96,8 @@ MUTATIONS = [
       "      if (m == -INFINITY) continue;", "      if (m != -INFINITY) continue;"),
     M("ckv-ctx-check", "flipped comparison", "compact_kv", "compact_kv_kernel.cuh",
       "if (ctx < 0 || ctx >= c.S) return;", "if (ctx < 0 || ctx > c.S) return;"),
+    M("ckv-len-clamp", "flipped comparison", "compact_kv", "compact_kv_kernel.cuh",
+      "a = a < 0 ? 0 : (a > batch.width ? batch.width : a);", "a = a < 0 ? 0 : (a < batch.width ? batch.width : a);"),
     M("accept-clamp", "flipped comparison", "accept_tree", "accept_tree_kernel.cuh",
       "const int n = nn_raw < 0 ? 0 :", "const int n = nn_raw > 0 ? 0 :"),
     # the tensor-core and async-copy paths
@@ -111,8 +113,8 @@ MUTATIONS = [
     # synchronisation the emulator must report by block and thread
     M("topk-divergent-barrier", "__syncthreads in a branch", "topk_marginals", "topk_marginals_kernel.cuh",
       "      s_posinf = cnt;", "      s_posinf = cnt;\n      __syncthreads();"),
-    M("radix-partial-mask", "collective with lanes that never arrive", "topk_marginals", "tree_common.cuh",
-      "__match_any_sync(ballot, digit)", "__match_any_sync(kFullMask, digit)"),
+    M("radix-partial-mask", "collective naming lanes that never arrive", "topk_marginals", "tree_common.cuh",
+      "__match_any_sync(ballot, digit)", "__match_any_sync(ballot | (ballot << 1), digit)"),
 ]
 
 
@@ -133,6 +135,8 @@ def run(m: Mutation, workdir: Path) -> tuple[bool, str, float]:
                           capture_output=True, text=True)
     secs = time.time() - t0
     out = proc.stdout + proc.stderr
+    if re.search(r"FAIL \S+: build", out):
+        raise SystemExit(f"mutation {m.name} does not compile:\n{out[-3000:]}")
     caught = proc.returncode != 0
     evidence = ""
     if caught:
@@ -140,10 +144,7 @@ def run(m: Mutation, workdir: Path) -> tuple[bool, str, float]:
         why = next((ln.strip() for ln in out.splitlines()
                     if ln.strip().startswith(("MISMATCH", "cuemu:", "==", "FAIL", "timed out"))
                     or "runtime error" in ln), "")
-        if "FAIL" in why and "build" in why:
-            evidence = "build failed"
-        else:
-            evidence = f"{sched.group(1) if sched else '?'}: {why}"
+        evidence = f"{sched.group(1) if sched else '?'}: {why}"
     return caught, evidence, secs
 
 
