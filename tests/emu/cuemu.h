@@ -28,8 +28,8 @@
 //     fails. Source and destination must be 16-byte aligned; a zero-fill copy never reads its source.
 //   * ldmatrix.x4(.trans) m8n8 b16 and mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate) exchange the
 //     fragments across the warp with the layouts of the PTX ISA. Row addresses must be 16-byte aligned.
-//   * Under AddressSanitizer the fiber switches are annotated, so out-of-bounds global, shared and
-//     dynamic-shared-memory accesses are reported (dynamic shared memory is an exact-size allocation).
+//   * Under AddressSanitizer the fiber switches are annotated, so out-of-bounds accesses to global
+//     memory and to dynamic shared memory (an allocation of exactly the launch's size) are reported.
 //
 // What it does not model
 //   * Races between blocks, and the memory ordering between threads of a block between two
@@ -39,6 +39,7 @@
 //   * The fragment layouts follow the PTX documentation; they have not been checked against hardware.
 //   * Resource limits: registers, the size of shared memory, occupancy, timing. It complements a run on
 //     a GPU and never replaces one.
+// x86-64 only (the fiber switch); g++ or clang++ with -std=c++20 -ffp-contract=off -fno-strict-aliasing.
 #pragma once
 
 #define CUEMU 1
