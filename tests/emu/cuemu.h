@@ -110,15 +110,15 @@ struct Pending {
 enum class Wait : uint8_t { kRunning, kBarrier, kSlotFree, kLanes, kDone };
 
 struct Thread {
-  void* sp = nullptr;          // saved stack pointer while switched out
+  void* sp = nullptr;  // saved stack pointer while switched out
   void* stack = nullptr;
   void* fake_stack = nullptr;  // AddressSanitizer's bookkeeping while the fiber is switched out
   uint3 tid{};
   Wait wait = Wait::kRunning;
-  unsigned bar_gen = 0;        // kBarrier: the generation it arrived in
-  unsigned mask = 0;           // kLanes: the collective's mask
-  Site site{};                 // where it waits
-  const char* what = "";       // the intrinsic it waits in
+  unsigned bar_gen = 0;   // kBarrier: the generation it arrived in
+  unsigned mask = 0;      // kLanes: the collective's mask
+  Site site{};            // where it waits
+  const char* what = "";  // the intrinsic it waits in
   std::vector<Pending> uncommitted, committed;
 };
 
@@ -237,9 +237,12 @@ inline void run_thread(int i) {
 inline bool ready(int i) {
   const Thread& t = g_th[i];
   switch (t.wait) {
-    case Wait::kRunning: return true;
-    case Wait::kBarrier: return g_bar_gen != t.bar_gen;
-    case Wait::kSlotFree: return !g_slots[i].posted;
+    case Wait::kRunning:
+      return true;
+    case Wait::kBarrier:
+      return g_bar_gen != t.bar_gen;
+    case Wait::kSlotFree:
+      return !g_slots[i].posted;
     case Wait::kLanes: {
       // a lane has arrived when its slot holds a post with the same mask; a post with another mask
       // belongs to a collective this lane is not part of, and must be consumed first
@@ -248,7 +251,8 @@ inline bool ready(int i) {
         if (((t.mask >> j) & 1u) && !(W[j].posted && W[j].mask == t.mask)) return false;
       return true;
     }
-    case Wait::kDone: return false;
+    case Wait::kDone:
+      return false;
   }
   return false;
 }
@@ -266,15 +270,15 @@ inline void syncthreads(const Site& site) {
   if (g_exited > 0) {
     for (int i = 0; i < g_n; ++i)
       if (g_th[i].wait == Wait::kDone)
-        fail("divergent barrier: " + where(g_cur) + " reached __syncthreads at " + at(site) + " after " +
-             where(i) + " exited");
+        fail("divergent barrier: " + where(g_cur) + " reached __syncthreads at " + at(site) + " after " + where(i) +
+             " exited");
   }
   const bool same_site = site.line() == g_bar_site.line() && std::strcmp(site.file_name(), g_bar_site.file_name()) == 0;
   if (g_bar_arrived > 0 && !same_site) {
     for (int i = 0; i < g_n; ++i)
       if (g_th[i].wait == Wait::kBarrier)
-        fail("divergent barrier: " + where(g_cur) + " reached __syncthreads at " + at(site) + " while " +
-             where(i) + " waits at " + at(g_th[i].site));
+        fail("divergent barrier: " + where(g_cur) + " reached __syncthreads at " + at(site) + " while " + where(i) +
+             " waits at " + at(g_th[i].site));
   }
   if (g_bar_arrived == 0) g_bar_site = site;
   g_th[g_cur].bar_gen = g_bar_gen;
@@ -298,8 +302,8 @@ inline void entry() {
   if (g_bar_arrived > 0) {
     for (int i = 0; i < g_n; ++i)
       if (g_th[i].wait == Wait::kBarrier)
-        fail("divergent barrier: " + where(g_cur) + " exited while " + where(i) +
-             " waits at __syncthreads at " + at(g_th[i].site));
+        fail("divergent barrier: " + where(g_cur) + " exited while " + where(i) + " waits at __syncthreads at " +
+             at(g_th[i].site));
   }
   t.wait = Wait::kDone;
   --g_live;
@@ -574,9 +578,7 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
 #define gridDim (::cuemu::g_gridDim)
 inline constexpr int warpSize = 32;
 
-inline void __syncthreads(const cuemu::Site& site = cuemu::Site::current()) {
-  cuemu::syncthreads(site);
-}
+inline void __syncthreads(const cuemu::Site& site = cuemu::Site::current()) { cuemu::syncthreads(site); }
 inline void __syncwarp(unsigned mask = 0xffffffffu, const cuemu::Site& site = cuemu::Site::current()) {
   cuemu::warp_op("__syncwarp", site, mask, 0, [](auto, unsigned) { return 0; });
 }
@@ -593,8 +595,7 @@ T __shfl_xor_sync(unsigned m, T v, int x, int w = 32, const cuemu::Site& site = 
   });
 }
 template <class T>
-T __shfl_down_sync(unsigned m, T v, unsigned d, int w = 32,
-                   const cuemu::Site& site = cuemu::Site::current()) {
+T __shfl_down_sync(unsigned m, T v, unsigned d, int w = 32, const cuemu::Site& site = cuemu::Site::current()) {
   return cuemu::warp_op("__shfl_down_sync", site, m, v, [&](auto get, unsigned l) {
     return (l % w) + d < static_cast<unsigned>(w) ? get(l + d) : get(l);
   });

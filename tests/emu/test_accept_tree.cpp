@@ -62,8 +62,8 @@ int main() {
         tgt[b * slots + j] = rng(0, alphabet - 1);
       }
     }
-    const std::string what = fmt("trial %d B=%d slots=%d width=%d alphabet=%d%s", trial, B, slots, width, alphabet,
-                                 chain ? " chain" : "");
+    const std::string what =
+        fmt("trial %d B=%d slots=%d width=%d alphabet=%d%s", trial, B, slots, width, alphabet, chain ? " chain" : "");
     cuemu::set_case(what);
     const unsigned blocks = static_cast<unsigned>((B + kWarpsPerBlock - 1) / kWarpsPerBlock);
     cuemu::launch(accept_tree_kernel, dim3(blocks), dim3(kWarpsPerBlock * 32), 0, (const int64_t*)tok.data(),

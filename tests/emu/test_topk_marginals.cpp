@@ -46,7 +46,8 @@ static void ref_row(const S* x, int64_t V, int64_t k, float temp, float* lp, int
   const float posinf_lp = static_cast<float>(-std::log(static_cast<double>(std::max<int64_t>(n_posinf, 1))));
   for (int64_t i = 0; i < k; ++i) {
     const float v = e[i].first;
-    lp[i] = n_posinf > 0 ? (v == kInf ? posinf_lp : -kInf) : (m == -kInf ? -kInf : static_cast<float>(static_cast<double>(v) - lse));
+    lp[i] = n_posinf > 0 ? (v == kInf ? posinf_lp : -kInf)
+                         : (m == -kInf ? -kInf : static_cast<float>(static_cast<double>(v) - lse));
     id[i] = e[i].second;
   }
 }
@@ -63,13 +64,27 @@ static void fill_row(S* x, int64_t V, Kind kind, emu_test::Rng& rng) {
   for (int64_t j = 0; j < V; ++j) {
     float v = rng.normal(sigma);
     switch (kind) {
-      case kTies: v = static_cast<float>(rng(-3, 3)); break;
-      case kSpecial: v = rng.coin(3) ? (rng.coin(2) ? NAN : -kInf) : v; break;
-      case kPosInf: v = rng.coin(std::max<int64_t>(V / 3, 1)) ? kInf : (rng.coin(50) ? NAN : v); break;
-      case kAllNegInf: v = rng.coin(2) ? NAN : -kInf; break;
-      case kZeros: v = rng.coin(2) ? 0.0f : -0.0f; break;
-      case kHuge: v = (rng.coin(2) ? 1.f : -1.f) * std::ldexp(1.f + static_cast<float>(rng.uniform()), static_cast<int>(rng(120, 127))); break;
-      default: break;
+      case kTies:
+        v = static_cast<float>(rng(-3, 3));
+        break;
+      case kSpecial:
+        v = rng.coin(3) ? (rng.coin(2) ? NAN : -kInf) : v;
+        break;
+      case kPosInf:
+        v = rng.coin(std::max<int64_t>(V / 3, 1)) ? kInf : (rng.coin(50) ? NAN : v);
+        break;
+      case kAllNegInf:
+        v = rng.coin(2) ? NAN : -kInf;
+        break;
+      case kZeros:
+        v = rng.coin(2) ? 0.0f : -0.0f;
+        break;
+      case kHuge:
+        v = (rng.coin(2) ? 1.f : -1.f) *
+            std::ldexp(1.f + static_cast<float>(rng.uniform()), static_cast<int>(rng(120, 127)));
+        break;
+      default:
+        break;
     }
     x[j] = S(v);
   }
@@ -84,8 +99,8 @@ struct Stats {
 // One call of the op: `rows` rows of V logits (as [rows, V], contiguous, `offset` elements into the buffer
 // so that the base can be misaligned), k, temperature.
 template <typename S>
-static void run(const char* dtype, int rows, int64_t V, int k, float temp, int64_t offset, const std::vector<Kind>& kinds,
-                emu_test::Rng& rng, emu_test::Tally& tally, Stats& st) {
+static void run(const char* dtype, int rows, int64_t V, int k, float temp, int64_t offset,
+                const std::vector<Kind>& kinds, emu_test::Rng& rng, emu_test::Tally& tally, Stats& st) {
   const int64_t G = (V + kChunk - 1) / kChunk;
   if (k > kMaxK || G * k > kMaxCandidates || k > V) std::abort();  // the wrapper's checks: a test bug
   std::vector<S> buf(offset + rows * V + 8);
@@ -103,12 +118,14 @@ static void run(const char* dtype, int rows, int64_t V, int k, float temp, int64
   cuemu::set_case(what);
   cuemu::launch(topk_chunk_kernel<S>, dim3(static_cast<unsigned>(rows * G)), dim3(kChunkThreads), 0, (const S*)x, V,
                 static_cast<int>(G), k, temp, divide, vec_ok, cand.data(), stats.data(), posinf.data());
-  cuemu::launch(topk_merge_kernel, dim3(static_cast<unsigned>(rows)), dim3(kMergeThreads), 0, (const uint64_t*)cand.data(),
-                (const float2*)stats.data(), (const int*)posinf.data(), static_cast<int>(G), k, lp.data(), id.data());
+  cuemu::launch(topk_merge_kernel, dim3(static_cast<unsigned>(rows)), dim3(kMergeThreads), 0,
+                (const uint64_t*)cand.data(), (const float2*)stats.data(), (const int*)posinf.data(),
+                static_cast<int>(G), k, lp.data(), id.data());
   st.launches += 2;
   st.chunk_ctas += rows * G;
   st.unvectorized += vec_ok ? 0 : 1;
-  for (int64_t g = 0; g < G; ++g) (std::min<int64_t>(kChunk, V - g * kChunk) > k ? st.selected_chunks : st.whole_chunks) += rows;
+  for (int64_t g = 0; g < G; ++g)
+    (std::min<int64_t>(kChunk, V - g * kChunk) > k ? st.selected_chunks : st.whole_chunks) += rows;
 
   std::vector<float> rlp(k);
   std::vector<int64_t> rid(k);
@@ -143,9 +160,14 @@ int main() {
   const std::vector<Kind> all = {kGauss, kTies, kSpecial, kPosInf, kAllNegInf, kZeros, kGauss, kTies};
   // k from 1 to 1024 and V from 2 to 16385 (one chunk, or two with a 1-entry tail), every dtype and
   // row kind; odd V and an odd base offset take the unvectorized load.
-  struct Shape { int rows; int64_t V; int k; };
-  const Shape shapes[] = {{4, 2, 1}, {4, 2, 2}, {3, 3, 2}, {2, 17, 17}, {3, 100, 7}, {2, 1000, 64}, {2, 1024, 1024},
-                          {1, 1500, 1024}, {2, 16383, 1}, {1, 16384, 1000}, {1, 16385, 33}, {2, 5000, 256}};
+  struct Shape {
+    int rows;
+    int64_t V;
+    int k;
+  };
+  const Shape shapes[] = {{4, 2, 1},     {4, 2, 2},        {3, 3, 2},       {2, 17, 17},
+                          {3, 100, 7},   {2, 1000, 64},    {2, 1024, 1024}, {1, 1500, 1024},
+                          {2, 16383, 1}, {1, 16384, 1000}, {1, 16385, 33},  {2, 5000, 256}};
   int n = 0;
   for (const Shape& s : shapes) {
     const float temp = n % 3 == 0 ? 1.0f : (n % 3 == 1 ? 0.7f : 1.3f);
@@ -164,8 +186,8 @@ int main() {
   // Full-size rows (Qwen vocabulary): 10 chunks, the last one partial.
   run<__nv_bfloat16>("bf16", 1, 151936, 1024, 1.0f, 0, {kGauss}, rng, tally, st);
   run<__half>("f16", 1, 151936, 8, 0.6f, 0, {kPosInf}, rng, tally, st);
-  return tally.finish(fmt("%ld launches, %ld chunk CTAs (%ld with a radix select, %ld taken whole), %ld unvectorized "
-                          "calls, worst finite log-prob error %.2f of its tolerance",
-                          st.launches, st.chunk_ctas, st.selected_chunks, st.whole_chunks, st.unvectorized,
-                          st.worst_ratio));
+  return tally.finish(
+      fmt("%ld launches, %ld chunk CTAs (%ld with a radix select, %ld taken whole), %ld unvectorized "
+          "calls, worst finite log-prob error %.2f of its tolerance",
+          st.launches, st.chunk_ctas, st.selected_chunks, st.whole_chunks, st.unvectorized, st.worst_ratio));
 }

@@ -47,7 +47,9 @@ static Cache<T> make_cache(int B, int H, int S, int D, Layout layout, emu_test::
   Cache<T> c;
   int64_t n = 0;
   switch (layout) {
-    case kContig: c.stride[0] = int64_t{H} * S * D, c.stride[1] = int64_t{S} * D, c.stride[2] = D; break;
+    case kContig:
+      c.stride[0] = int64_t{H} * S * D, c.stride[1] = int64_t{S} * D, c.stride[2] = D;
+      break;
     case kPadded:  // [B, H, S + 5, D + 8] storage, the view [:, :, :S, :D]
       c.stride[0] = int64_t{H} * (S + 5) * (D + 8), c.stride[1] = int64_t{S + 5} * (D + 8), c.stride[2] = D + 8;
       break;
@@ -57,7 +59,8 @@ static Cache<T> make_cache(int B, int H, int S, int D, Layout layout, emu_test::
     case kMisaligned:  // contiguous, one element into its storage
       c.stride[0] = int64_t{H} * S * D, c.stride[1] = int64_t{S} * D, c.stride[2] = D, c.offset = 1;
       break;
-    default: break;
+    default:
+      break;
   }
   n = c.offset + c.stride[0] * B + 16;
   c.buf.resize(n);
@@ -149,9 +152,11 @@ static void run(const char* dtype, int B, int Hq, int Hkv, int Tn, int S, Layout
   const int64_t rows_total = int64_t{B} * Hq * Tn;
   std::vector<float> o_part(p.num_splits > 1 ? p.num_splits * rows_total * D : 0, 1234.5f),
       ml(p.num_splits > 1 ? 2 * p.num_splits * rows_total : 0, 1234.5f);
-  if (p.num_splits > 1) p.o_part = o_part.data(), p.m_part = ml.data(), p.l_part = ml.data() + p.num_splits * rows_total;
-  const std::string what = fmt("%s D=%d B=%d Hq=%d Hkv=%d T=%d S=%d %s mask=%s splits=%d%s", dtype, D, B, Hq, Hkv, Tn, S,
-                               kLayoutName[layout], kMaskName[mk], p.num_splits, ragged_invalid ? " (out-of-range inputs)" : "");
+  if (p.num_splits > 1)
+    p.o_part = o_part.data(), p.m_part = ml.data(), p.l_part = ml.data() + p.num_splits * rows_total;
+  const std::string what =
+      fmt("%s D=%d B=%d Hq=%d Hkv=%d T=%d S=%d %s mask=%s splits=%d%s", dtype, D, B, Hq, Hkv, Tn, S,
+          kLayoutName[layout], kMaskName[mk], p.num_splits, ragged_invalid ? " (out-of-range inputs)" : "");
   cuemu::set_case(what);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.num_splits), static_cast<unsigned>(B * Hkv));
   cuemu::launch(tree_attention_kernel<T, D>, grid, dim3(kThreads), smem_bytes<T, D>(), p);
@@ -217,9 +222,11 @@ static void run(const char* dtype, int B, int Hq, int Hkv, int Tn, int S, Layout
           const double got = f(out[((int64_t{b} * Hq + hq) * Tn + t) * D + d]);
           const double err = std::fabs(got - want);
           if (l > 0 && vmax > 0) st.worst_ratio = std::max(st.worst_ratio, err / tol);
-          if (l == 0 ? got != 0.0 : !(err <= tol)) why = fmt("out[%d] %.6g want %.6g (tolerance %.3g)", d, got, want, tol);
+          if (l == 0 ? got != 0.0 : !(err <= tol))
+            why = fmt("out[%d] %.6g want %.6g (tolerance %.3g)", d, got, want, tol);
         }
-        tally.record(fmt("%s b=%d hq=%d t=%d (ctx %ld, num_nodes %d)", what.c_str(), b, hq, t, (long)ctx[b], nn[b]), why);
+        tally.record(fmt("%s b=%d hq=%d t=%d (ctx %ld, num_nodes %d)", what.c_str(), b, hq, t, (long)ctx[b], nn[b]),
+                     why);
       }
 }
 
@@ -231,20 +238,22 @@ int main() {
   int i = 0;
   // GQA 1/4/8, head dims 64 and 128, fp16 and bf16, one and many splits, every cache layout and mask kind;
   // T * G from 1 row to several 64-row query tiles, trees spanning up to 4 mask words.
-  struct Shape { int B, Hq, Hkv, T, S; int64_t slots; };
-  const Shape shapes[] = {
-      {1, 1, 1, 1, 64, kOneSplit},     {2, 4, 1, 12, 300, kOneSplit}, {1, 8, 1, 40, 200, kOneSplit},
-      {2, 8, 2, 20, 700, kH100},      {1, 16, 2, 9, 900, kH100},     {3, 2, 2, 33, 130, kOneSplit},
-      {1, 4, 4, 100, 1200, kH100},    {2, 8, 1, 17, 2100, kH100},    {1, 1, 1, 64, 65, kOneSplit},
-      {1, 32, 4, 5, 1500, 40}};
+  struct Shape {
+    int B, Hq, Hkv, T, S;
+    int64_t slots;
+  };
+  const Shape shapes[] = {{1, 1, 1, 1, 64, kOneSplit}, {2, 4, 1, 12, 300, kOneSplit}, {1, 8, 1, 40, 200, kOneSplit},
+                          {2, 8, 2, 20, 700, kH100},   {1, 16, 2, 9, 900, kH100},     {3, 2, 2, 33, 130, kOneSplit},
+                          {1, 4, 4, 100, 1200, kH100}, {2, 8, 1, 17, 2100, kH100},    {1, 1, 1, 64, 65, kOneSplit},
+                          {1, 32, 4, 5, 1500, 40}};
   for (const Shape& s : shapes) {
     const Layout layout = static_cast<Layout>(i % kNumLayouts);
     const MaskKind mk = static_cast<MaskKind>((i / 2) % 4);
     const bool invalid = i % 5 == 4;
     if (i % 2 == 0) {
       run<__half, 64>("fp16", s.B, s.Hq, s.Hkv, s.T, s.S, layout, mk, s.slots, invalid, rng, tally, st);
-      run<__nv_bfloat16, 128>("bf16", s.B, s.Hq, s.Hkv, s.T, s.S, static_cast<Layout>((i + 1) % kNumLayouts), mk, s.slots,
-                              false, rng, tally, st);
+      run<__nv_bfloat16, 128>("bf16", s.B, s.Hq, s.Hkv, s.T, s.S, static_cast<Layout>((i + 1) % kNumLayouts), mk,
+                              s.slots, false, rng, tally, st);
     } else {
       run<__nv_bfloat16, 64>("bf16", s.B, s.Hq, s.Hkv, s.T, s.S, layout, mk, s.slots, invalid, rng, tally, st);
       run<__half, 128>("fp16", s.B, s.Hq, s.Hkv, s.T, s.S, static_cast<Layout>((i + 1) % kNumLayouts), mk, s.slots,
@@ -252,8 +261,8 @@ int main() {
     }
     ++i;
   }
-  return tally.finish(fmt("%ld launches (%ld CTAs), %ld split-K calls (up to %ld splits), %ld operands copied by "
-                          "the wrapper, %ld of %ld rows see no key, worst error %.2f of its tolerance",
-                          st.launches, st.ctas, st.split_calls, st.max_splits, st.copied_operands, st.empty_rows,
-                          st.rows, st.worst_ratio));
+  return tally.finish(fmt(
+      "%ld launches (%ld CTAs), %ld split-K calls (up to %ld splits), %ld operands copied by "
+      "the wrapper, %ld of %ld rows see no key, worst error %.2f of its tolerance",
+      st.launches, st.ctas, st.split_calls, st.max_splits, st.copied_operands, st.empty_rows, st.rows, st.worst_ratio));
 }
