@@ -237,7 +237,8 @@ int main() {
   const int64_t kOneSplit = 1, kH100 = 132 * 4;  // resident CTAs of the device: 1 forces a single split
   int i = 0;
   // GQA 1/4/8, head dims 64 and 128, fp16 and bf16, one and many splits, every cache layout and mask kind;
-  // T * G from 1 row to several 64-row query tiles, trees spanning up to 4 mask words.
+  // T * G from 1 row to several 64-row query tiles, trees spanning up to 4 mask words, caches holding
+  // only the tree (S = T, so every context is 0).
   struct Shape {
     int B, Hq, Hkv, T, S;
     int64_t slots;
@@ -245,7 +246,7 @@ int main() {
   const Shape shapes[] = {{1, 1, 1, 1, 64, kOneSplit}, {2, 4, 1, 12, 300, kOneSplit}, {1, 8, 1, 40, 200, kOneSplit},
                           {2, 8, 2, 20, 700, kH100},   {1, 16, 2, 9, 900, kH100},     {3, 2, 2, 33, 130, kOneSplit},
                           {1, 4, 4, 100, 1200, kH100}, {2, 8, 1, 17, 2100, kH100},    {1, 1, 1, 64, 65, kOneSplit},
-                          {1, 32, 4, 5, 1500, 40}};
+                          {1, 32, 4, 5, 1500, 40},     {1, 1, 1, 1, 1, kOneSplit},    {2, 4, 1, 40, 40, kH100}};
   for (const Shape& s : shapes) {
     const Layout layout = static_cast<Layout>(i % kNumLayouts);
     const MaskKind mk = static_cast<MaskKind>((i / 2) % 4);
