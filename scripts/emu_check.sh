@@ -14,7 +14,8 @@
 #   EMU_JOBS         tests built and run at once (default: the number of CPUs)
 #   EMU_TIMEOUT      seconds one test run may take before it counts as failed (default 600)
 #   EMU_FAIL_FAST=1  stop an op's schedules at its first failure
-#   CXX, CUDA_HOME   the compiler (default g++) and the CUDA toolkit (default: /usr/local/cuda)
+#   CXX, CUDA_HOME   the compiler (default g++) and the CUDA toolkit (default: the one of the nvcc on PATH,
+#                    else /usr/local/cuda)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -59,7 +60,7 @@ run_schedule() {
   local op=$1 s=$2 r
   echo "--- $op: schedule $s"
   if [ "$s" = default ]; then
-    timeout "$TIMEOUT" "$BUILD/test_$op"
+    env -u CUEMU_SEED timeout "$TIMEOUT" "$BUILD/test_$op"
   else
     CUEMU_SEED=$s timeout "$TIMEOUT" "$BUILD/test_$op"
   fi
