@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "cuda/portability.cuh"
+
 namespace ddtree::cuda::tree {
 
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -35,11 +37,7 @@ __device__ __forceinline__ uint64_t entry_key(uint32_t value_key, uint32_t id) {
 __device__ __forceinline__ uint32_t entry_id(uint64_t key) { return 0xffffffffu - static_cast<uint32_t>(key); }
 __device__ __forceinline__ uint32_t entry_value_key(uint64_t key) { return static_cast<uint32_t>(key >> 32); }
 
-__device__ __forceinline__ unsigned lanemask_lt() {
-  unsigned m;
-  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
-  return m;
-}
+using ptx::lanemask_lt;
 
 // Shared state of radix_select.
 struct RadixShared {

@@ -1,0 +1,288 @@
+// build_tree_kernel under the emulator, launched as csrc/cuda/build_tree.cu does (grid B, 256 threads,
+// dynamic shared memory = the layout when it fits under the device's opt-in limit, else a global
+// scratch buffer), against a port of csrc/cpu/build_tree.cpp's heap (full rank sequences in a pool,
+// std::priority_queue). Every output, tree_mask included, is compared bit for bit (exp(double) is
+// glibc's on both sides here; on a GPU it may differ in the last ulp, see build_tree_kernel.cuh).
+#include "cuemu.h"
+// clang-format off
+#include "cuda/build_tree_kernel.cuh"
+// clang-format on
+
+#include <array>
+#include <cstring>
+#include <queue>
+#include <random>
+#include <string>
+
+using namespace ddtree::cuda::build;
+
+static long g_tie_cmps = 0;  // equal-score comparisons in the reference heap: ties really were exercised
+
+// csrc/cpu/build_tree.cpp build_one (one request; outputs pre-filled with the unused-slot values).
+static void ref_build_one(const float* lp_in, const int64_t* ids, const float* vcost, int64_t D, int64_t K,
+                          int64_t root_token, int64_t ctx, int64_t max_nodes, double draft_cost, int64_t W,
+                          int32_t* num_nodes, int64_t* tokens, int32_t* parents, int32_t* depths, int64_t* positions,
+                          float* scores, int32_t* mask, float* expected) {
+  auto san = [](float x) { return std::isnan(x) ? -INFINITY : x; };
+  struct Cand {
+    float score, parent_score;
+    int32_t parent_slot, depth, rank;
+    int64_t seq;
+  };
+  std::vector<Cand> pool;
+  std::vector<int32_t> ranks;
+  auto seq_less = [&](const Cand& a, const Cand& b) {
+    const int32_t n = std::min(a.depth, b.depth);
+    for (int32_t i = 0; i < n; ++i)
+      if (ranks[a.seq + i] != ranks[b.seq + i]) return ranks[a.seq + i] < ranks[b.seq + i];
+    return a.depth < b.depth;
+  };
+  auto pops_after = [&](int32_t ia, int32_t ib) {
+    const Cand &a = pool[ia], &b = pool[ib];
+    if (a.score != b.score) return a.score < b.score;
+    ++g_tie_cmps;
+    return seq_less(b, a);
+  };
+  std::priority_queue<int32_t, std::vector<int32_t>, decltype(pops_after)> heap(pops_after);
+  auto push = [&](float parent_score, int32_t parent_slot, int32_t depth, int32_t rank, int64_t parent_seq) {
+    const float lp = san(lp_in[(depth - 1) * K + rank]);
+    const int64_t seq = static_cast<int64_t>(ranks.size());
+    for (int32_t i = 0; i < depth - 1; ++i) {
+      const int32_t r = ranks[parent_seq + i];
+      ranks.push_back(r);
+    }
+    ranks.push_back(rank);
+    pool.push_back({san(parent_score + lp), parent_score, parent_slot, depth, rank, seq});
+    heap.push(static_cast<int32_t>(pool.size() - 1));
+  };
+  tokens[0] = root_token;
+  depths[0] = 0;
+  positions[0] = ctx;
+  scores[0] = 0.0f;
+  mask[0] = 1;
+  push(0.0f, 0, 1, 0, 0);
+  double phi = 0.0;
+  double theta = vcost ? 1.0 / (draft_cost + static_cast<double>(vcost[0])) : 0.0;
+  int64_t n = 0;
+  while (n < max_nodes && !heap.empty()) {
+    const Cand c = pool[heap.top()];
+    const double phi_next = phi + std::exp(static_cast<double>(c.score));
+    if (vcost) {
+      const double theta_next = (1.0 + phi_next) / (draft_cost + static_cast<double>(vcost[n + 1]));
+      if (!(theta_next > theta)) break;
+      theta = theta_next;
+    }
+    heap.pop();
+    phi = phi_next;
+    const int64_t slot = ++n;
+    tokens[slot] = ids[(c.depth - 1) * K + c.rank];
+    parents[slot] = c.parent_slot;
+    depths[slot] = c.depth;
+    positions[slot] = ctx + c.depth;
+    scores[slot] = c.score;
+    for (int64_t w = 0; w < W; ++w) mask[slot * W + w] = mask[c.parent_slot * W + w];
+    mask[slot * W + slot / 32] |= static_cast<int32_t>(1u << (slot % 32));
+    if (c.rank + 1 < K) push(c.parent_score, c.parent_slot, c.depth, c.rank + 1, c.seq);
+    if (c.depth < D) push(c.score, static_cast<int32_t>(slot), c.depth + 1, 0, c.seq);
+  }
+  *num_nodes = static_cast<int32_t>(n);
+  *expected = static_cast<float>(1.0 + phi);
+}
+
+// Log-prob sources: sorted like topk_marginals' output, few exact (dyadic) values so that scores tie
+// across depths, all equal (order by rank sequence alone), unsorted, and -inf/NaN/+inf/-0.0 mixed in.
+enum Src { kSorted, kDyadicSorted, kAllEqual, kUnsorted, kSpecial, kDyadicUnsorted, kNumSrc };
+static const char* kSrcName[] = {"sorted", "dyadic-sorted", "all-equal", "unsorted", "special", "dyadic-unsorted"};
+// Cost tables: convex a + b n + c n^2, tile steps, constant (theta grows until exp(score) is 0),
+// shapeless random, and decreasing.
+enum Cost { kFixed, kConvex, kSteps, kConst, kRandom, kDecreasing, kNumCost };
+
+struct Stats {
+  int launches = 0, requests = 0, cost_requests = 0, stopped_early = 0, scratch = 0, bad = 0;
+};
+
+static void run_case(int B, int D, int K, int max_nodes, Src src, Cost cm, int optin, std::mt19937& rng, Stats& st) {
+  const int64_t T = max_nodes + 1, W = (T + 31) / 32;
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  std::vector<float> lp(static_cast<size_t>(B) * D * K);
+  std::vector<int64_t> ids(lp.size()), roots(B), ctx(B);
+  for (int b = 0; b < B; ++b) {
+    const float sigma = std::array<float, 4>{0.3f, 1.f, 3.f, 8.f}[rng() % 4];
+    const float eq = std::array<float, 4>{0.f, -1.f, -0.0f, -INFINITY}[rng() % 4];
+    for (int d = 0; d < D; ++d) {
+      float* row = &lp[(static_cast<size_t>(b) * D + d) * K];
+      for (int r = 0; r < K; ++r) {
+        float v = 0;
+        switch (src) {
+          case kSorted:
+          case kUnsorted:
+            v = sigma * nd(rng);
+            break;
+          case kDyadicSorted:
+          case kDyadicUnsorted:
+            v = -0.25f * static_cast<float>(rng() % 9);
+            break;
+          case kAllEqual:
+            v = eq;
+            break;
+          case kSpecial: {
+            const unsigned p = rng() % 100;
+            v = p < 12   ? -INFINITY
+                : p < 18 ? NAN
+                : p < 21 ? INFINITY
+                : p < 24 ? -0.0f
+                : p < 27 ? 0.0f
+                         : sigma * nd(rng);
+          } break;
+          default:
+            break;
+        }
+        row[r] = v;
+      }
+      if (src == kSorted || src == kDyadicSorted || (src == kSpecial && rng() % 2)) {
+        std::sort(row, row + K, [](float a, float b) { return a > b || (!std::isnan(a) && std::isnan(b)); });
+      }
+      if (src == kSorted || src == kUnsorted) {  // log-probs of a distribution with more mass elsewhere
+        float m = -INFINITY;
+        for (int r = 0; r < K; ++r) m = std::max(m, row[r]);
+        double s = 0;
+        for (int r = 0; r < K; ++r) s += std::exp(static_cast<double>(row[r] - m));
+        const float lse = m + static_cast<float>(std::log(s) + ud(rng));
+        for (int r = 0; r < K; ++r) row[r] -= lse;
+      }
+    }
+    for (int i = 0; i < D * K; ++i)
+      ids[static_cast<size_t>(b) * D * K + i] = static_cast<int64_t>(rng()) * (rng() % 4 == 0 ? 7919 : 1);
+    roots[b] = rng() % 200000;
+    ctx[b] = b == 0 ? 0 : (rng() % 3 == 0 ? static_cast<int64_t>(rng()) * 3 : rng() % 4000);  // > 2^31 sometimes
+  }
+  const bool cost = cm != kFixed;
+  const int64_t vc_cols = T + (rng() % 3 == 0 ? rng() % 5 : 0);  // verify_cost may have spare columns
+  std::vector<float> vc(cost ? B * vc_cols : 0);
+  double draft_cost = 0.0;
+  if (cost) {
+    draft_cost = rng() % 4 == 0 ? 0.0 : 0.05 * ud(rng);
+    for (int b = 0; b < B; ++b) {
+      const double a = 0.5 + ud(rng), bb = 0.05 * ud(rng), c2 = 0.002 * ud(rng);
+      for (int64_t i = 0; i < vc_cols; ++i) {
+        double v = 1.0;
+        switch (cm) {
+          case kConvex:
+            v = a + bb * i + c2 * i * i;
+            break;
+          case kSteps:
+            v = a + 0.2 * ((i + 15) / 16);
+            break;
+          case kConst:
+            v = a;
+            break;
+          case kRandom:
+            v = 0.01 + ud(rng);
+            break;
+          case kDecreasing:
+            v = a + 1.0 / (1.0 + i);
+            break;
+          default:
+            break;
+        }
+        vc[b * vc_cols + i] = static_cast<float>(v);
+      }
+    }
+  }
+
+  // ---- the host wrapper (csrc/cuda/build_tree.cu build_tree) ----
+  const int Kc = static_cast<int>(std::min<int64_t>(K, max_nodes + 1));
+  const Layout layout = make_layout(max_nodes, D, Kc, cost);
+  const bool in_smem = layout.total <= dynamic_smem_limit(optin);
+  std::vector<char> scratch(in_smem ? 0 : B * layout.total, static_cast<char>(0x5A));
+  // at::empty outputs: garbage, so that an output the kernel does not write shows up
+  std::vector<int32_t> num(B, 0x5A5A5A5A), par(B * T, 0x5A5A5A5A), dep(B * T, 0x5A5A5A5A), mask(B * T * W, 0x5A5A5A5A);
+  std::vector<int64_t> tok(B * T, 0x5A5A5A5A5A5A), pos(B * T, 0x5A5A5A5A5A5A);
+  std::vector<float> sc(B * T, 1234.5f), ex(B, 1234.5f);
+  cuemu::set_case("B=" + std::to_string(B) + " D=" + std::to_string(D) + " K=" + std::to_string(K) +
+                  " max_nodes=" + std::to_string(max_nodes) + " src=" + kSrcName[src] + " cost=" + std::to_string(cm) +
+                  (in_smem ? "" : " (scratch)"));
+  cuemu::launch(build_tree_kernel, dim3(B), dim3(kThreads), in_smem ? static_cast<size_t>(layout.total) : size_t{0},
+                (const float*)lp.data(), (const int64_t*)ids.data(), (const int64_t*)roots.data(),
+                (const int64_t*)ctx.data(), cost ? (const float*)vc.data() : (const float*)nullptr,
+                cost ? vc_cols : int64_t{0}, D, K, Kc, max_nodes, draft_cost, in_smem ? (char*)nullptr : scratch.data(),
+                in_smem ? int64_t{0} : layout.total, num.data(), tok.data(), par.data(), dep.data(), pos.data(),
+                sc.data(), mask.data(), ex.data());
+  ++st.launches;
+  st.scratch += in_smem ? 0 : B;
+
+  for (int b = 0; b < B; ++b) {
+    int32_t rn = 0;
+    float rex = 0;
+    std::vector<int64_t> rtok(T, 0), rpos(T, ctx[b]);
+    std::vector<int32_t> rpar(T, -1), rdep(T, 0), rmask(T * W, 0);
+    std::vector<float> rsc(T, -INFINITY);
+    ref_build_one(&lp[static_cast<size_t>(b) * D * K], &ids[static_cast<size_t>(b) * D * K],
+                  cost ? &vc[b * vc_cols] : nullptr, D, K, roots[b], ctx[b], max_nodes, draft_cost, W, &rn, rtok.data(),
+                  rpar.data(), rdep.data(), rpos.data(), rsc.data(), rmask.data(), &rex);
+    ++st.requests;
+    if (cost) {
+      ++st.cost_requests;
+      st.stopped_early += rn < max_nodes;
+    }
+    std::string why;
+    auto chk = [&](const char* f, int64_t i, auto got, auto want) {
+      if (why.empty() && std::memcmp(&got, &want, sizeof(got)) != 0)
+        why =
+            std::string(f) + "[" + std::to_string(i) + "] got " + std::to_string(got) + " want " + std::to_string(want);
+    };
+    chk("num_nodes", 0, num[b], rn);
+    chk("expected_tokens", 0, ex[b], rex);
+    for (int64_t s = 0; s < T; ++s) {
+      chk("tokens", s, tok[b * T + s], rtok[s]);
+      chk("parents", s, par[b * T + s], rpar[s]);
+      chk("depths", s, dep[b * T + s], rdep[s]);
+      chk("positions", s, pos[b * T + s], rpos[s]);
+      chk("scores", s, sc[b * T + s], rsc[s]);
+    }
+    for (int64_t i = 0; i < T * W; ++i) chk("tree_mask", i, mask[b * T * W + i], rmask[i]);
+    if (!why.empty()) {
+      if (st.bad < 5)
+        std::printf("  MISMATCH B=%d D=%d K=%d max_nodes=%d src=%s cost=%d optin=%d%s request %d: %s\n", B, D, K,
+                    max_nodes, kSrcName[src], cm, optin, in_smem ? "" : " (scratch)", b, why.c_str());
+      ++st.bad;
+    }
+  }
+}
+
+int main() {
+  std::mt19937 rng(11);
+  Stats st;
+  const int kOptinH200 = 232448, kOptinA10 = 101376, kNoOptin = 49152;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
+  const int optins[] = {kOptinH200, kOptinA10, kNoOptin};
+  auto rnd = [&](int lo, int hi) { return lo + static_cast<int>(rng() % (hi - lo + 1)); };
+  // Every (max_nodes, source, cost table) with random B, D, K.
+  for (int mn : {0, 1, 7, 64, 300, 1024})
+    for (int s = 0; s < kNumSrc; ++s)
+      for (int c = 0; c < kNumCost; ++c)
+        run_case(rnd(1, 8), rnd(1, 15), std::array<int, 4>{1, 4, 64, rnd(1, 64)}[rng() % 4], mn, Src(s), Cost(c),
+                 optins[rng() % 3], rng, st);
+  // Corners of the shape space: chains (K = 1), stars (D = 1), the full D = 15 x K = 64.
+  for (int mn : {0, 1, 7, 64, 300, 1024})
+    for (auto [D, K] : {std::pair{1, 1}, {1, 64}, {15, 1}, {15, 64}, {2, 2}})
+      for (int s = 0; s < kNumSrc; ++s)
+        run_case(rnd(1, 8), D, K, mn, Src(s), Cost(rng() % 2 ? 0 : rnd(1, kNumCost - 1)), kOptinH200, rng, st);
+  // Random everything, other node budgets.
+  for (int i = 0; i < 60; ++i)
+    run_case(rnd(1, 8), rnd(1, 15), rnd(1, 64), rnd(0, 1500), Src(rng() % kNumSrc), Cost(rng() % kNumCost),
+             optins[rng() % 3], rng, st);
+  // Working set beyond shared memory: the global-scratch path (and the same sizes in shared memory on H200).
+  for (int c : {0, 1})
+    for (int s : {kSorted, kDyadicSorted, kSpecial}) {
+      run_case(rnd(1, 3), rnd(8, 15), 64, 2000, Src(s), Cost(c), kNoOptin, rng, st);
+      run_case(rnd(1, 3), rnd(8, 15), 64, 2000, Src(s), Cost(c), kOptinH200, rng, st);
+    }
+  run_case(2, 15, 64, 8000, kSorted, kFixed, kOptinH200, rng, st);   // 227920 B: just fits
+  run_case(2, 15, 64, 8000, kSorted, kConvex, kOptinH200, rng, st);  // + cost row: scratch
+  std::printf(
+      "build_tree: %d launches, %d requests (%d cost-aware, %d stopped before max_nodes; %d via global scratch), "
+      "%ld tied-score comparisons, %d mismatches\n",
+      st.launches, st.requests, st.cost_requests, st.stopped_early, st.scratch, g_tie_cmps, st.bad);
+  return st.bad != 0;
+}
