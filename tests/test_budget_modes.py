@@ -27,7 +27,7 @@ def make_inputs(B, D, K, kind, gen):
 
 def cost_row(kind: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
     """A ``[1, n]`` verify-cost row and a draft cost: a convex increasing curve, positive noise with no
-    shape (the rule must still follow its definition), or the published Qwen3-8B A800 curve read as a
+    shape (the rule must still follow its definition), a decreasing curve, or the published Qwen3-8B A800 curve read as a
     function of the total number of slots (extended linearly past its 512 nodes)."""
     i = torch.arange(n, dtype=torch.float64)
     if kind == "convex":
@@ -35,6 +35,8 @@ def cost_row(kind: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor, flo
         return (a + b * i + c * i * i).float()[None], 0.05 * float(torch.rand(1, generator=gen))
     if kind == "random":
         return (0.01 + torch.rand(1, n, generator=gen)), 0.0
+    if kind == "decreasing":  # Theta grows past every request's last node: the cap "or all it has" decides
+        return (0.5 + 1.0 / (1.0 + i)).float()[None], 0.0
     model = a800_curves()["models"]["Qwen3-8B"] if "Qwen3-8B" in a800_curves()["models"] else \
         next(iter(a800_curves()["models"].values()))
     curve = torch.tensor(next(iter(model["verify_cost"].values())), dtype=torch.float64)
@@ -76,7 +78,7 @@ def check_cuts(got, scores, cost, draft_cost, mode):
 
 CASES = [  # (B, D, K, N)
     (1, 1, 1, 0), (1, 3, 4, 1), (2, 1, 5, 7), (3, 4, 3, 16), (4, 6, 8, 64), (8, 15, 8, 48), (5, 2, 2, 300),
-    (8, 8, 16, 130),
+    (8, 8, 16, 130), (3, 2, 1, 20),
 ]
 
 
@@ -84,7 +86,7 @@ CASES = [  # (B, D, K, N)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("B,D,K,N", CASES)
 @pytest.mark.parametrize("kind", LOGIT_KINDS)
-@pytest.mark.parametrize("cost_kind", ("convex", "random", "a800"))
+@pytest.mark.parametrize("cost_kind", ("convex", "random", "decreasing", "a800"))
 def test_matches_reference(device, mode, B, D, K, N, kind, cost_kind):
     gen = torch.Generator().manual_seed(seed_of(mode, B, D, K, N, kind, cost_kind))
     logprobs, token_ids, roots, ctx = make_inputs(B, D, K, kind, gen)

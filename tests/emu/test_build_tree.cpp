@@ -5,6 +5,7 @@
 // glibc's on both sides here; on a GPU it may differ in the last ulp, see build_tree_kernel.cuh).
 #include "cuemu.h"
 // clang-format off
+#include "cuda/batch_budget_kernel.cuh"
 #include "cuda/build_tree_kernel.cuh"
 // clang-format on
 
@@ -101,12 +102,15 @@ struct Stats {
   int launches = 0, requests = 0, cost_requests = 0, stopped_early = 0, scratch = 0, bad = 0;
 };
 
-static void run_case(int B, int D, int K, int max_nodes, Src src, Cost cm, int optin, std::mt19937& rng, Stats& st) {
-  const int64_t T = max_nodes + 1, W = (T + 31) / 32;
+// Random inputs of one launch: log-probs of source `src`, token ids, roots and ragged contexts.
+static void make_inputs(int B, int D, int K, Src src, std::mt19937& rng, std::vector<float>& lp,
+                        std::vector<int64_t>& ids, std::vector<int64_t>& roots, std::vector<int64_t>& ctx) {
   std::normal_distribution<float> nd(0.f, 1.f);
   std::uniform_real_distribution<double> ud(0.0, 1.0);
-  std::vector<float> lp(static_cast<size_t>(B) * D * K);
-  std::vector<int64_t> ids(lp.size()), roots(B), ctx(B);
+  lp.assign(static_cast<size_t>(B) * D * K, 0.f);
+  ids.assign(lp.size(), 0);
+  roots.assign(B, 0);
+  ctx.assign(B, 0);
   for (int b = 0; b < B; ++b) {
     const float sigma = std::array<float, 4>{0.3f, 1.f, 3.f, 8.f}[rng() % 4];
     const float eq = std::array<float, 4>{0.f, -1.f, -0.0f, -INFINITY}[rng() % 4];
@@ -157,6 +161,14 @@ static void run_case(int B, int D, int K, int max_nodes, Src src, Cost cm, int o
     roots[b] = rng() % 200000;
     ctx[b] = b == 0 ? 0 : (rng() % 3 == 0 ? static_cast<int64_t>(rng()) * 3 : rng() % 4000);  // > 2^31 sometimes
   }
+}
+
+static void run_case(int B, int D, int K, int max_nodes, Src src, Cost cm, int optin, std::mt19937& rng, Stats& st) {
+  const int64_t T = max_nodes + 1, W = (T + 31) / 32;
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  std::vector<float> lp;
+  std::vector<int64_t> ids, roots, ctx;
+  make_inputs(B, D, K, src, rng, lp, ids, roots, ctx);
   const bool cost = cm != kFixed;
   const int64_t vc_cols = T + (rng() % 3 == 0 ? rng() % 5 : 0);  // verify_cost may have spare columns
   std::vector<float> vc(cost ? B * vc_cols : 0);
@@ -251,6 +263,166 @@ static void run_case(int B, int D, int K, int max_nodes, Src src, Cost cm, int o
   }
 }
 
+// ---- budget_mode "batch" / "ragged": build_tree.cu's three launches (the fixed-budget build, the one-thread
+// decision of budget_rule.h, the per-request cut) against the reference fixed-budget trees cut as ops.h says.
+
+// Theta of an allocation, summed from scratch in long double (an order unlike the kernel's running sum, so a
+// different decision is accepted only where the contract allows it: a near-tie of Theta).
+static long double theta_of(const std::vector<std::vector<float>>& sc, const std::vector<int32_t>& cut,
+                            const float* vc, double draft_cost, int mode) {
+  long double mass = static_cast<long double>(sc.size());
+  int64_t size = 0;
+  for (size_t b = 0; b < sc.size(); ++b) {
+    for (int32_t i = 0; i < cut[b]; ++i) mass += std::exp(static_cast<long double>(sc[b][i]));
+    size = mode == ddtree::budget::kBatch ? std::max<int64_t>(size, cut[b]) : size + cut[b];
+  }
+  return mass / (draft_cost + static_cast<long double>(vc[size]));
+}
+
+// The contract's allocation, stepped as ops.h states it: batch, one n for all (each request capped by what it
+// has); ragged, the merged order (descending score, ties to the smaller request).
+static std::vector<int32_t> ref_cuts(const std::vector<std::vector<float>>& sc, const float* vc, double draft_cost,
+                                     int mode, int64_t N) {
+  const size_t B = sc.size();
+  std::vector<int32_t> cut(B, 0);
+  int64_t total = 0;
+  for (auto& r : sc) total += static_cast<int64_t>(r.size());
+  const int64_t steps = mode == ddtree::budget::kBatch ? N : total;
+  for (int64_t t = 0; t < steps; ++t) {
+    std::vector<int32_t> next = cut;
+    if (mode == ddtree::budget::kBatch) {
+      for (size_t b = 0; b < B; ++b) next[b] = static_cast<int32_t>(std::min<int64_t>(t + 1, sc[b].size()));
+    } else {
+      int best = -1;
+      for (size_t b = 0; b < B; ++b)
+        if (cut[b] < static_cast<int32_t>(sc[b].size()) && (best < 0 || sc[b][cut[b]] > sc[best][cut[best]]))
+          best = static_cast<int>(b);
+      ++next[best];
+    }
+    // batch: Theta is a function of n, not of the capped counts, so step n itself
+    const long double now = mode == ddtree::budget::kBatch ? 0 : theta_of(sc, cut, vc, draft_cost, mode);
+    const long double then = mode == ddtree::budget::kBatch ? 0 : theta_of(sc, next, vc, draft_cost, mode);
+    if (mode == ddtree::budget::kBatch) {
+      long double m0 = static_cast<long double>(B), m1 = m0;
+      for (size_t b = 0; b < B; ++b) {
+        for (int32_t i = 0; i < cut[b]; ++i) m0 += std::exp(static_cast<long double>(sc[b][i]));
+        for (int32_t i = 0; i < next[b]; ++i) m1 += std::exp(static_cast<long double>(sc[b][i]));
+      }
+      if (!(m1 / (draft_cost + vc[t + 1]) > m0 / (draft_cost + vc[t]))) break;
+    } else if (!(then > now)) {
+      break;
+    }
+    cut = next;
+  }
+  return cut;
+}
+
+// Cost rows: convex, shapeless random, flat up to a wall (exactly `wall` nodes pay), and decreasing (Theta
+// grows past every tree's last node, so the batch rule's n exceeds what a request has).
+enum BatchCost { kBConvex, kBRandom, kBWall, kBDecreasing, kNumBatchCost };
+
+static void run_batch_case(int B, int D, int K, int N, Src src, int mode, BatchCost bc, std::mt19937& rng, Stats& st) {
+  using ddtree::budget::kBatch;
+  const int64_t T = N + 1, W = (T + 31) / 32;
+  std::vector<float> lp;
+  std::vector<int64_t> ids, roots, ctx;
+  make_inputs(B, D, K, src, rng, lp, ids, roots, ctx);
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  const int64_t cols = (mode == kBatch ? N : int64_t{B} * N) + 1;
+  std::vector<float> vc(cols);
+  const double a = 0.5 + ud(rng), slope = 0.05 * ud(rng) / B, curve = 0.002 * ud(rng) / B;
+  const int64_t wall = static_cast<int64_t>(rng() % cols);
+  for (int64_t i = 0; i < cols; ++i)
+    vc[i] = static_cast<float>(bc == kBConvex ? a + slope * i + curve * i * i
+                               : bc == kBRandom ? 0.01 + ud(rng)
+                               : bc == kBWall   ? (i <= wall ? a : 1e6)
+                                                : a + 1.0 / (1.0 + i));
+  const double draft_cost = rng() % 4 == 0 ? 0.0 : 0.05 * ud(rng);
+
+  // ---- the host wrapper: fixed-budget build (no cost row), then the decision and the cut ----
+  const int Kc = static_cast<int>(std::min<int64_t>(K, T));
+  const Layout layout = make_layout(N, D, Kc, false);
+  const bool in_smem = layout.total <= dynamic_smem_limit(232448);
+  std::vector<char> scratch(in_smem ? 0 : B * layout.total, static_cast<char>(0x5A));
+  std::vector<int32_t> num(B, 0x5A5A5A5A), par(B * T, 0x5A5A5A5A), dep(B * T, 0x5A5A5A5A), mask(B * T * W, 0x5A5A5A5A);
+  std::vector<int32_t> cut(B, 0x5A5A5A5A);
+  std::vector<int64_t> tok(B * T, 0x5A5A5A5A5A5A), pos(B * T, 0x5A5A5A5A5A5A);
+  std::vector<float> sc(B * T, 1234.5f), ex(B, 1234.5f);
+  const std::string what = "B=" + std::to_string(B) + " D=" + std::to_string(D) + " K=" + std::to_string(K) +
+                           " N=" + std::to_string(N) + " src=" + kSrcName[src] +
+                           (mode == kBatch ? " batch" : " ragged") + " cost=" + std::to_string(bc);
+  cuemu::set_case(what);
+  cuemu::launch(build_tree_kernel, dim3(B), dim3(kThreads), in_smem ? static_cast<size_t>(layout.total) : size_t{0},
+                (const float*)lp.data(), (const int64_t*)ids.data(), (const int64_t*)roots.data(),
+                (const int64_t*)ctx.data(), (const float*)nullptr, int64_t{0}, D, K, Kc, N, draft_cost,
+                in_smem ? (char*)nullptr : scratch.data(), in_smem ? int64_t{0} : layout.total, num.data(), tok.data(),
+                par.data(), dep.data(), pos.data(), sc.data(), mask.data(), ex.data());
+  cuemu::launch(ddtree::cuda::batch_budget_kernel, dim3(1), dim3(1), size_t{0}, (const float*)sc.data(), T,
+                (const int32_t*)num.data(), int64_t{B}, int64_t{N}, (const float*)vc.data(), draft_cost, mode,
+                cut.data());
+  cuemu::launch(ddtree::cuda::cut_tree_kernel<kThreads>, dim3(B), dim3(kThreads), size_t{0}, (const int32_t*)cut.data(),
+                T, W, num.data(), tok.data(), par.data(), dep.data(), pos.data(), sc.data(), mask.data(), ex.data());
+  st.launches += 3;
+
+  // ---- reference: each request's fixed-budget tree, the contract's cut, then the cut tree ----
+  struct Ref {
+    int32_t n = 0;
+    float ex = 0;
+    std::vector<int64_t> tok, pos;
+    std::vector<int32_t> par, dep, mask;
+    std::vector<float> sc;
+  };
+  auto build = [&](int b, int64_t max_nodes) {
+    Ref r;
+    r.tok.assign(T, 0);
+    r.pos.assign(T, ctx[b]);
+    r.par.assign(T, -1);
+    r.dep.assign(T, 0);
+    r.mask.assign(T * W, 0);
+    r.sc.assign(T, -INFINITY);
+    ref_build_one(&lp[static_cast<size_t>(b) * D * K], &ids[static_cast<size_t>(b) * D * K], nullptr, D, K, roots[b],
+                  ctx[b], max_nodes, draft_cost, W, &r.n, r.tok.data(), r.par.data(), r.dep.data(), r.pos.data(),
+                  r.sc.data(), r.mask.data(), &r.ex);
+    return r;
+  };
+  std::vector<std::vector<float>> scores(B);
+  for (int b = 0; b < B; ++b) {
+    const Ref full = build(b, N);
+    scores[b].assign(full.sc.begin() + 1, full.sc.begin() + 1 + full.n);
+  }
+  std::vector<int32_t> want = ref_cuts(scores, vc.data(), draft_cost, mode, N);
+  std::string why;
+  if (cut != want) {
+    const long double tg = theta_of(scores, cut, vc.data(), draft_cost, mode);
+    const long double tw = theta_of(scores, want, vc.data(), draft_cost, mode);
+    if (std::fabs(static_cast<double>(tg - tw)) > 1e-6 * static_cast<double>(tw)) why = "cut differs (not a near-tie)";
+    want = cut;  // a near-tie: check the trees the kernel chose
+  }
+  for (int b = 0; b < B && why.empty(); ++b) {
+    const Ref r = build(b, want[b]);  // the tree of its first want[b] nodes, padded to N + 1 slots
+    auto chk = [&](const char* f, int64_t i, auto got, auto exp) {
+      if (why.empty() && std::memcmp(&got, &exp, sizeof(got)) != 0)
+        why = std::string(f) + "[" + std::to_string(b) + ", " + std::to_string(i) + "] got " + std::to_string(got) +
+              " want " + std::to_string(exp);
+    };
+    chk("num_nodes", 0, num[b], r.n);
+    chk("expected_tokens", 0, ex[b], r.ex);
+    for (int64_t s = 0; s < T; ++s) {
+      chk("tokens", s, tok[b * T + s], r.tok[s]);
+      chk("parents", s, par[b * T + s], r.par[s]);
+      chk("depths", s, dep[b * T + s], r.dep[s]);
+      chk("positions", s, pos[b * T + s], r.pos[s]);
+      chk("scores", s, sc[b * T + s], r.sc[s]);
+    }
+    for (int64_t i = 0; i < T * W; ++i) chk("tree_mask", i, mask[b * T * W + i], r.mask[i]);
+  }
+  st.requests += B;
+  if (!why.empty()) {
+    if (st.bad < 5) std::printf("  MISMATCH %s: %s\n", what.c_str(), why.c_str());
+    ++st.bad;
+  }
+}
+
 int main() {
   std::mt19937 rng(11);
   Stats st;
@@ -280,6 +452,16 @@ int main() {
     }
   run_case(2, 15, 64, 8000, kSorted, kFixed, kOptinH200, rng, st);   // 227920 B: just fits
   run_case(2, 15, 64, 8000, kSorted, kConvex, kOptinH200, rng, st);  // + cost row: scratch
+  // Batch budget modes: every source, both modes, three cost shapes, random B/D/K and node caps.
+  const int launches_before = st.launches, requests_before = st.requests, bad_before = st.bad;
+  for (int mn : {0, 1, 7, 64, 300, 1024})
+    for (int s = 0; s < kNumSrc; ++s)
+      for (int mode : {ddtree::budget::kBatch, ddtree::budget::kRagged})
+        for (int c = 0; c < kNumBatchCost; ++c)
+          run_batch_case(rnd(1, 8), rnd(1, 15), std::array<int, 5>{1, 1, 4, 16, rnd(1, 16)}[rng() % 5],
+                         mn > 64 ? mn / rnd(1, 8) : mn, Src(s), mode, BatchCost(c), rng, st);
+  std::printf("build_tree batch modes: %d launches, %d requests, %d mismatches\n", st.launches - launches_before,
+              st.requests - requests_before, st.bad - bad_before);
   std::printf(
       "build_tree: %d launches, %d requests (%d cost-aware, %d stopped before max_nodes; %d via global scratch), "
       "%ld tied-score comparisons, %d mismatches\n",
