@@ -177,7 +177,7 @@ def _valid_dict():
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda d: d.update(version=2), r"version 2 is newer than this ddtree supports \(1\)"),
+        (lambda d: d.update(version=3), r"version 3 is newer than this ddtree supports \(2\)"),
         (lambda d: d.update(version="1"), r"'version' must be a positive integer"),
         (lambda d: d.update(format="something-else"), r"not a ddtree cost model"),
         (lambda d: d.pop("verify_ms"), r"missing 'verify_ms'"),
