@@ -570,11 +570,14 @@ def profile(
     ``runner.verify(tree)`` on a synthetic tree of exactly ``n`` nodes with ``context_lens`` filled with
     ``l`` (verify leaves ``context_lens`` unchanged, so repeats see the same state): ``warmup`` untimed
     calls, then ``repeats`` timed ones (CUDA events on CUDA, perf_counter on CPU); median and IQR in ms.
-    The cache is reset once to ``batch_size`` x ``max(contexts) + max(node_grid) + 1`` positions (the
-    KV contents are whatever reset leaves: timing does not depend on them).
+    The cache is reset once per batch size to ``B`` x ``max(contexts) + max(node_grid) + 1`` positions
+    (the KV contents are whatever reset leaves: timing does not depend on them).
 
     drafter_round: a zero-argument callable that runs one full drafter round (timed the same way); if
     ``None``, ``Cd`` is estimated as ``DRAFT_FRACTION * Cv(0; contexts[0])``.
+
+    batch_size (without batch_sizes): the rows of every timed forward; the model's curves are then those
+    of that batch size (kept for benchmarks that profile one size at a time).
 
     batch_sizes: profile the padded batch curves too: ``[S]`` positive, strictly increasing, starting at
     1 (the per-request curve); each size gets its own ``reset`` and its own pass over the grid (the
