@@ -139,7 +139,8 @@ def test_bad_cost_model_file(pair, capsys, tmp_path, content, message):
     (["--top-k", "5"], "--top-k/--top-p: they shape sampling; give --temperature > 0"),
     (["--top-p", "0.9"], "--top-k/--top-p: they shape sampling; give --temperature > 0"),
     (["--budget-mode", "batch"], "--budget-mode: only --method caddtree has a cost-aware budget (got --method ddtree)"),
-    (["--budget-mode", "request", "--method", "dflash"], "--budget-mode: only --method caddtree has a cost-aware budget"),
+    (["--budget-mode", "request", "--method", "dflash"],
+     "--budget-mode: only --method caddtree has a cost-aware budget"),
 ])
 def test_options_the_run_would_ignore(pair, capsys, extra, message):
     assert message in error_line(capsys, *generate(pair, *extra))
@@ -240,11 +241,13 @@ def test_profile_bad_contexts_and_out(pair, capsys, tmp_path):
     assert "--repeats: must be at least 1" in error_line(capsys, *base, "--out", "c.json", "--repeats", "0")
     for bad in ("4,16", "1,4,4", "1,16,4", "0,1", "1,-4"):
         line = error_line(capsys, *base, "--out", "c.json", "--batch-sizes", bad)
-        assert f"--batch-sizes: must start at 1 (the per-request curve) and strictly increase, such as 1,4,16,64, got {bad!r}" in line
+        assert ("--batch-sizes: must start at 1 (the per-request curve) and strictly increase, such as 1,4,16,64, "
+                f"got {bad!r}") in line
     assert "--batch-sizes: must be comma-separated integers" in error_line(capsys, *base, "--out", "c.json",
                                                                            "--batch-sizes", "1,x")
     # A cache that fits one request but not the largest batch: the batch size multiplies it.
-    line = error_line(capsys, *base, "--out", str(tmp_path / "c.json"), "--contexts", str(10**6), "--batch-sizes", "1,100000")
+    line = error_line(capsys, *base, "--out", str(tmp_path / "c.json"), "--contexts", str(10**6),
+                      "--batch-sizes", "1,100000")
     assert "arguments --contexts, --max-nodes and --batch-sizes: the target's KV cache" in line
     missing = tmp_path / "no" / "such" / "folder" / "cost.json"
     assert f"--out: folder {missing.parent} does not exist" in error_line(capsys, *base, "--out", str(missing))

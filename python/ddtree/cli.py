@@ -11,8 +11,9 @@ Values that make no sense are refused, never reinterpreted: ``--temperature`` mu
 (0 = greedy), ``--top-p`` in (0, 1], ``--top-k`` >= 0 (0 = off), ``--max-new-tokens`` >= 1,
 ``--max-nodes`` >= 0, ``--prompt`` not empty, ``--batch-sizes`` strictly increasing from 1. So are options
 the run would ignore: ``--cost-model`` or ``--budget-mode`` without ``--method caddtree``, ``--drafter``
-with ``ar``, ``--max-nodes`` with ``ar`` or ``dflash``, ``--top-k``/``--top-p`` when greedy. Prompt characters the tokenizer has no token for are named in a
-warning (they become its unknown token) and the run goes on.
+with ``ar``, ``--max-nodes`` with ``ar`` or ``dflash``, ``--top-k``/``--top-p`` when greedy. Prompt
+characters the tokenizer has no token for are named in a warning (they become its unknown token) and the
+run goes on.
 """
 from __future__ import annotations
 

@@ -104,7 +104,8 @@ class CostModel:
     batch_sizes: Optional[list[int]] = None
     batch_verify_ms: Optional[np.ndarray] = None
     batch_draft_ms: Optional[list[float]] = None
-    _tables: dict = field(default_factory=dict, init=False, repr=False)  # (device, N, bucket, buckets, mode, B) -> table
+    # (device, N, bucket, buckets, mode, B) -> dense table
+    _tables: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         self.node_grid = [int(n) for n in self.node_grid]
