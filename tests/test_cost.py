@@ -429,12 +429,21 @@ def test_batch_and_ragged_values_follow_the_documented_model():
     n = np.arange(0, 20)  # past the grid's last point (16) too: extended with the last slope
     for B in (1, 2, 4, 9, 16):  # profiled and between: exact (truth is linear in B)
         np.testing.assert_allclose(model.padded_cost(B, n, ctx), _truth(B, n, ctx), rtol=1e-12)
-    for B in (17, 40, 64):  # past the largest: the B = 16 curve at the same total slots
-        np.testing.assert_allclose(model.padded_cost(B, n, ctx), _truth(16, B * (n + 1) / 16 - 1, ctx), rtol=1e-12)
+    per_row = 0.5 + 0.001 * ctx  # truth's cost of a row at equal total slots
+    for B in (17, 40, 64):  # past the largest: the B = 16 curve at the same total slots, plus the extra rows
+        same_slots = _truth(16, B * (n + 1) / 16 - 1, ctx)
+        np.testing.assert_allclose(model.padded_cost(B, n, ctx), same_slots + (B - 16) * per_row, rtol=1e-12)
+        np.testing.assert_allclose(model.padded_cost(B, n, ctx), _truth(B, n, ctx), rtol=1e-12)  # exact for truth's form
     t = np.arange(0, 5 * 16 + 1)
     for B in (1, 3, 5, 20):  # ragged: B roots + t nodes priced as B rows at the same total slots
         np.testing.assert_allclose(model.ragged_cost(B, t, ctx), model.padded_cost(B, t / B, ctx), rtol=1e-12)
     np.testing.assert_allclose(model.ragged_cost(4, t, ctx), _truth(4, t / 4, ctx), rtol=1e-12)
+    # A row that costs nothing extra at equal total slots (or less: noise) adds nothing past the largest size.
+    slots_only = CostModel.fit([0, 4], [0], [[[1.0, 5.0]], [[4.0, 20.0]]], 1.0, batch_sizes=[1, 4])  # cost = slots
+    np.testing.assert_allclose(slots_only.padded_cost(8, [0, 4], 0), [8.0, 40.0], rtol=1e-12)
+    cheaper_rows = CostModel.fit([0, 4], [0], [[[1.0, 5.0]], [[3.0, 19.0]]], 1.0, batch_sizes=[1, 4])
+    np.testing.assert_allclose(cheaper_rows.padded_cost(8, [0, 4], 0), cheaper_rows.padded_cost(4, [1, 9], 0),
+                               rtol=1e-12)
     # Drafter rounds: linear between profiled sizes, last slope past them.
     assert [model.draft_cost_at(B) for B in (1, 4, 10, 16, 28)] == pytest.approx([1.0, 1.5, 2.25, 3.0, 4.5])
 
@@ -454,8 +463,8 @@ def test_table_shapes_and_values_per_mode(B):
     np.testing.assert_allclose(request.double().numpy(), want_request, rtol=f32)
     np.testing.assert_allclose(batch[0].double().numpy(), model.padded_cost(B, n, _centre(mean)), rtol=f32)
     np.testing.assert_allclose(ragged[0].double().numpy(), model.padded_cost(B, t / B, _centre(mean)), rtol=f32)
-    if B <= 16:  # within the profiled batch sizes: the truth itself
-        np.testing.assert_allclose(batch[0].double().numpy(), _truth(B, n, _centre(mean)), rtol=f32)
+    # Within the profiled batch sizes and past them (truth's form is what the extrapolation assumes): the truth.
+    np.testing.assert_allclose(batch[0].double().numpy(), _truth(B, n, _centre(mean)), rtol=f32)
     # What build_tree's stop relies on: non-decreasing and convex rows.
     for row in (batch[0], ragged[0]):
         v = row.double().numpy()

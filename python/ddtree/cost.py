@@ -23,10 +23,14 @@ positive scale keeps it positive, non-decreasing and convex in ``n``).
 Batches. ``verify_ms`` is the batch-1 curve (what ``"request"`` mode prices each request by). A profile
 with ``batch_sizes = [1, B_1, ...]`` adds the padded curves ``Cv(B_s, n; l)``: one forward over ``B_s``
 requests of ``n + 1`` slots each, all at context ``l``. Between profiled batch sizes the cost is linear in
-``B``; past the largest one, ``B_S``, and for a model without batch curves (``B_S = 1``: a version-1
-file, :meth:`CostModel.default`) it is the largest curve read at the same total slots,
-``Cv(B, n) = Cv(B_S, B (n + 1) / B_S - 1)`` (a linear change of ``n``, so still non-decreasing and
-convex). The ragged cost of ``B`` roots plus ``t`` nodes in one varlen forward is *modelled, not
+``B``. Past the largest one, ``B_S``, it is the largest curve read at the same total slots plus a cost
+per extra row, ``Cv(B, n) = Cv(B_S, B (n + 1) / B_S - 1) + (B - B_S) r(l)``, where ``r >= 0`` is what a
+row costs at equal total slots between the last two profiled sizes,
+``r = (Cv(B_S, 0) - Cv(B_{S-1}, B_S / B_{S-1} - 1)) / (B_S - B_{S-1})`` (per-request KV reads and
+overheads). That is a linear change of ``n`` plus a constant, so still non-decreasing and convex in
+``n``, and exact for a cost ``a + b B + c B (n + 1)``. A model without batch curves (``B_S = 1``: a
+version-1 file, :meth:`CostModel.default`) has no ``r``: the batch-1 curve at the same total slots. The
+ragged cost of ``B`` roots plus ``t`` nodes in one varlen forward is *modelled, not
 measured*: no ddtree runner has a varlen verify, so it is the padded cost at the same total slots,
 ``Cv_ragged(B, t) = Cv(B, t / B)`` (``B`` rows of ``t / B + 1`` slots). A batch's contexts are priced at
 their mean: the profile's ``B`` requests at context ``l`` read ``B l`` KV tokens, a batch with contexts
@@ -198,8 +202,8 @@ class CostModel:
 
     def _padded(self, batch_size: int, n, contexts) -> np.ndarray:
         """Padded verify cost of ``batch_size`` requests with ``n [M]`` (float) nodes each at each of
-        ``contexts [L]``: ``[L, M]`` ms. Linear in ``B`` between profiled sizes; past the largest (or
-        without batch curves) the largest curve at the same total slots."""
+        ``contexts [L]``: ``[L, M]`` ms. Linear in ``B`` between profiled sizes; past the largest the
+        largest curve at the same total slots plus the per-row cost ``r`` (none without batch curves)."""
         B = _check_batch_size(batch_size)
         n = np.atleast_1d(np.asarray(n, dtype=np.float64))
         contexts = np.atleast_1d(np.asarray(contexts, dtype=np.float64))
@@ -207,7 +211,14 @@ class CostModel:
         curve = lambda s: self.verify_ms if s == 0 else self.batch_verify_ms[s - 1]  # noqa: E731
         at = lambda s, x: eval_curves(self.node_grid, self._curves_at(contexts, curve(s)), x)  # noqa: E731
         if B >= sizes[-1]:
-            return at(len(sizes) - 1, B * (n + 1) / sizes[-1] - 1)
+            last = len(sizes) - 1
+            same_slots = at(last, B * (n + 1) / sizes[-1] - 1)
+            if last == 0:
+                return same_slots
+            # What one more row costs at equal total slots, between the last two profiled sizes: [L, 1].
+            b0, b1 = sizes[-2], sizes[-1]
+            per_row = np.maximum(0.0, (at(last, [0.0]) - at(last - 1, [b1 / b0 - 1])) / (b1 - b0))
+            return same_slots + (B - b1) * per_row
         j = int(np.searchsorted(sizes, B, side="right")) - 1
         w = (B - sizes[j]) / (sizes[j + 1] - sizes[j])
         return (1 - w) * at(j, n) + w * at(j + 1, n)
@@ -476,7 +487,8 @@ _CORE_KEYS = {"format", "version", "units", "draft_cost_ms", "contexts", "node_g
               "batch_sizes", "batch_verify_ms", "batch_draft_ms", "batch_model"}
 # What the JSON says about how batches are priced (see the module docstring).
 PADDED_MODEL = ("measured: padded forwards of B requests x (n+1) slots at the profiled batch sizes; linear in B "
-                "between them; past the largest, its curve at the same total slots")
+                "between them; past the largest, its curve at the same total slots plus a per-row cost (what a row "
+                "costs at equal total slots between the last two profiled sizes)")
 PADDED_FALLBACK = ("estimated: no batch curves profiled; B requests x (n+1) slots cost what one request with "
                    "B(n+1)-1 nodes costs (the batch-1 curve at the same total slots)")
 RAGGED_MODEL = ("modelled, not measured (no ddtree runner has a varlen verify): B roots + t nodes cost what the "
