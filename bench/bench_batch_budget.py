@@ -59,7 +59,6 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -191,31 +190,26 @@ def a800_source(path: Path = A800_CURVES) -> SlotCurve:
 
 
 class MeasuredBatches(CostSource):
-    """Profiled padded curves at a few batch sizes (linear in ``B`` between them); ragged = padded at the
-    same total slots."""
+    """Profiled padded curves at a few batch sizes (from 1), read through one ``CostModel`` with batch
+    curves: linear in ``B`` between them; ragged = padded at the same total slots (the model's rules)."""
 
     def __init__(self, name: str, models: dict[int, costmod.CostModel], context: int, assumption: str):
         self.name, self.models, self.context, self.assumption = name, dict(sorted(models.items())), context, assumption
-        self.sizes = np.array(list(self.models), np.float64)
-
-    def _between(self, B: int, f: Callable[[costmod.CostModel], np.ndarray]) -> np.ndarray:
-        sizes = self.sizes
-        j = int(np.clip(np.searchsorted(sizes, B, side="right") - 1, 0, max(len(sizes) - 2, 0)))
-        lo = f(self.models[int(sizes[j])])
-        if len(sizes) == 1:
-            return lo
-        hi = f(self.models[int(sizes[j + 1])])
-        w = (B - sizes[j]) / (sizes[j + 1] - sizes[j])
-        return lo + (hi - lo) * w
+        sizes = list(self.models)
+        first, rest = self.models[sizes[0]], [self.models[B] for B in sizes[1:]]
+        self.model = costmod.CostModel(first.node_grid, first.contexts, first.verify_ms, first.draft_cost,
+                                       batch_sizes=sizes, batch_verify_ms=np.array([m.verify_ms for m in rest]).reshape(
+                                           len(rest), *first.verify_ms.shape),
+                                       batch_draft_ms=[m.draft_cost for m in rest])
 
     def draft(self, B):
-        return float(self._between(B, lambda m: np.array(m.draft_cost)))
+        return self.model.draft_cost_at(B)
 
     def padded(self, B, n):
-        return self._between(B, lambda m: m.verify_cost(np.atleast_1d(np.asarray(n, np.float64)), self.context))
+        return self.model.padded_cost(B, n, self.context)
 
     def ragged(self, B, t):
-        return self.padded(B, (B + np.asarray(t, np.float64)) / B - 1)
+        return self.model.ragged_cost(B, t, self.context)
 
 
 def cpu_source(target, drafter, batch_sizes, context: int, node_grid, repeats: int, passes: int) -> MeasuredBatches:

@@ -87,3 +87,23 @@ def test_profile_then_generate_with_the_cost_model(folders, tmp_path):
                "--cost-model", str(out), "--max-new-tokens", "6", "--max-nodes", "8", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "method caddtree: acceptance length" in r.stdout
+
+
+def test_profile_batch_sizes_then_generate_with_each_budget_mode(folders, tmp_path):
+    _, target, drafter = folders
+    out = tmp_path / "cost.json"
+    r = ddtree("profile", "--target", str(target), "--drafter", str(drafter), "--max-nodes", "4", "--contexts", "8",
+               "--repeats", "2", "--batch-sizes", "1,2,4", "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    cost = json.loads(out.read_text())
+    assert cost["version"] == 2 and cost["batch_sizes"] == [1, 2, 4] and cost["profile"]["batch_sizes"] == [1, 2, 4]
+    assert len(cost["batch_verify_ms"]) == 2 and len(cost["batch_draft_ms"]) == 2  # batches 2 and 4
+    assert cost["batch_model"]["padded"].startswith("measured") and "not measured" in cost["batch_model"]["ragged"]
+    texts = []
+    for mode in ("request", "batch", "ragged"):
+        r = ddtree("generate", "--target", str(target), "--drafter", str(drafter), "--prompt", "ab", "--method",
+                   "caddtree", "--cost-model", str(out), "--budget-mode", mode, "--max-new-tokens", "6", "--max-nodes",
+                   "4", "--device", "cpu", "--ignore-eos")
+        assert r.returncode == 0, r.stderr
+        texts.append(r.stdout.split("\n--\n")[0])
+    assert texts[0] == texts[1] == texts[2]  # greedy: the target's own text whatever the budget

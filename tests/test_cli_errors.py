@@ -70,6 +70,8 @@ BAD_VALUES = [
     (["--threads", "0"], "--threads: must be at least 1"),
     (["--threads", "many"], "--threads: must be an integer"),
     (["--method", "medusa"], "unknown method 'medusa'; choose from ar, dflash, ddtree, caddtree"),
+    (["--method", "caddtree", "--budget-mode", "padded"],
+     "--budget-mode: unknown budget mode 'padded'; choose from request, batch, ragged"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
 ]
 
@@ -136,6 +138,9 @@ def test_bad_cost_model_file(pair, capsys, tmp_path, content, message):
     (["--method", "ar"], "--drafter: --method ar uses no drafter"),
     (["--top-k", "5"], "--top-k/--top-p: they shape sampling; give --temperature > 0"),
     (["--top-p", "0.9"], "--top-k/--top-p: they shape sampling; give --temperature > 0"),
+    (["--budget-mode", "batch"], "--budget-mode: only --method caddtree has a cost-aware budget (got --method ddtree)"),
+    (["--budget-mode", "request", "--method", "dflash"],
+     "--budget-mode: only --method caddtree has a cost-aware budget"),
 ])
 def test_options_the_run_would_ignore(pair, capsys, extra, message):
     assert message in error_line(capsys, *generate(pair, *extra))
@@ -199,7 +204,7 @@ def test_folder_without_weights(pair, capsys, tmp_path, which):
 def test_profile_kv_cache_beyond_memory(pair, capsys, tmp_path):
     line = error_line(capsys, "profile", "--target", pair[1], "--contexts", str(10**12), "--device", "cpu",
                       "--out", str(tmp_path / "c.json"))
-    assert "arguments --contexts and --max-nodes: the target's KV cache for" in line and "GB" in line
+    assert "arguments --contexts, --max-nodes and --batch-sizes: the target's KV cache for" in line and "GB" in line
 
 
 def test_target_without_tokenizer(pair, capsys, tmp_path):
@@ -234,6 +239,16 @@ def test_profile_bad_contexts_and_out(pair, capsys, tmp_path):
     assert "--contexts: context lengths must be 0 or more" in error_line(capsys, *base, "--out", "c.json",
                                                                          "--contexts", "8,-1")
     assert "--repeats: must be at least 1" in error_line(capsys, *base, "--out", "c.json", "--repeats", "0")
+    for bad in ("4,16", "1,4,4", "1,16,4", "0,1", "1,-4"):
+        line = error_line(capsys, *base, "--out", "c.json", "--batch-sizes", bad)
+        assert ("--batch-sizes: must start at 1 (the per-request curve) and strictly increase, such as 1,4,16,64, "
+                f"got {bad!r}") in line
+    assert "--batch-sizes: must be comma-separated integers" in error_line(capsys, *base, "--out", "c.json",
+                                                                           "--batch-sizes", "1,x")
+    # A cache that fits one request but not the largest batch: the batch size multiplies it.
+    line = error_line(capsys, *base, "--out", str(tmp_path / "c.json"), "--contexts", str(10**6),
+                      "--batch-sizes", "1,100000")
+    assert "arguments --contexts, --max-nodes and --batch-sizes: the target's KV cache" in line
     missing = tmp_path / "no" / "such" / "folder" / "cost.json"
     assert f"--out: folder {missing.parent} does not exist" in error_line(capsys, *base, "--out", str(missing))
     assert f"--out: {tmp_path} is a folder" in error_line(capsys, *base, "--out", str(tmp_path))

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import ddtree
-from ddtree.cost import CostModel, DRAFT_FRACTION, OVERHEAD_MS, OVERHEAD_MS_PER_LAYER, default_node_grid, profile
+from ddtree.cost import (CostModel, DRAFT_FRACTION, OVERHEAD_MS, OVERHEAD_MS_PER_LAYER, VERSION, default_node_grid,
+                         profile)
 from ddtree.cost_fit import eval_curves, fit_monotone_convex
 
 DATA = Path(__file__).parent / "data" / "caddtree_cost_curves_a800.json"
@@ -177,7 +178,7 @@ def _valid_dict():
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda d: d.update(version=2), r"version 2 is newer than this ddtree supports \(1\)"),
+        (lambda d: d.update(version=3), r"version 3 is newer than this ddtree supports \(2\)"),
         (lambda d: d.update(version="1"), r"'version' must be a positive integer"),
         (lambda d: d.update(format="something-else"), r"not a ddtree cost model"),
         (lambda d: d.pop("verify_ms"), r"missing 'verify_ms'"),
@@ -288,6 +289,7 @@ class FakeRunner:
         self.weight = torch.randn(256, 256)
         self.context_lens = None
         self.calls = []
+        self.batches = []  # the batch size of each verify call
 
     def reset(self, batch_size, max_len):
         self.max_len = max_len
@@ -298,7 +300,9 @@ class FakeRunner:
         assert int(tree.num_nodes.min()) == int(tree.num_nodes.max()) == T - 1  # exactly n nodes, T = n + 1
         assert torch.equal(tree.positions, self.context_lens[:, None] + tree.depths.long())
         assert int(self.context_lens.max()) + T <= self.max_len
+        assert B == self.context_lens.shape[0]  # the tree has the batch reset set up
         self.calls.append((int(self.context_lens[0]), T))
+        self.batches.append(B)
         x = torch.ones(T * 32 if self.work else 1, 256)
         for _ in range(2):
             x = x @ self.weight
@@ -360,16 +364,242 @@ def test_profile_medians_and_fit_with_a_fake_clock(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_table_on_cuda_is_a_sync_free_gather():
+@pytest.mark.parametrize("mode", ["request", "batch", "ragged"])
+def test_table_on_cuda_is_a_sync_free_gather(mode):
     model, _ = _a800("Qwen3-8B")
     ctx = torch.tensor([0, 1000, 5000, 40000])
-    expect = model.table(ctx, 128)
-    model.table(ctx.cuda(), 128)  # builds and uploads the CUDA cache (one copy)
+    expect = model.table(ctx, 128, mode=mode)
+    model.table(ctx.cuda(), 128, mode=mode)  # builds and uploads the CUDA cache (one copy)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host sync below raises
     try:
-        got = model.table(ctx.cuda(), 128)
+        got = model.table(ctx.cuda(), 128, mode=mode)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert got.device.type == "cuda" and got.dtype == torch.float32
     torch.testing.assert_close(got.cpu(), expect, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batch curves: padded Cv(B, n; l) per profiled batch size, the modelled ragged cost, the tables per mode
+
+SIZES = [1, 4, 16]
+
+
+def _truth(B, n, l):
+    """A padded verify cost in ms that the model represents exactly: linear in B (interpolation between
+    batch sizes), in n (the fit) and in l (interpolation between contexts). Per row a fixed part
+    0.5 + 0.001 l, per slot 0.1."""
+    return 2.0 + B * (0.5 + 0.001 * np.asarray(l, np.float64)) + 0.1 * B * (np.asarray(n, np.float64) + 1)
+
+
+def _exact_batch_model(grid=(0, 1, 2, 4, 8, 16), contexts=(0, 4096), drafts=(1.0, 1.5, 3.0)):
+    med = np.array([[[_truth(B, n, l) for n in grid] for l in contexts] for B in SIZES])
+    return CostModel.fit(list(grid), list(contexts), med, drafts[0], batch_sizes=SIZES, batch_draft_ms=drafts[1:])
+
+
+def _centre(l, bucket=64):
+    return l // bucket * bucket + bucket / 2
+
+
+def test_batch_fit_is_monotone_convex_per_batch_size():
+    rng = np.random.default_rng(3)
+    grid = default_node_grid(64)
+    n = np.asarray(grid, np.float64)
+    contexts = [0, 512]
+    # Per batch size a convex increasing truth (slot cost plus a quadratic term once the batch is compute
+    # bound), measured with noise that makes the raw medians neither monotone nor convex.
+    truth = np.array([[[5 + 2 * B + 0.01 * l + 0.05 * B * (x + 1) + 1e-4 * (B * (x + 1)) ** 2 for x in n]
+                       for l in contexts] for B in SIZES])
+    med = truth + rng.normal(0, 0.5, truth.shape)
+    model = CostModel.fit(grid, contexts, med, 1.0, batch_sizes=SIZES)
+    assert model.batch_sizes == SIZES and model.has_batch_curves
+    assert model.batch_verify_ms.shape == (len(SIZES) - 1, len(contexts), len(grid))
+    curves = np.concatenate([model.verify_ms[None], model.batch_verify_ms])
+    for per_context, per_truth in zip(curves, truth):
+        for row, true_row in zip(per_context, per_truth):
+            _assert_monotone_convex(grid, row, TOL64 * row.max())
+            assert np.sqrt(np.mean((row - true_row) ** 2)) < 0.5  # closer to the truth than the noise
+    assert model.measured["batch_sizes"] == SIZES and np.array(model.measured["verify_median_ms"]).shape == med.shape
+
+
+def test_batch_and_ragged_values_follow_the_documented_model():
+    model = _exact_batch_model()
+    ctx = 300
+    n = np.arange(0, 20)  # past the grid's last point (16) too: extended with the last slope
+    for B in (1, 2, 4, 9, 16):  # profiled and between: exact (truth is linear in B)
+        np.testing.assert_allclose(model.padded_cost(B, n, ctx), _truth(B, n, ctx), rtol=1e-12)
+    per_row = 0.5 + 0.001 * ctx  # truth's cost of a row at equal total slots
+    for B in (17, 40, 64):  # past the largest: the B = 16 curve at the same total slots, plus the extra rows
+        same_slots = _truth(16, B * (n + 1) / 16 - 1, ctx)
+        np.testing.assert_allclose(model.padded_cost(B, n, ctx), same_slots + (B - 16) * per_row, rtol=1e-12)
+        np.testing.assert_allclose(model.padded_cost(B, n, ctx), _truth(B, n, ctx), rtol=1e-12)  # exact for truth's form
+    t = np.arange(0, 5 * 16 + 1)
+    for B in (1, 3, 5, 20):  # ragged: B roots + t nodes priced as B rows at the same total slots
+        np.testing.assert_allclose(model.ragged_cost(B, t, ctx), model.padded_cost(B, t / B, ctx), rtol=1e-12)
+    np.testing.assert_allclose(model.ragged_cost(4, t, ctx), _truth(4, t / 4, ctx), rtol=1e-12)
+    # A row that costs nothing extra at equal total slots (or less: noise) adds nothing past the largest size.
+    slots_only = CostModel.fit([0, 4], [0], [[[1.0, 5.0]], [[4.0, 20.0]]], 1.0, batch_sizes=[1, 4])  # cost = slots
+    np.testing.assert_allclose(slots_only.padded_cost(8, [0, 4], 0), [8.0, 40.0], rtol=1e-12)
+    cheaper_rows = CostModel.fit([0, 4], [0], [[[1.0, 5.0]], [[3.0, 19.0]]], 1.0, batch_sizes=[1, 4])
+    np.testing.assert_allclose(cheaper_rows.padded_cost(8, [0, 4], 0), cheaper_rows.padded_cost(4, [1, 9], 0),
+                               rtol=1e-12)
+    # Drafter rounds: linear between profiled sizes, last slope past them.
+    assert [model.draft_cost_at(B) for B in (1, 4, 10, 16, 28)] == pytest.approx([1.0, 1.5, 2.25, 3.0, 4.5])
+
+
+@pytest.mark.parametrize("B", [1, 3, 4, 16, 50])
+def test_table_shapes_and_values_per_mode(B):
+    model = _exact_batch_model()
+    N = 12
+    lens = torch.arange(B, dtype=torch.int64) * 97 % 4000 + 5  # ragged contexts, within the profiled ones
+    mean = int(lens.sum()) // B
+    request, batch, ragged = (model.table(lens, N, 4096, mode=m) for m in ("request", "batch", "ragged"))
+    assert request.shape == (B, N + 1) and batch.shape == (1, N + 1) and ragged.shape == (1, B * N + 1)
+    assert request.dtype == batch.dtype == ragged.dtype == torch.float32
+    n, t = np.arange(N + 1), np.arange(B * N + 1)
+    f32 = 4 * np.finfo(np.float32).eps
+    want_request = np.stack([_truth(1, n, _centre(int(l))) for l in lens])
+    np.testing.assert_allclose(request.double().numpy(), want_request, rtol=f32)
+    np.testing.assert_allclose(batch[0].double().numpy(), model.padded_cost(B, n, _centre(mean)), rtol=f32)
+    np.testing.assert_allclose(ragged[0].double().numpy(), model.padded_cost(B, t / B, _centre(mean)), rtol=f32)
+    # Within the profiled batch sizes and past them (truth's form is what the extrapolation assumes): the truth.
+    np.testing.assert_allclose(batch[0].double().numpy(), _truth(B, n, _centre(mean)), rtol=f32)
+    # What build_tree's stop relies on: non-decreasing and convex rows.
+    for row in (batch[0], ragged[0]):
+        v = row.double().numpy()
+        assert np.all(np.diff(v) >= 0) and np.diff(v, 2).min() >= -f32 * v.max()
+    # Cached per (mode, B): another batch of the same size is a gather, no rebuild.
+    cached = len(model._tables)
+    model.table(lens.flip(0) + 1, N, 4096, mode="ragged")
+    model.table(lens + 64, N, 4096, mode="batch")
+    assert len(model._tables) == cached
+
+
+def test_model_without_batch_curves_falls_back_to_total_slots():
+    """A batch-1 model (a version-1 file, CostModel.default) prices B requests of n nodes as one request
+    with B(n+1)-1 nodes, and B roots + t nodes as one request with B+t-1 nodes."""
+    model, _ = _a800("Qwen3-8B")
+    assert model.batch_sizes == [1] and not model.has_batch_curves
+    B, N, ctx = 6, 40, 2000
+    lens = torch.full((B,), ctx)
+    batch = model.table(lens, N, 4096, mode="batch")[0].double().numpy()
+    ragged = model.table(lens, N, 4096, mode="ragged")[0].double().numpy()
+    f32 = 4 * np.finfo(np.float32).eps
+    n, t = np.arange(N + 1), np.arange(B * N + 1)
+    np.testing.assert_allclose(batch, model.verify_cost(B * (n + 1) - 1, _centre(ctx)), rtol=f32)
+    np.testing.assert_allclose(ragged, model.verify_cost(B + t - 1, _centre(ctx)), rtol=f32)
+    assert model.draft_cost_at(B) == model.draft_cost  # no per-batch drafter profile: the same Cd
+    assert model.to_dict()["batch_model"]["padded"].startswith("estimated")
+
+
+def test_batch_model_json_round_trip(tmp_path):
+    model = _exact_batch_model()
+    model.meta["note"] = "kept"
+    path = tmp_path / "m.json"
+    model.save(path)
+    d = json.loads(path.read_text())
+    assert d["version"] == VERSION == 2 and d["batch_sizes"] == SIZES
+    assert "not measured" in d["batch_model"]["ragged"] and "mean context" in d["batch_model"]["contexts"]
+    loaded = CostModel.load(path)
+    assert loaded.batch_sizes == SIZES and loaded.batch_draft_ms == model.batch_draft_ms
+    np.testing.assert_array_equal(loaded.batch_verify_ms, model.batch_verify_ms)
+    np.testing.assert_array_equal(loaded.verify_ms, model.verify_ms)
+    assert loaded.meta["note"] == "kept" and loaded.measured == model.measured
+    lens = torch.tensor([10, 700, 30])
+    for mode in ("request", "batch", "ragged"):
+        torch.testing.assert_close(loaded.table(lens, 8, mode=mode), model.table(lens, 8, mode=mode), rtol=0, atol=0)
+    loaded.save(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == path.read_text()
+
+
+def test_version_1_file_still_loads(tmp_path):
+    """A file as the version-1 code's to_dict wrote it (no batch fields) loads as a batch-1 model."""
+    v1 = {
+        "format": "ddtree-cost-model", "version": 1, "units": "ms", "source": "profile",
+        "created": "2026-11-30T12:00:00+0000", "device": {"name": "cpu"},
+        "software": {"torch": "2.14.1", "ddtree": "0.1.0"},
+        "model": {"name_or_path": "x", "model_type": "qwen3", "config_hash": "0" * 16, "num_hidden_layers": 2,
+                  "hidden_size": 64, "dtype": "float32"},
+        "profile": {"warmup": 3, "repeats": 10, "batch_size": 1, "seed": 0, "draft_cost": "measured"},
+        "draft_cost_ms": 0.5, "contexts": [0, 100], "node_grid": [0, 1, 2],
+        "verify_ms": [[1.0, 2.0, 3.5], [1.5, 2.5, 4.0]],
+        "measured": {"verify_median_ms": [[1.0, 2.0, 3.5], [1.5, 2.5, 4.0]], "draft_median_ms": 0.5},
+    }
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(v1))
+    model = CostModel.load(path)
+    assert model.batch_sizes == [1] and not model.has_batch_curves and model.batch_draft_ms is None
+    np.testing.assert_array_equal(model.verify_ms, v1["verify_ms"])
+    assert model.draft_cost == 0.5 and model.meta["profile"]["repeats"] == 10
+    batch = model.table(torch.tensor([50, 50]), 2, 128, mode="batch")  # B = 2: the batch-1 curve at 2(n+1) slots
+    np.testing.assert_allclose(batch[0].double().numpy(), model.verify_cost([1, 3, 5], 32), rtol=1e-6)
+    assert CostModel.from_dict(model.to_dict()).to_dict() == model.to_dict()  # re-saved as version 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_sizes=[1, 4, 4]), r"batch_sizes must be positive, strictly increasing"),
+        (dict(batch_sizes=[4, 16]), r"start at 1"),
+        (dict(batch_sizes=[0, 4]), r"batch_sizes must be positive"),
+        (dict(batch_sizes=[1, 2.5]), r"batch_sizes must be integers"),
+        (dict(batch_sizes=[1, 4], batch_verify_ms=np.ones((2, 2, 3))),
+         r"batch_verify_ms must have shape .* = \[1, 2, 3\], got \[2, 2, 3\]"),
+        (dict(batch_sizes=[1, 4], batch_verify_ms=[[[1.0, 3.0, 4.0], [1.0, 2.0, 3.0]]]),
+         r"batch size 4, context 0: .*not convex"),
+        (dict(batch_sizes=[1, 4], batch_verify_ms=[[[1.0, 2.0, 3.0], [1.0, 2.0, math.nan]]]), r"finite and positive"),
+        (dict(batch_sizes=[1, 4], batch_verify_ms=np.ones((1, 2, 3)), batch_draft_ms=[1.0, 2.0]),
+         r"batch_draft_ms must hold 1"),
+    ],
+)
+def test_bad_batch_curves(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CostModel([0, 1, 2], [0, 100], [[1.0, 2.0, 3.5], [1.5, 2.5, 4.0]], 0.5, **kwargs)
+
+
+def test_bad_mode_and_batch_size():
+    model = _exact_batch_model()
+    with pytest.raises(ValueError, match=r"unknown budget mode 'padded'; choose from request, batch, ragged"):
+        model.table(torch.tensor([3]), 4, mode="padded")
+    with pytest.raises(ValueError, match=r"context_lens must be \[B\] with B >= 1"):
+        model.table(torch.zeros(0, dtype=torch.int64), 4, mode="batch")
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            model.padded_cost(bad, [0, 1], 0)
+    with pytest.raises(ValueError, match="batch_sizes must be positive integers, strictly increasing, starting at 1"):
+        profile(FakeRunner(), None, max_nodes=4, contexts=[0], batch_sizes=[1, 8, 4], progress=False)
+    with pytest.raises(ValueError, match="drafter_round_at"):
+        profile(FakeRunner(), lambda: None, max_nodes=4, contexts=[0], batch_sizes=[1, 4], progress=False)
+
+
+def test_profile_batch_sizes_with_a_fake_clock(monkeypatch):
+    """profile(batch_sizes=...) times every batch size's padded forwards and drafter rounds and fits them."""
+    import ddtree.timing as timing
+
+    runner = FakeRunner(work=False)
+    truth = lambda B, l, T: 1.0 + 0.01 * l * B + 0.05 * B * T + 0.002 * (B * T) ** 2  # noqa: E731
+    jitter = iter([0.0, 1.0, -1.0, 0.5, -0.5] * 10_000)
+
+    def fake_time_ms(fn, device):
+        fn()
+        if hasattr(fn, "batch"):  # a drafter round
+            return 2.0 + 0.25 * fn.batch + next(jitter)
+        return truth(runner.batches[-1], *runner.calls[-1]) + next(jitter)
+
+    def round_at(B):
+        fn = lambda: None  # noqa: E731
+        fn.batch = B
+        return fn
+
+    monkeypatch.setattr(timing, "time_ms", fake_time_ms)
+    model = profile(runner, None, max_nodes=8, contexts=[0, 200], batch_sizes=[1, 4, 8], drafter_round_at=round_at,
+                    warmup=1, repeats=5, progress=False)
+    grid = np.array(default_node_grid(8))
+    expect = np.array([[[truth(B, l, n + 1) for n in grid] for l in (0, 200)] for B in (1, 4, 8)])
+    assert sorted(set(runner.batches)) == [1, 4, 8]
+    np.testing.assert_allclose(model.measured["verify_median_ms"], expect, rtol=1e-12)
+    np.testing.assert_allclose(model.verify_ms, expect[0], rtol=1e-9)
+    np.testing.assert_allclose(model.batch_verify_ms, expect[1:], rtol=1e-9)
+    assert model.draft_cost == pytest.approx(2.25) and model.batch_draft_ms == pytest.approx([3.0, 4.0])
+    assert model.meta["profile"]["batch_sizes"] == [1, 4, 8] and "varlen" in model.meta["profile"]["ragged"]

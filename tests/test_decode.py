@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -248,3 +249,78 @@ def test_one_host_sync_per_round_cuda(method):
     r1, s1 = run(24)
     r2, s2 = run(96)
     assert r2 > r1 and s2 - s1 <= r2 - r1, (r1, s1, r2, s2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CaDDTree's batch budget modes
+
+
+def _batch_cost(slope):
+    """A cost model with batch curves at B = 1 and 4 (linear in n: per forward 1 ms + 0.2 ms per row +
+    slope ms per slot), drafting 0.5 ms: steep enough that the budgets land strictly inside 0..8."""
+    from ddtree.cost import CostModel
+
+    grid = list(range(9))
+    med = np.array([[[1.0 + 0.2 * B + slope * B * (n + 1) for n in grid]] for B in (1, 4)])
+    return CostModel.fit(grid, [0], med, 0.5, batch_sizes=[1, 4])
+
+
+def _live_sizes(out):
+    """Per round: the tree sizes of the requests still generating (accept_len > 0)."""
+    return [[n for n, a in zip(r.tree_size, r.accept_len) if a] for r in out.rounds]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("mode", ["batch", "ragged"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_batch_budget_modes_greedy_equals_transformers(arch, mode, batch):
+    s = setup(arch)
+    use_stops = batch == 4  # a ragged batch: prompts of different lengths, requests ending early
+    refs = s.refs_stop if use_stops else s.refs
+    got = []
+    for prompts in _batches(s.prompts[:8], batch):
+        out = decode.generate(s.target, s.drafter, prompts, method="caddtree", max_new_tokens=MAX_NEW, max_nodes=8,
+                              cost_model=_batch_cost(0.03), budget_mode=mode,
+                              stop_token_ids=s.stops if use_stops else ())
+        got += out.tokens
+        if mode == "batch":  # one node count for the live requests (each has more than 8 candidates)
+            assert all(len(set(r)) <= 1 for r in _live_sizes(out)), _live_sizes(out)
+    assert got == refs[:8]
+
+
+def test_batch_mode_one_size_per_round_and_ragged_mode_not():
+    s = setup("qwen3")
+    prompts = s.prompts[:4]
+    kw = dict(method="caddtree", max_new_tokens=MAX_NEW, max_nodes=8, cost_model=_batch_cost(0.03))
+    batch = _live_sizes(decode.generate(s.target, s.drafter, prompts, budget_mode="batch", **kw))
+    ragged = _live_sizes(decode.generate(s.target, s.drafter, prompts, budget_mode="ragged", **kw))
+    assert all(len(set(r)) == 1 for r in batch)
+    assert {n for r in batch for n in r} - {0, 8}, batch  # budgets strictly inside 0..8 occur
+    assert any(len(set(r)) > 1 for r in ragged), ragged  # ragged mode gives each request its own share
+
+
+@pytest.mark.parametrize("cost", ["profiled", "default"])
+def test_modes_agree_at_batch_1(cost):
+    """With one request the three modes price the same forward: identical rounds and tokens."""
+    s = setup("llama")
+    model = _batch_cost(0.1) if cost == "profiled" else None  # default: CostModel.default, no batch curves
+    sizes = set()
+    for prompt in s.prompts[:3]:
+        runs = [decode.generate(s.target, s.drafter, [prompt], method="caddtree", max_new_tokens=MAX_NEW,
+                                max_nodes=8, cost_model=model, budget_mode=mode)
+                for mode in ("request", "batch", "ragged")]
+        rounds = [[(r.tree_size, r.accept_len) for r in out.rounds] for out in runs]
+        assert rounds[0] == rounds[1] == rounds[2]
+        assert runs[0].tokens == runs[1].tokens == runs[2].tokens == [s.refs[s.prompts.index(prompt)]]
+        sizes |= {n for r in runs[0].rounds for n in r.tree_size}
+    if cost == "profiled":
+        assert sizes - {0, 8}, sizes  # budgets strictly inside 0..8: the modes agree on a real decision
+
+
+def test_budget_mode_errors():
+    s = setup("qwen3")
+    with pytest.raises(ValueError, match=r"unknown budget_mode 'padded'; choose from request, batch, ragged"):
+        decode.generate(s.target, s.drafter, [[5]], method="caddtree", budget_mode="padded")
+    for method in ("ar", "dflash", "ddtree"):
+        with pytest.raises(ValueError, match=rf"budget_mode 'batch' needs method 'caddtree'.*got method '{method}'"):
+            decode.generate(s.target, s.drafter, [[5]], method=method, budget_mode="batch")

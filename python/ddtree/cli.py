@@ -9,10 +9,11 @@ while loading (transformers, torch, json, the OS) is translated to the same one 
 
 Values that make no sense are refused, never reinterpreted: ``--temperature`` must be finite and >= 0
 (0 = greedy), ``--top-p`` in (0, 1], ``--top-k`` >= 0 (0 = off), ``--max-new-tokens`` >= 1,
-``--max-nodes`` >= 0, ``--prompt`` not empty. So are options the run would ignore: ``--cost-model``
-without ``--method caddtree``, ``--drafter`` with ``ar``, ``--max-nodes`` with ``ar`` or ``dflash``,
-``--top-k``/``--top-p`` when greedy. Prompt characters the tokenizer has no token for are named in a
-warning (they become its unknown token) and the run goes on.
+``--max-nodes`` >= 0, ``--prompt`` not empty, ``--batch-sizes`` strictly increasing from 1. So are options
+the run would ignore: ``--cost-model`` or ``--budget-mode`` without ``--method caddtree``, ``--drafter``
+with ``ar``, ``--max-nodes`` with ``ar`` or ``dflash``, ``--top-k``/``--top-p`` when greedy. Prompt
+characters the tokenizer has no token for are named in a warning (they become its unknown token) and the
+run goes on.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from .decode import METHODS
+from .decode import BUDGET_MODES, METHODS
 
 DEFAULT_MAX_NODES = 64  # generate's --max-nodes
 TINY_MODEL_PARAMS = 50_000_000  # below this, one CPU thread beats torch's default (hand-offs cost more)
@@ -115,6 +116,12 @@ def method(text: str) -> str:
     return text
 
 
+def budget_mode(text: str) -> str:
+    if text not in BUDGET_MODES:
+        raise argparse.ArgumentTypeError(f"unknown budget mode {text!r}; choose from {', '.join(BUDGET_MODES)}")
+    return text
+
+
 def device(text: str) -> str:
     kind, _, index = text.partition(":")
     if kind == "cpu" and not index or kind == "cuda" and (not index or index.isdigit()):
@@ -146,6 +153,17 @@ def contexts(text: str) -> list[int]:
     if any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"context lengths must be 0 or more, got {text!r}")
     return sorted(set(values))
+
+
+def batch_sizes(text: str) -> list[int]:
+    try:
+        values = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,4,16,64, got {text!r}") from None
+    if values[0] != 1 or any(b <= a for a, b in zip(values, values[1:])):
+        raise argparse.ArgumentTypeError(
+            f"must start at 1 (the per-request curve) and strictly increase, such as 1,4,16,64, got {text!r}")
+    return values
 
 
 # ---- files and folders -----------------------------------------------------------------------------
@@ -425,6 +443,8 @@ def _refuse_ignored(args) -> None:
     m = args.method
     if args.cost_model is not None and m != "caddtree":
         raise UsageError(f"argument --cost-model: only --method caddtree reads a cost model (got --method {m})")
+    if args.budget_mode is not None and m != "caddtree":
+        raise UsageError(f"argument --budget-mode: only --method caddtree has a cost-aware budget (got --method {m})")
     if args.drafter is not None and m == "ar":
         raise UsageError("argument --drafter: --method ar uses no drafter")
     if args.max_nodes is not None and m in ("ar", "dflash"):
@@ -435,6 +455,8 @@ def _refuse_ignored(args) -> None:
                          "(0, the default, is greedy)")
     if args.max_nodes is None:
         args.max_nodes = DEFAULT_MAX_NODES
+    if args.budget_mode is None:
+        args.budget_mode = "request"
 
 
 def cmd_generate(args) -> int:
@@ -469,7 +491,8 @@ def cmd_generate(args) -> int:
     sys.stdout.write(args.prompt)
     res = decode.generate(target, drafter, [ids], method=args.method, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_nodes=args.max_nodes,
-                          cost_model=cost, stop_token_ids=sorted(stops), seed=args.seed, on_tokens=stream)
+                          cost_model=cost, budget_mode=args.budget_mode, stop_token_ids=sorted(stops), seed=args.seed,
+                          on_tokens=stream)
     sizes = [n for r in res.rounds for n in r.tree_size]
     n_tok = len(res.tokens[0])
     print("\n--")
@@ -485,8 +508,8 @@ def cmd_profile(args) -> int:
     target_cfg, _ = _pair_folders(args, need_drafter=bool(args.drafter))
     device = _device(args)
     dtype = _dtype(args, device)
-    _check_kv_memory(target_cfg, max(args.contexts) + args.max_nodes + 1, dtype, device,
-                     "arguments --contexts and --max-nodes")
+    _check_kv_memory(target_cfg, max(args.batch_sizes) * (max(args.contexts) + args.max_nodes + 1), dtype, device,
+                     "arguments --contexts, --max-nodes and --batch-sizes")
     target, drafter = _load_models(args, device, dtype, need_drafter=bool(args.drafter))
     _set_threads(args.threads, device, _num_params(target))
     import torch
@@ -494,19 +517,22 @@ def cmd_profile(args) -> int:
     from .cost import profile
 
     contexts_ = args.contexts
-    drafter_round = None
-    if drafter is not None:
-        # One drafter round (a block forward after a one-token context extension) at the first context.
-        S = max(contexts_) + drafter.block_size + 2
-        drafter.reset(1, S)
+
+    def drafter_round_at(B: int):
+        """One drafter round over B requests (a block forward after a one-token context extension) at the
+        first context."""
+        drafter.reset(B, max(contexts_) + drafter.block_size + 2)
         F = len(drafter.target_layer_ids) * target.hidden_size
         dev = target.device
-        feats = torch.randn(1, max(contexts_[0], 1), F, device=dev, dtype=target.dtype)
+        feats = torch.randn(B, max(contexts_[0], 1), F, device=dev, dtype=target.dtype)
         target.set_feature_layers(drafter.target_layer_ids)
-        drafter.draft(target, torch.zeros(1, dtype=torch.long, device=dev), feats, torch.tensor([contexts_[0]], device=dev))
-        x, one, zero = torch.zeros(1, dtype=torch.long, device=dev), feats[:, :1], torch.zeros(1, dtype=torch.long, device=dev)
-        drafter_round = lambda: drafter.draft(target, x, one, zero)  # noqa: E731
-    model = profile(target, drafter_round, max_nodes=args.max_nodes, contexts=contexts_, repeats=args.repeats)
+        zero = torch.zeros(B, dtype=torch.long, device=dev)
+        drafter.draft(target, zero, feats, torch.full((B,), contexts_[0], device=dev))
+        one = feats[:, :1]
+        return lambda: drafter.draft(target, zero, one, zero)
+
+    model = profile(target, None, max_nodes=args.max_nodes, contexts=contexts_, repeats=args.repeats,
+                    batch_sizes=args.batch_sizes, drafter_round_at=drafter_round_at if drafter is not None else None)
     try:
         model.save(args.out)
     except OSError as e:
@@ -587,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"DDTree's node budget, CaDDTree's cap; ar and dflash have none (default: {DEFAULT_MAX_NODES})")
     p.add_argument("--cost-model", default=None, metavar="JSON", help="cost model JSON from `ddtree profile`, for --method caddtree "
                                                       "(default: an estimate from the target's size and the device)")
+    p.add_argument("--budget-mode", type=budget_mode, metavar="MODE", default=None,
+                   help=f"one of {', '.join(BUDGET_MODES)}, for --method caddtree: price each request's verify on its "
+                        "own, one node count for the padded batch, or the batch's best nodes under a ragged cost; "
+                        "this command runs one prompt, where the three agree (default: request)")
     p.add_argument("--seed", type=seed_int, metavar="N", default=0, help="seed for sampling")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end-of-sequence token")
     _run_options(p)
@@ -602,6 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=contexts, default="128,1024,4096", metavar="L1,L2,...",
                    help="context lengths measured, comma-separated")
     p.add_argument("--repeats", type=positive_int, metavar="N", default=10, help="timed repeats per point (the median is kept)")
+    p.add_argument("--batch-sizes", type=batch_sizes, default="1", metavar="1,B2,...",
+                   help="batch sizes whose padded verify cost (B requests x (n+1) slots) is measured, from 1 and "
+                        "increasing, e.g. 1,4,16,64; the ragged cost is modelled from them (no runner has a varlen "
+                        "verify)")
     p.add_argument("--out", required=True, metavar="FILE", help="output JSON file (its folder must exist)")
     _run_options(p)
     _model_options(p)

@@ -8,14 +8,33 @@ non-decreasing and convex in ``n``.
 * :func:`profile` measures both through the same runner generation uses and fits a :class:`CostModel`.
 * :meth:`CostModel.default` estimates them from the model's shape and the device's measured bandwidth and
   matrix rate (a roofline), for use without a profile.
-* :meth:`CostModel.table` gives ``build_tree`` its ``[B, max_nodes + 1]`` float32 table on the device.
-* :meth:`CostModel.save` / :meth:`CostModel.load`: versioned JSON (``"format": "ddtree-cost-model"``).
+* :meth:`CostModel.table` gives ``build_tree`` the float32 table of its ``budget_mode`` on the device:
+  ``[B, max_nodes + 1]`` (``"request"``), ``[1, max_nodes + 1]`` (``"batch"``), ``[1, B*max_nodes + 1]``
+  (``"ragged"``).
+* :meth:`CostModel.save` / :meth:`CostModel.load`: versioned JSON (``"format": "ddtree-cost-model"``;
+  version 2 adds the batch curves, version 1 files still load).
 
 Representation: one curve per profiled context ``l_c``, its fitted values at a shared node grid
 (piecewise linear between grid points, see :mod:`ddtree.cost_fit`). Across contexts: linear interpolation
 between profiled contexts, flat below the first, and past the last the last curve scaled by
 ``1 + r (l - l_last)`` with ``r >= 0`` the relative growth per token between the last two contexts (a
 positive scale keeps it positive, non-decreasing and convex in ``n``).
+
+Batches. ``verify_ms`` is the batch-1 curve (what ``"request"`` mode prices each request by). A profile
+with ``batch_sizes = [1, B_1, ...]`` adds the padded curves ``Cv(B_s, n; l)``: one forward over ``B_s``
+requests of ``n + 1`` slots each, all at context ``l``. Between profiled batch sizes the cost is linear in
+``B``. Past the largest one, ``B_S``, it is the largest curve read at the same total slots plus a cost
+per extra row, ``Cv(B, n) = Cv(B_S, B (n + 1) / B_S - 1) + (B - B_S) r(l)``, where ``r >= 0`` is what a
+row costs at equal total slots between the last two profiled sizes,
+``r = (Cv(B_S, 0) - Cv(B_{S-1}, B_S / B_{S-1} - 1)) / (B_S - B_{S-1})`` (per-request KV reads and
+overheads). That is a linear change of ``n`` plus a constant, so still non-decreasing and convex in
+``n``, and exact for a cost ``a + b B + c B (n + 1)``. A model without batch curves (``B_S = 1``: a
+version-1 file, :meth:`CostModel.default`) has no ``r``: the batch-1 curve at the same total slots. The
+ragged cost of ``B`` roots plus ``t`` nodes in one varlen forward is *modelled, not
+measured*: no ddtree runner has a varlen verify, so it is the padded cost at the same total slots,
+``Cv_ragged(B, t) = Cv(B, t / B)`` (``B`` rows of ``t / B + 1`` slots). A batch's contexts are priced at
+their mean: the profile's ``B`` requests at context ``l`` read ``B l`` KV tokens, a batch with contexts
+``l_b`` reads ``sum_b l_b`` (a runner that pads attention to the longest context is underestimated).
 """
 from __future__ import annotations
 
@@ -35,7 +54,8 @@ from .cost_fit import check_monotone_convex, eval_curves, fit_monotone_convex
 from .timing import device_name, device_rates, median_iqr
 
 FORMAT = "ddtree-cost-model"
-VERSION = 1
+VERSION = 2  # 2: batch curves (batch_sizes, batch_verify_ms, batch_draft_ms); 1 still loads
+MODES = ("request", "batch", "ragged")
 
 # Drafter cost as a fraction of Cv(0; 0) when nothing better is known: the CaDDTree A800 profiles give
 # Cd / Cv(0) = 6.5 ms / 34 ms = 0.19 for the published DFlash drafters of Qwen3-4B/8B.
@@ -67,9 +87,14 @@ class CostModel:
 
     node_grid ``[G]`` strictly increasing node counts; contexts ``[C]`` strictly increasing context
     lengths (tokens); verify_ms ``[C, G]`` fitted ``Cv`` at those points, each row non-decreasing and
-    convex; draft_cost ``Cd`` (ms). ``meta`` (device, versions, model identity, how it was made) and
-    ``measured`` (raw medians and IQRs of a profile) are carried into the JSON untouched.
+    convex; draft_cost ``Cd`` (ms). These are batch 1. ``meta`` (device, versions, model identity, how
+    it was made) and ``measured`` (raw medians and IQRs of a profile) are carried into the JSON untouched.
     ``bucket`` and ``max_context`` shape :meth:`table`'s cache (runtime settings, not saved).
+
+    Batch curves (optional): batch_sizes ``[S]`` strictly increasing, starting at 1; batch_verify_ms
+    ``[S-1, C, G]`` the padded ``Cv(B, n; l)`` for ``batch_sizes[1:]`` (batch 1 is ``verify_ms``), each row
+    non-decreasing and convex; batch_draft_ms ``[S-1]`` the drafter round at those batch sizes (``None``:
+    ``Cd`` at every batch size). See the module docstring for how other batch sizes are read.
     """
 
     node_grid: list[int]
@@ -80,7 +105,11 @@ class CostModel:
     measured: Optional[dict] = None
     bucket: int = 64
     max_context: int = 32768
-    _tables: dict = field(default_factory=dict, init=False, repr=False)  # (device, N, bucket, buckets) -> table
+    batch_sizes: Optional[list[int]] = None
+    batch_verify_ms: Optional[np.ndarray] = None
+    batch_draft_ms: Optional[list[float]] = None
+    # (device, N, bucket, buckets, mode, B) -> dense table
+    _tables: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         self.node_grid = [int(n) for n in self.node_grid]
@@ -107,14 +136,54 @@ class CostModel:
                 check_monotone_convex(self.node_grid, row)
             except ValueError as e:
                 raise ValueError(f"verify_ms at context {c}: {e}") from None
+        self._check_batches()
+
+    def _check_batches(self) -> None:
+        sizes = [1] if self.batch_sizes is None else list(self.batch_sizes)
+        if not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) for b in sizes):
+            raise ValueError(f"batch_sizes must be integers, got {sizes}")
+        sizes = [int(b) for b in sizes]
+        if not sizes or sizes[0] != 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+            raise ValueError(f"batch_sizes must be positive, strictly increasing and start at 1 (the per-request "
+                             f"curve), got {sizes}")
+        self.batch_sizes = sizes
+        C, G, S = len(self.contexts), len(self.node_grid), len(sizes)
+        curves = np.zeros((0, C, G)) if self.batch_verify_ms is None else self.batch_verify_ms
+        curves = np.asarray(curves, dtype=np.float64)
+        if curves.size == 0 and S == 1:  # JSON writes no curves as []
+            curves = curves.reshape(0, C, G)
+        if curves.shape != (S - 1, C, G):
+            raise ValueError(f"batch_verify_ms must have shape [batch_sizes - 1, contexts, node_grid] = "
+                             f"{[S - 1, C, G]}, got {list(curves.shape)}")
+        if not np.all(np.isfinite(curves)) or np.any(curves <= 0):
+            raise ValueError("batch_verify_ms must be finite and positive")
+        for B, per_context in zip(sizes[1:], curves):
+            for c, row in zip(self.contexts, per_context):
+                try:
+                    check_monotone_convex(self.node_grid, row)
+                except ValueError as e:
+                    raise ValueError(f"batch_verify_ms at batch size {B}, context {c}: {e}") from None
+        self.batch_verify_ms = curves
+        if self.batch_draft_ms is not None:
+            drafts = [float(d) for d in self.batch_draft_ms]
+            if len(drafts) != S - 1 or not all(math.isfinite(d) and d >= 0 for d in drafts):
+                raise ValueError(f"batch_draft_ms must hold {S - 1} finite non-negative costs (one per batch size "
+                                 f"after 1), got {self.batch_draft_ms}")
+            self.batch_draft_ms = drafts
+
+    @property
+    def has_batch_curves(self) -> bool:
+        """Whether padded costs were profiled beyond batch 1 (else batches use the batch-1 fallback)."""
+        return len(self.batch_sizes) > 1
 
     # ---------------------------------------------------------------------------------------------
     # Evaluation
 
-    def _curves_at(self, context_lens: np.ndarray) -> np.ndarray:
-        """``[L]`` contexts -> ``[L, G]`` curve values at the node grid (interpolated in ``l``)."""
+    def _curves_at(self, context_lens: np.ndarray, v: Optional[np.ndarray] = None) -> np.ndarray:
+        """``[L]`` contexts -> ``[L, G]`` values at the node grid of the curves ``v [C, G]`` (default
+        :attr:`verify_ms`), interpolated in ``l``."""
         ctx = np.asarray(self.contexts, dtype=np.float64)
-        v = self.verify_ms
+        v = self.verify_ms if v is None else v
         x = np.asarray(context_lens, dtype=np.float64)
         if len(ctx) == 1:
             return np.repeat(v, len(x), axis=0)
@@ -131,12 +200,69 @@ class CostModel:
         """``Cv(n; context)`` in ms, float64, for node counts ``n`` (int or ``[M]``), one context."""
         return eval_curves(self.node_grid, self._curves_at(np.array([context]))[0], np.atleast_1d(n))
 
-    def table(self, context_lens: torch.Tensor, max_nodes: int, max_context: Optional[int] = None) -> torch.Tensor:
-        """Per-request verify-cost table for ``build_tree``.
+    def _padded(self, batch_size: int, n, contexts) -> np.ndarray:
+        """Padded verify cost of ``batch_size`` requests with ``n [M]`` (float) nodes each at each of
+        ``contexts [L]``: ``[L, M]`` ms. Linear in ``B`` between profiled sizes; past the largest the
+        largest curve at the same total slots plus the per-row cost ``r`` (none without batch curves)."""
+        B = _check_batch_size(batch_size)
+        n = np.atleast_1d(np.asarray(n, dtype=np.float64))
+        contexts = np.atleast_1d(np.asarray(contexts, dtype=np.float64))
+        sizes = self.batch_sizes
+        curve = lambda s: self.verify_ms if s == 0 else self.batch_verify_ms[s - 1]  # noqa: E731
+        at = lambda s, x: eval_curves(self.node_grid, self._curves_at(contexts, curve(s)), x)  # noqa: E731
+        if B >= sizes[-1]:
+            last = len(sizes) - 1
+            same_slots = at(last, B * (n + 1) / sizes[-1] - 1)
+            if last == 0:
+                return same_slots
+            # What one more row costs at equal total slots, between the last two profiled sizes: [L, 1].
+            b0, b1 = sizes[-2], sizes[-1]
+            per_row = np.maximum(0.0, (at(last, [0.0]) - at(last - 1, [b1 / b0 - 1])) / (b1 - b0))
+            return same_slots + (B - b1) * per_row
+        j = int(np.searchsorted(sizes, B, side="right")) - 1
+        w = (B - sizes[j]) / (sizes[j + 1] - sizes[j])
+        return (1 - w) * at(j, n) + w * at(j + 1, n)
 
-        context_lens: ``[B]`` int64 (any device). Returns ``[B, max_nodes + 1]`` float32 on
-        context_lens' device, ``out[b, n] = Cv(n; context_lens[b])`` in ms (same unit as
-        :attr:`draft_cost`).
+    def padded_cost(self, batch_size: int, n, context: float) -> np.ndarray:
+        """``Cv(B, n; context)`` in ms: one forward over ``batch_size`` requests of ``n + 1`` slots each
+        (``n`` int, float or ``[M]``; one context, the batch's mean)."""
+        return self._padded(batch_size, n, [context])[0]
+
+    def ragged_cost(self, batch_size: int, t, context: float) -> np.ndarray:
+        """Modelled varlen verify cost of ``batch_size`` roots plus ``t`` nodes in all (``t`` int or
+        ``[M]``): the padded cost at the same total slots, ``padded_cost(B, t / B)``. No runner has a
+        varlen verify to measure it."""
+        B = _check_batch_size(batch_size)
+        return self.padded_cost(B, np.atleast_1d(np.asarray(t, dtype=np.float64)) / B, context)
+
+    def draft_cost_at(self, batch_size: int) -> float:
+        """``Cd`` (ms) of a drafter round over ``batch_size`` requests: linear between profiled batch sizes,
+        the last segment's slope (>= 0) past the largest; :attr:`draft_cost` at every size if the drafter
+        was not profiled per batch size."""
+        B = _check_batch_size(batch_size)
+        if self.batch_draft_ms is None:
+            return self.draft_cost
+        sizes = np.asarray(self.batch_sizes, dtype=np.float64)
+        drafts = np.asarray([self.draft_cost, *self.batch_draft_ms])
+        if B <= sizes[-1]:
+            return float(np.interp(B, sizes, drafts))
+        slope = max(0.0, (drafts[-1] - drafts[-2]) / (sizes[-1] - sizes[-2]))
+        return float(drafts[-1] + slope * (B - sizes[-1]))
+
+    def table(self, context_lens: torch.Tensor, max_nodes: int, max_context: Optional[int] = None,
+              mode: str = "request") -> torch.Tensor:
+        """Verify-cost table for ``build_tree(..., budget_mode=mode)``, in ms (the unit of :attr:`draft_cost`;
+        pass :meth:`draft_cost_at` of the batch size with the batch modes).
+
+        context_lens: ``[B]`` int64 (any device). Returns float32 on context_lens' device:
+
+        * ``"request"``: ``[B, max_nodes + 1]``, ``out[b, n] = Cv(n; context_lens[b])`` (batch 1);
+        * ``"batch"``: ``[1, max_nodes + 1]``, ``out[0, n] = Cv(B, n; l)``, every request with ``n`` nodes
+          in one padded forward;
+        * ``"ragged"``: ``[1, B * max_nodes + 1]``, ``out[0, t] = Cv_ragged(B, t; l)``, ``B`` roots plus ``t``
+          nodes (modelled from the padded curves, see the module docstring);
+
+        with ``l`` the batch's mean context (computed on the device).
 
         Cheap per round and free of host syncs: contexts are bucketed by ``bucket`` tokens (each bucket
         evaluated at its centre, so within half a bucket of the exact context); a dense
@@ -144,20 +270,35 @@ class CostModel:
         built once and cached, and a call is one gather indexed by ``context_lens // bucket`` on the
         device. ``max_context`` (default :attr:`max_context`; pass the KV cache capacity) is the largest
         context covered: longer ones get its bucket's row. Building the cache once copies it to the device
-        (a sync); later calls with the same (device, max_nodes, max_context) do not sync, so make that
-        first call before capturing a CUDA graph that calls this.
+        (a sync); later calls with the same (device, max_nodes, max_context, mode, and for the batch modes
+        batch size) do not sync, so make that first call before capturing a CUDA graph that calls this.
+        The ragged cache is ``[num_buckets, B * max_nodes + 1]``: pass ``max_context`` as the KV capacity.
         """
+        if mode not in MODES:
+            raise ValueError(f"unknown budget mode {mode!r}; choose from {', '.join(MODES)}")
         if max_nodes < 0:
             raise ValueError(f"max_nodes must be non-negative, got {max_nodes}")
+        if context_lens.dim() != 1 or context_lens.shape[0] < 1:
+            raise ValueError(f"context_lens must be [B] with B >= 1, got shape {list(context_lens.shape)}")
+        B = context_lens.shape[0] if mode != "request" else 1  # the request table is the same for any B
         num_buckets = int(max_context if max_context is not None else self.max_context) // self.bucket + 1
-        key = (context_lens.device, int(max_nodes), self.bucket, num_buckets)
+        key = (context_lens.device, int(max_nodes), self.bucket, num_buckets, mode, B)
         dense = self._tables.get(key)
         if dense is None:
             centres = np.arange(num_buckets) * self.bucket + self.bucket / 2
-            values = eval_curves(self.node_grid, self._curves_at(centres), np.arange(max_nodes + 1))
+            if mode == "request":
+                values = eval_curves(self.node_grid, self._curves_at(centres), np.arange(max_nodes + 1))
+            elif mode == "batch":
+                values = self._padded(B, np.arange(max_nodes + 1), centres)
+            else:
+                values = self._padded(B, np.arange(B * max_nodes + 1) / B, centres)
             dense = torch.tensor(values, dtype=torch.float32, device=context_lens.device)
             self._tables[key] = dense
-        idx = torch.clamp(torch.div(context_lens, self.bucket, rounding_mode="floor"), 0, num_buckets - 1)
+        if mode == "request":
+            lens = context_lens
+        else:  # the batch's mean context, on the device
+            lens = torch.div(context_lens.sum(0, keepdim=True), B, rounding_mode="floor")
+        idx = torch.clamp(torch.div(lens, self.bucket, rounding_mode="floor"), 0, num_buckets - 1)
         return dense.index_select(0, idx)
 
     # ---------------------------------------------------------------------------------------------
@@ -174,22 +315,36 @@ class CostModel:
         verify_iqr_ms=None,
         draft_iqr_ms: Optional[float] = None,
         meta: Optional[dict] = None,
+        batch_sizes: Optional[Sequence[int]] = None,
+        batch_draft_ms: Optional[Sequence[float]] = None,
     ) -> "CostModel":
-        """Fit a monotone convex curve per context to measured medians.
+        """Fit a monotone convex curve per context (and per batch size) to measured medians.
 
-        verify_median_ms / verify_iqr_ms: ``[C, G]`` ms at ``contexts [C]`` x ``node_grid [G]``;
-        draft_cost: measured ``Cd`` median (ms). The raw measurements are kept in ``measured``.
+        verify_median_ms / verify_iqr_ms: ``[C, G]`` ms at ``contexts [C]`` x ``node_grid [G]``, or with
+        ``batch_sizes [S]`` (starting at 1) ``[S, C, G]``; draft_cost: measured ``Cd`` median (ms) at
+        batch 1; batch_draft_ms: ``[S-1]`` medians at the other batch sizes. The raw measurements are
+        kept in ``measured``.
         """
         med = np.asarray(verify_median_ms, dtype=np.float64)
-        if med.shape != (len(contexts), len(node_grid)):
-            raise ValueError(f"medians must have shape {[len(contexts), len(node_grid)]}, got {list(med.shape)}")
-        fitted = np.stack([fit_monotone_convex(node_grid, row) for row in med])
+        shape = (len(contexts), len(node_grid))
+        if batch_sizes is not None:
+            shape = (len(batch_sizes),) + shape
+        if med.shape != shape:
+            raise ValueError(f"medians must have shape {list(shape)}, got {list(med.shape)}")
+        fitted = np.stack([fit_monotone_convex(node_grid, row) for row in med.reshape(-1, shape[-1])]).reshape(shape)
         measured = {"verify_median_ms": med.tolist(), "draft_median_ms": float(draft_cost)}
         if verify_iqr_ms is not None:
             measured["verify_iqr_ms"] = np.asarray(verify_iqr_ms, dtype=np.float64).tolist()
         if draft_iqr_ms is not None:
             measured["draft_iqr_ms"] = float(draft_iqr_ms)
-        return cls(list(node_grid), list(contexts), fitted, draft_cost, meta=dict(meta or {}), measured=measured)
+        if batch_sizes is None:
+            return cls(list(node_grid), list(contexts), fitted, draft_cost, meta=dict(meta or {}), measured=measured)
+        measured["batch_sizes"] = list(batch_sizes)
+        if batch_draft_ms is not None:
+            measured["batch_draft_median_ms"] = [float(d) for d in batch_draft_ms]
+        return cls(list(node_grid), list(contexts), fitted[0], draft_cost, meta=dict(meta or {}), measured=measured,
+                   batch_sizes=list(batch_sizes), batch_verify_ms=fitted[1:],
+                   batch_draft_ms=None if batch_draft_ms is None else list(batch_draft_ms))
 
     @classmethod
     def default(cls, config, device=None, dtype: torch.dtype = torch.bfloat16, drafter_config=None) -> "CostModel":
@@ -261,6 +416,11 @@ class CostModel:
             "contexts": self.contexts,
             "node_grid": self.node_grid,
             "verify_ms": self.verify_ms.tolist(),
+            "batch_sizes": self.batch_sizes,
+            "batch_verify_ms": self.batch_verify_ms.tolist(),
+            "batch_draft_ms": self.batch_draft_ms,
+            "batch_model": {"padded": PADDED_MODEL if self.has_batch_curves else PADDED_FALLBACK,
+                            "ragged": RAGGED_MODEL, "contexts": CONTEXT_MODEL},
             "measured": self.measured,
         }
 
@@ -292,7 +452,18 @@ class CostModel:
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in seq):
                 raise ValueError(f"cost model {name!r} must be a list of integers")
         meta = {k: v for k, v in d.items() if k not in _CORE_KEYS}
-        return cls(node_grid, contexts, verify, draft, meta=meta, measured=d.get("measured"))
+        batches = {}
+        if version >= 2:  # version 1 has no batch curves: batches fall back to the batch-1 curve
+            batches = {"batch_sizes": d.get("batch_sizes"), "batch_verify_ms": d.get("batch_verify_ms"),
+                       "batch_draft_ms": d.get("batch_draft_ms")}
+            if batches["batch_sizes"] is not None and not isinstance(batches["batch_sizes"], list):
+                raise ValueError("cost model 'batch_sizes' must be a list of integers")
+            try:
+                if batches["batch_verify_ms"] is not None:
+                    batches["batch_verify_ms"] = np.asarray(batches["batch_verify_ms"], dtype=np.float64)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"cost model JSON has a malformed field: {e}") from None
+        return cls(node_grid, contexts, verify, draft, meta=meta, measured=d.get("measured"), **batches)
 
     def save(self, path) -> None:
         """Write the model as JSON (never pickle) to ``path``."""
@@ -312,7 +483,23 @@ class CostModel:
             raise ValueError(f"{path}: {e}") from None
 
 
-_CORE_KEYS = {"format", "version", "units", "draft_cost_ms", "contexts", "node_grid", "verify_ms", "measured"}
+_CORE_KEYS = {"format", "version", "units", "draft_cost_ms", "contexts", "node_grid", "verify_ms", "measured",
+              "batch_sizes", "batch_verify_ms", "batch_draft_ms", "batch_model"}
+# What the JSON says about how batches are priced (see the module docstring).
+PADDED_MODEL = ("measured: padded forwards of B requests x (n+1) slots at the profiled batch sizes; linear in B "
+                "between them; past the largest, its curve at the same total slots plus a per-row cost (what a row "
+                "costs at equal total slots between the last two profiled sizes)")
+PADDED_FALLBACK = ("estimated: no batch curves profiled; B requests x (n+1) slots cost what one request with "
+                   "B(n+1)-1 nodes costs (the batch-1 curve at the same total slots)")
+RAGGED_MODEL = ("modelled, not measured (no ddtree runner has a varlen verify): B roots + t nodes cost what the "
+                "padded forward of B rows at the same total slots costs, Cv(B, t/B)")
+CONTEXT_MODEL = "a batch is priced at its mean context (the profile's B requests share one context)"
+
+
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -383,6 +570,8 @@ def profile(
     warmup: int = 3,
     repeats: int = 10,
     batch_size: int = 1,
+    batch_sizes: Optional[Sequence[int]] = None,
+    drafter_round_at: Optional[Callable[[int], Callable[[], Any]]] = None,
     progress: bool = True,
     seed: int = 0,
 ) -> CostModel:
@@ -394,11 +583,21 @@ def profile(
     ``runner.verify(tree)`` on a synthetic tree of exactly ``n`` nodes with ``context_lens`` filled with
     ``l`` (verify leaves ``context_lens`` unchanged, so repeats see the same state): ``warmup`` untimed
     calls, then ``repeats`` timed ones (CUDA events on CUDA, perf_counter on CPU); median and IQR in ms.
-    The cache is reset once to ``batch_size`` x ``max(contexts) + max(node_grid) + 1`` positions (the
-    KV contents are whatever reset leaves: timing does not depend on them).
+    The cache is reset once per batch size to ``B`` x ``max(contexts) + max(node_grid) + 1`` positions
+    (the KV contents are whatever reset leaves: timing does not depend on them).
 
     drafter_round: a zero-argument callable that runs one full drafter round (timed the same way); if
     ``None``, ``Cd`` is estimated as ``DRAFT_FRACTION * Cv(0; contexts[0])``.
+
+    batch_size (without batch_sizes): the rows of every timed forward; the model's curves are then those
+    of that batch size (kept for benchmarks that profile one size at a time).
+
+    batch_sizes: profile the padded batch curves too: ``[S]`` positive, strictly increasing, starting at
+    1 (the per-request curve); each size gets its own ``reset`` and its own pass over the grid (the
+    forward is ``B x (n + 1)`` slots, every request at context ``l``), and ``batch_size`` must be left at
+    1. drafter_round_at(B) returns the zero-argument drafter round over ``B`` requests (it replaces
+    ``drafter_round``; ``None``: ``Cd`` estimated as above, the same at every batch size). The ragged cost
+    is not measured (no runner has a varlen verify): the model reads it off the padded curves.
     """
     from tqdm.auto import tqdm
 
@@ -406,30 +605,46 @@ def profile(
     contexts = sorted(int(c) for c in contexts)
     if not contexts or contexts[0] < 0:
         raise ValueError(f"contexts must be a non-empty list of non-negative lengths, got {contexts}")
+    if batch_sizes is not None:
+        sizes = list(batch_sizes)
+        if (not sizes or not all(isinstance(b, int) and not isinstance(b, bool) for b in sizes) or sizes[0] != 1
+                or any(b <= a for a, b in zip(sizes, sizes[1:]))):
+            raise ValueError(f"batch_sizes must be positive integers, strictly increasing, starting at 1, got {sizes}")
+        if batch_size != 1:
+            raise ValueError("give batch_size or batch_sizes, not both")
+        if drafter_round is not None:
+            raise ValueError("with batch_sizes, give the drafter round as drafter_round_at(batch_size)")
+    else:
+        sizes = [batch_size]
+        if drafter_round_at is not None:
+            drafter_round = drafter_round_at(batch_size)
     device = torch.device(runner.device)
     gen = torch.Generator().manual_seed(seed)
-    runner.reset(batch_size, contexts[-1] + grid[-1] + 1)
-    trees = {n: synthetic_tree(n, 0, batch_size=batch_size, vocab_size=int(runner.vocab_size), generator=gen)
-             for n in grid}
 
-    med = np.zeros((len(contexts), len(grid)))
+    med = np.zeros((len(sizes), len(contexts), len(grid)))
     iqr = np.zeros_like(med)
-    bar = tqdm(total=len(contexts) * len(grid), desc="profile Cv(n; l)", unit="pt", disable=not progress)
+    draft_med, draft_iqr = [None] * len(sizes), [None] * len(sizes)
+    bar = tqdm(total=med.size, desc="profile Cv(n; l)", unit="pt", disable=not progress)
     with torch.inference_mode():
-        for i, ctx in enumerate(contexts):
-            for j, n in enumerate(grid):
-                bar.set_postfix(l=ctx, n=n)
-                tree = trees[n]
-                tree.positions = tree.depths.to(torch.int64) + ctx  # positions = context_len + depth
-                tree = tree.to(device)
-                runner.context_lens.fill_(ctx)  # in place: a graph-captured verify reads this buffer
-                med[i, j], iqr[i, j] = median_iqr(timing.samples_ms(lambda: runner.verify(tree), device, warmup, repeats))
-                bar.update()
+        for s, B in enumerate(sizes):
+            runner.reset(B, contexts[-1] + grid[-1] + 1)
+            trees = {n: synthetic_tree(n, 0, batch_size=B, vocab_size=int(runner.vocab_size), generator=gen)
+                     for n in grid}
+            for i, ctx in enumerate(contexts):
+                for j, n in enumerate(grid):
+                    bar.set_postfix(B=B, l=ctx, n=n)
+                    tree = trees[n]
+                    tree.positions = tree.depths.to(torch.int64) + ctx  # positions = context_len + depth
+                    tree = tree.to(device)
+                    runner.context_lens.fill_(ctx)  # in place: a graph-captured verify reads this buffer
+                    med[s, i, j], iqr[s, i, j] = median_iqr(
+                        timing.samples_ms(lambda: runner.verify(tree), device, warmup, repeats))
+                    bar.update()
+            round_fn = drafter_round_at(B) if batch_sizes is not None and drafter_round_at is not None else (
+                drafter_round if batch_sizes is None else None)
+            if round_fn is not None:
+                draft_med[s], draft_iqr[s] = median_iqr(timing.samples_ms(round_fn, device, warmup, repeats))
         bar.close()
-        if drafter_round is not None:
-            draft_med, draft_iqr = median_iqr(timing.samples_ms(drafter_round, device, warmup, repeats))
-        else:
-            draft_med, draft_iqr = None, None
 
     meta = {
         "source": "profile",
@@ -438,11 +653,20 @@ def profile(
         "software": _software(),
         "model": model_identity(runner.config, getattr(runner, "dtype", None)),
         "profile": {"warmup": warmup, "repeats": repeats, "batch_size": batch_size, "seed": seed,
-                    "draft_cost": "measured" if drafter_round is not None else "estimated"},
+                    "draft_cost": "measured" if draft_med[0] is not None else "estimated"},
     }
-    model = CostModel.fit(grid, contexts, med, draft_med if draft_med is not None else 0.0,
-                          verify_iqr_ms=iqr, draft_iqr_ms=draft_iqr, meta=meta)
-    if draft_med is None:  # no drafter to time: the same estimate as CostModel.default without a drafter
+    if batch_sizes is None:
+        model = CostModel.fit(grid, contexts, med[0], draft_med[0] if draft_med[0] is not None else 0.0,
+                              verify_iqr_ms=iqr[0], draft_iqr_ms=draft_iqr[0], meta=meta)
+    else:
+        meta["profile"].update(batch_sizes=sizes, ragged="modelled from the padded curves (no varlen runner)")
+        measured_drafts = draft_med[0] is not None
+        model = CostModel.fit(grid, contexts, med, draft_med[0] if measured_drafts else 0.0, verify_iqr_ms=iqr,
+                              draft_iqr_ms=draft_iqr[0], meta=meta, batch_sizes=sizes,
+                              batch_draft_ms=draft_med[1:] if measured_drafts else None)
+        if measured_drafts:
+            model.measured["batch_draft_iqr_ms"] = draft_iqr[1:]
+    if draft_med[0] is None:  # no drafter to time: the same estimate as CostModel.default without a drafter
         model.draft_cost = DRAFT_FRACTION * float(model.verify_ms[0, 0])
         model.measured["draft_median_ms"] = None
     return model

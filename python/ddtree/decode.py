@@ -14,6 +14,14 @@ tree nodes, and the host synchronises once per round. Methods: ``ar`` (root-only
 drafter), ``dflash`` (a single chain of the drafter's top-1 tokens, ``K = 1``), ``ddtree`` (best-first
 tree of ``max_nodes`` nodes) and ``caddtree`` (the cost-aware budget from ``cost_model``).
 
+CaDDTree's ``budget_mode`` (see ``build_tree``): ``"request"`` sizes each request's tree by its own
+batch-1 cost curve; ``"batch"`` picks one node count ``n`` for the whole batch from the padded cost of
+``B`` requests with ``n`` nodes; ``"ragged"`` picks the batch's ``t`` most probable nodes from the cost of
+``B`` roots plus ``t`` nodes. Every round verifies the tree trimmed to the largest request's node count
+plus the root, one padded ``[B, n + 1]`` forward: in batch mode exactly the forward the budget priced.
+No runner here (``HFTarget``, ``FastTarget``) has a varlen verify, so ragged mode runs that same padded
+forward: its decision assumes a ragged forward's cost, the forward it gets is padded.
+
 Greedy decoding (``temperature == 0``) is token-for-token the target's own greedy decoding. Sampling is
 exactly lossless: ``accept_tree`` follows one independent sample per tree slot from the target's
 processed distribution (temperature, then top-k, then top-p, as in transformers), so every committed
@@ -32,6 +40,7 @@ from .target import as_target
 from .timing import Clock
 
 METHODS = ("ar", "dflash", "ddtree", "caddtree")
+BUDGET_MODES = ("request", "batch", "ragged")
 
 
 @dataclass
@@ -109,18 +118,24 @@ class _Plan:
     depth: int  # D: accept width D + 1
     candidates: int  # K per depth
     capacity: int  # S: KV cache positions per request
-    cost_table: Optional[Callable[[torch.Tensor], torch.Tensor]]  # context_lens -> [B, N+1] Cv (caddtree)
+    cost_table: Optional[Callable[[torch.Tensor], torch.Tensor]]  # context_lens -> budget_mode's Cv table (caddtree)
     draft_cost: float
+    budget_mode: str  # caddtree: request, batch or ragged (see build_tree); request for the other methods
     temperature: float
     top_k: int
     top_p: float
     generator: torch.Generator
 
     @classmethod
-    def settle(cls, method, target, drafter, prompt_lens, max_new_tokens, max_nodes, cost_model, temperature, top_k,
-               top_p, seed) -> "_Plan":
+    def settle(cls, method, target, drafter, prompt_lens, max_new_tokens, max_nodes, cost_model, budget_mode,
+               temperature, top_k, top_p, seed) -> "_Plan":
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if budget_mode not in BUDGET_MODES:
+            raise ValueError(f"unknown budget_mode {budget_mode!r}; choose from {', '.join(BUDGET_MODES)}")
+        if budget_mode != "request" and method != "caddtree":
+            raise ValueError(f"budget_mode {budget_mode!r} needs method 'caddtree' (the only cost-aware budget), "
+                             f"got method {method!r}")
         if method != "ar" and drafter is None:
             raise ValueError(f"method {method!r} needs a drafter")
         D = drafter.block_size - 1 if method != "ar" else 0
@@ -130,11 +145,18 @@ class _Plan:
         cost_table, draft_cost = None, 0.0
         if method == "caddtree":
             cost_model = cost_model if cost_model is not None else default_cost_model(target)
-            cost_table, draft_cost = (lambda lens: cost_model.table(lens, N, S)), float(cost_model.draft_cost)
+            draft_cost = float(cost_model.draft_cost)
+            if budget_mode == "request":
+                cost_table = lambda lens: cost_model.table(lens, N, S)  # noqa: E731
+            else:  # one decision for the batch: priced at its size (fixed for the whole call)
+                cost_table = lambda lens: cost_model.table(lens, N, S, mode=budget_mode)  # noqa: E731
+                if hasattr(cost_model, "draft_cost_at"):
+                    draft_cost = float(cost_model.draft_cost_at(len(prompt_lens)))
         return cls(
             drafts=method != "ar", trims=method == "caddtree", max_nodes=N, depth=D,
             candidates=1 if method == "dflash" else max(1, min(N, target.vocab_size)), capacity=S,
-            cost_table=cost_table, draft_cost=draft_cost, temperature=temperature, top_k=top_k, top_p=top_p,
+            cost_table=cost_table, draft_cost=draft_cost, budget_mode=budget_mode, temperature=temperature,
+            top_k=top_k, top_p=top_p,
             generator=torch.Generator(device=target.device).manual_seed(seed),
         )
 
@@ -215,12 +237,14 @@ def _prefill(target, prompts, plan: _Plan):
     return sample_tokens(logits, plan.temperature, plan.top_k, plan.top_p, plan.generator), feats, lengths
 
 
-def _draft_tree(target, drafter, x, feats, feat_lens, plan: _Plan, clock: Clock):
+def _draft_tree(target, drafter, x, feats, feat_lens, done, plan: _Plan, clock: Clock):
     """First half of a round, for the whole batch: drafter forward, topk_marginals, build_tree.
 
     x ``[B]`` i64: last committed tokens (not yet in the target cache). feats ``[B, P, F]``, feat_lens
-    ``[B]``: target features of the tokens committed since the drafter last ran. Returns the padded tree
-    and the marks (start, drafted, built). No host synchronisation.
+    ``[B]``: target features of the tokens committed since the drafter last ran. done ``[B]`` bool: in
+    the batch budget modes a finished request's nodes count as probability 0, so the one decision for the
+    batch weighs only live requests' gains. Returns the padded tree and the marks (start, drafted,
+    built). No host synchronisation.
     """
     start = clock.mark()
     if not plan.drafts:
@@ -233,8 +257,11 @@ def _draft_tree(target, drafter, x, feats, feat_lens, plan: _Plan, clock: Clock)
     drafted = clock.mark()
     draft_temp = plan.temperature if plan.temperature > 0 else 1.0
     logprobs, token_ids = topk_marginals(draft_logits, plan.candidates, draft_temp)
+    if plan.budget_mode != "request":
+        logprobs = logprobs.masked_fill(done[:, None, None], float("-inf"))
     cost = plan.cost_table(target.context_lens) if plan.cost_table is not None else None
-    tree = build_tree(logprobs, token_ids, x, target.context_lens, plan.max_nodes, cost, plan.draft_cost)
+    tree = build_tree(logprobs, token_ids, x, target.context_lens, plan.max_nodes, cost, plan.draft_cost,
+                      plan.budget_mode)
     return tree, (start, drafted, clock.mark())
 
 
@@ -274,6 +301,7 @@ def generate(
     top_p: float = 1.0,
     max_nodes: int = 64,
     cost_model=None,
+    budget_mode: str = "request",
     stop_token_ids: Sequence[int] = (),
     seed: int = 0,
     on_tokens: Optional[Callable[[int, list[int]], None]] = None,
@@ -284,8 +312,11 @@ def generate(
     :func:`~ddtree.target.as_target`). drafter: a :class:`~ddtree.drafter.DFlashDrafter` (or any object with
     ``block_size``, ``target_layer_ids``, ``reset`` and ``draft``); unused for ``ar``. ``max_nodes`` is the
     DDTree budget and the CaDDTree cap; ``cost_model`` (``.table(context_lens, max_nodes, max_context)``,
-    ``.draft_cost``) defaults to ``ddtree.cost.CostModel.default``. ``on_tokens(row, new_tokens)`` streams
-    output.
+    ``.draft_cost``) defaults to ``ddtree.cost.CostModel.default``. ``budget_mode`` (``caddtree`` only; see
+    :data:`BUDGET_MODES` and the module docstring) is how CaDDTree prices the batch's verify: per request,
+    one node count for the padded batch, or the batch's most probable nodes under a ragged cost; the batch
+    modes call ``cost_model.table(..., mode=budget_mode)`` and ``cost_model.draft_cost_at(B)`` when it has
+    one. ``on_tokens(row, new_tokens)`` streams output.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -294,7 +325,7 @@ def generate(
     start = time.perf_counter()
     target = as_target(target)
     plan = _Plan.settle(method, target, drafter, [len(p) for p in prompts], max_new_tokens, max_nodes, cost_model,
-                        temperature, top_k, top_p, seed)
+                        budget_mode, temperature, top_k, top_p, seed)
     B, dev = len(prompts), target.device
     target.set_feature_layers(list(drafter.target_layer_ids) if plan.drafts else [])
     target.reset(B, plan.capacity)
@@ -316,7 +347,7 @@ def generate(
     clock, rounds = Clock(dev), []
     prev: Optional[_Round] = None  # the last round's results, read at this round's host synchronisation
     while not all(done_host):
-        tree, (t_start, t_drafted, t_built) = _draft_tree(target, drafter, x, feats, feat_lens, plan, clock)
+        tree, (t_start, t_drafted, t_built) = _draft_tree(target, drafter, x, feats, feat_lens, done, plan, clock)
         # The one host synchronisation of a round: this round's tree size (the verify forward's shape is a
         # host decision) with the previous round's tokens, statistics and stop flags. Reading the previous
         # round here, not at its end, costs one unused draft after the last round instead of a second
