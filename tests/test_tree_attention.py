@@ -18,9 +18,11 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def tolerance(dtype: torch.dtype) -> float:
     """Relative error allowed, as a fraction of max|v| (outputs are convex combinations of v).
 
-    Half types: the output is rounded to the dtype (half an ulp, eps/2) and a kernel may also round the
-    softmax weights to it before P @ V (another eps/2 of max|v|): eps in all. fp32: accumulation over
-    the head dim and the keys, 2^-16 (about 128 eps) with random unit-scale inputs.
+    Half types: the output is rounded to the dtype (eps/2 of |out|), a kernel may round the softmax
+    weights to it before P @ V (eps/2 of max|v|) and hold partial outputs over parts of the keys in it
+    before combining them (a convex combination: another eps/2 of max|v|): within eps (max|v| + |out|).
+    fp32: accumulation over the head dim and the keys, 2^-16 (about 128 eps) with random unit-scale
+    inputs.
     """
     return 2.0**-16 if dtype == torch.float32 else torch.finfo(dtype).eps
 
@@ -153,3 +155,71 @@ def test_invisible_positions_do_not_leak(dtype, device):
     for b in range(B):
         n = int(tree.num_nodes[b])
         assert torch.equal(out[b, :, : n + 1], clean[b, :, : n + 1].double())
+
+
+# Shapes of real size, where the CPU kernel switches from its blocked path to torch's flash attention
+# (bf16, and few rows per kv head) and runs in parallel: ragged contexts including 0, GQA groups 1, 2
+# and 4, trees that stop early, head dims 64 and 128.
+LARGE = [(dtype, heads, T, d) for dtype in DTYPES for heads, T, d in (((8, 2), 17, 64), ((16, 8), 64, 128),
+                                                                       ((4, 4), 33, 128), ((4, 1), 200, 64))]
+
+
+@pytest.mark.parametrize("dtype,heads,T,d", LARGE, ids=str)
+def test_large_context_cpu(dtype, heads, T, d):
+    Hq, Hkv = heads
+    gen = torch.Generator().manual_seed(seed_of(dtype, heads, T, d))
+    B = 3
+    ctx = torch.tensor([0, 1500, 777])
+    tree = make_tree(B, T, gen, ctx, shrink=True)
+    q, k, v = make_qkv(B, Hq, Hkv, T, d, 1500 + T + 3, dtype, gen)
+    run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_context_arbitrary_mask_bits(dtype):
+    """The flash path with rows that see no tree slot (only the context, or nothing when the context
+    is empty), bits past num_nodes, and a large scale (peaked softmax)."""
+    gen = torch.Generator().manual_seed(21)
+    B, T, d, Hq, Hkv = 3, 40, 64, 8, 2
+    ctx = torch.tensor([0, 2000, 1000])
+    num_nodes = torch.tensor([39, 20, 30], dtype=torch.int32)
+    mask = torch.randint(-(2**31), 2**31, (B, T, 2), generator=gen, dtype=torch.int64).to(torch.int32)
+    mask[0, 5] = 0
+    mask[1, 7] = 0
+    mask[2, :10] = 0
+    q, k, v = make_qkv(B, Hq, Hkv, T, d, 2000 + T, dtype, gen)
+    out, _ = run_and_compare(q, k, v, ctx, mask, num_nodes, 0.6, "cpu")
+    assert (out[0, :, 5] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_context_invisible_positions_do_not_leak(dtype):
+    gen = torch.Generator().manual_seed(22)
+    B, T, d = 2, 64, 128
+    ctx = torch.tensor([1200, 0])
+    tree = make_tree(B, T, gen, ctx, shrink=True)
+    q, k, v = make_qkv(B, 16, 8, T, d, 1200 + T + 50, dtype, gen)
+    for b in range(B):
+        end = int(ctx[b]) + int(tree.num_nodes[b]) + 1
+        k[b, :, end:] = float("nan")
+        v[b, :, end:] = float("nan")
+    run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), "cpu")
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+def test_threads_agree(threads):
+    """The result does not depend on the thread count (each row is computed by one thread)."""
+    gen = torch.Generator().manual_seed(23)
+    B, T, d = 2, 33, 64
+    ctx = torch.tensor([900, 300])
+    tree = make_tree(B, T, gen, ctx)
+    q, k, v = make_qkv(B, 8, 4, T, d, 900 + T, torch.float32, gen)
+    args = (q, k, v, ctx, tree.tree_mask, tree.num_nodes, 0.125)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ddtree.tree_attention(*args)
+        torch.set_num_threads(threads)
+        assert torch.equal(ddtree.tree_attention(*args), one)
+    finally:
+        torch.set_num_threads(before)

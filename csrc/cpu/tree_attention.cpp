@@ -1,14 +1,20 @@
 // CPU tree_attention: each tree slot attends to the committed context and to its own ancestors.
 //
 // Row i of request b sees cache positions [0, ctx) and ctx + j for every tree slot j <= num_nodes[b]
-// whose bit is set in tree_mask[b, i] (ops.h). The oracle streams over exactly those keys, so it never
-// builds a dense [T, S] mask: per row, pass 1 writes the fp32 logits scale * <q, k> of the visible
-// keys into a scratch buffer and takes their max, pass 2 accumulates exp(logit - max) and the weighted
-// values in fp32 (the oracle favours plain code over speed: O(T * (ctx + T) * d) per head). A row
-// that sees no key outputs zeros. GQA: query head h reads kv head h / (Hq / Hkv).
-// Work is split over (request, query head) pairs with at::parallel_for.
+// whose bit is set in tree_mask[b, i] (ops.h). A row that sees no key outputs zeros.
+//
+// Tiled, as flash attention: one task is one (request, kv head) with all its G = Hq / Hkv query heads
+// stacked into M = G * T rows, so each key and value is read once for G heads. The keys are visited
+// in blocks: the logits of a block are one matrix product (torch's BLAS) in fp32, folded into running
+// row maxima, row sums and output rows (the online softmax), and the weighted values are a second
+// matrix product. The context blocks need no mask; the last block, the tree slots 0..num_nodes, gets
+// the packed ancestor bits as an additive 0 / -inf bias, so no dense mask over the context is built.
+// All arithmetic is fp32 (fp16/bf16 keys and values are widened block by block); the output is
+// rounded to the input dtype once at the end.
+//
+// Tasks are split over threads with a grain of about kParallelMacs multiply-adds, so small calls
+// (a batch-1 step of a small model) stay on the calling thread.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -22,51 +28,131 @@
 namespace ddtree::cpu {
 namespace {
 
-// Dot product with independent partial sums, so the compiler can vectorise it without -ffast-math.
-inline float dot(const float* a, const float* b, int64_t d) {
-  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t c = 0;
-  for (; c + 8 <= d; c += 8)
-    for (int u = 0; u < 8; ++u) part[u] += a[c + u] * b[c + u];
-  float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-  for (; c < d; ++c) sum += a[c] * b[c];
-  return sum;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kBlockLogits = 1 << 17;   // logits per block: 512 KiB of fp32, in L2 with its operands
+constexpr int64_t kParallelMacs = 1 << 22;  // multiply-adds per thread below which a call stays serial
+constexpr int64_t kFlashMacs = 1 << 24;     // multiply-adds of a call from which flash attention pays
+constexpr int64_t kFlashMaxRows = 128;      // fp32/fp16 rows per kv head up to which it beats the blocked path
+
+// Running state of the online softmax for the M rows of one task, plus its scratch.
+struct OnlineSoftmax {
+  at::Tensor out;      // [M, d] fp32: sum of p * v under the running max
+  at::Tensor row_max;  // [M] fp32: running max of the logits, -inf while a row has seen nothing
+  at::Tensor row_sum;  // [M] fp32: sum of exp(logit - row_max)
+  at::Tensor shift;    // [M] fp32: row_max, with 0 for rows that have seen nothing (exp(-inf - 0) = 0)
+  at::Tensor rescale;  // [M] fp32: exp(old row_max - new row_max)
+  at::Tensor block_max, block_sum;  // [M] fp32
+
+  OnlineSoftmax(int64_t M, int64_t d) {
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    out = at::zeros({M, d}, f32);
+    row_max = at::full({M}, kNegInf, f32);
+    row_sum = at::zeros({M}, f32);
+    shift = at::empty({M}, f32);
+    rescale = at::empty({M}, f32);
+    block_max = at::empty({M}, f32);
+    block_sum = at::empty({M}, f32);
+  }
+
+  // Folds in one block: logits [M, n] (overwritten with the weights) and its values [n, d].
+  void absorb(at::Tensor& logits, const at::Tensor& values) {
+    at::amax_out(block_max, logits, 1);
+    float* mx = row_max.data_ptr<float>();
+    float* sh = shift.data_ptr<float>();
+    float* rs = rescale.data_ptr<float>();
+    const float* bm = block_max.const_data_ptr<float>();
+    const int64_t M = row_max.size(0);
+    for (int64_t r = 0; r < M; ++r) {
+      const float next = std::max(mx[r], bm[r]);
+      sh[r] = next == kNegInf ? 0.0f : next;
+      rs[r] = std::exp(mx[r] - sh[r]);  // 0 for a row that had seen nothing
+      mx[r] = next;
+    }
+    logits.sub_(shift.unsqueeze(1)).exp_();
+    at::sum_out(block_sum, logits, 1);
+    row_sum.mul_(rescale).add_(block_sum);
+    out.mul_(rescale.unsqueeze(1)).addmm_(logits, values);
+  }
+
+  // out / row_sum, zeros where a row saw no key.
+  at::Tensor result() {
+    const float* s = row_sum.const_data_ptr<float>();
+    float* inv = rescale.data_ptr<float>();
+    for (int64_t r = 0; r < row_sum.size(0); ++r) inv[r] = s[r] > 0.0f ? 1.0f / s[r] : 0.0f;
+    return out.mul_(rescale.unsqueeze(1));
+  }
+};
+
+// Additive bias [T, n + 1] of one request's tree block: 0 where mask row i has bit j set, else -inf.
+at::Tensor tree_bias(const int32_t* mask, int64_t T, int64_t W, int64_t n) {
+  at::Tensor bias = at::empty({T, n + 1}, at::TensorOptions().dtype(at::kFloat));
+  float* out = bias.data_ptr<float>();
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = 0; j <= n; ++j)
+      out[i * (n + 1) + j] = (static_cast<uint32_t>(mask[i * W + j / 32]) >> (j % 32)) & 1u ? 0.0f : kNegInf;
+  return bias;
 }
 
-// One (request, query head): all T rows. The visible part of the kv head, positions [0, ctx + n], is
-// converted to fp32 once, so the inner loops are plain fp32.
-template <typename scalar_t>
-void attend_head(const scalar_t* q, const scalar_t* k, const scalar_t* v, const int32_t* mask, int64_t T,
-                 int64_t d, int64_t W, int64_t ctx, int64_t n, float scale, scalar_t* out) {
-  const int64_t visible = ctx + n + 1;
-  std::vector<float> kf(k, k + visible * d), vf(v, v + visible * d);
-  std::vector<float> qf(d), acc(d), logits(visible);
-  std::vector<int64_t> keys(visible);  // visible cache positions of the current row
-  for (int64_t i = 0; i < T; ++i) {
-    for (int64_t c = 0; c < d; ++c) qf[c] = static_cast<float>(q[i * d + c]);
-    int64_t count = 0;
-    for (int64_t p = 0; p < ctx; ++p) keys[count++] = p;
-    for (int64_t j = 0; j <= n; ++j) {
-      if ((static_cast<uint32_t>(mask[i * W + j / 32]) >> (j % 32)) & 1u) keys[count++] = ctx + j;
-    }
-    // Pass 1: logits and their max.
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < count; ++t) {
-      logits[t] = dot(qf.data(), kf.data() + keys[t] * d, d) * scale;
-      m = std::max(m, logits[t]);
-    }
-    // Pass 2: softmax-weighted sum of the values.
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    float sum = 0.0f;
-    for (int64_t t = 0; t < count; ++t) {
-      const float p = std::exp(logits[t] - m);
-      sum += p;
-      const float* vr = vf.data() + keys[t] * d;
-      for (int64_t c = 0; c < d; ++c) acc[c] += p * vr[c];
-    }
-    const float inv = count == 0 ? 0.0f : 1.0f / sum;
-    for (int64_t c = 0; c < d; ++c) out[i * d + c] = static_cast<scalar_t>(acc[c] * inv);
+// One task of the blocked path: q [M, d], k and v [S, d] of one kv head (input dtype), bias [T, n + 1];
+// writes out [M, d].
+void attend_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                  int64_t ctx, int64_t n, double scale, const at::Tensor& out) {
+  const int64_t M = q.size(0), d = q.size(1), T = bias.size(0);
+  const bool widen = k.scalar_type() != at::kFloat;
+  const at::Tensor qs = at::mul(q.to(at::kFloat), scale);  // scaled once: logits = (scale * q) . k
+  OnlineSoftmax state(M, d);
+  const int64_t block = std::max<int64_t>(64, kBlockLogits / M);
+
+  at::Tensor logits = at::empty({M, std::max(std::min(block, ctx), n + 1)}, qs.options());
+  at::Tensor kf, vf;
+  if (widen) {
+    kf = at::empty({logits.size(1), d}, qs.options());
+    vf = at::empty_like(kf);
   }
+  auto keys = [&](const at::Tensor& src, at::Tensor& buf, int64_t start, int64_t len) {
+    const at::Tensor part = src.narrow(0, start, len);
+    return widen ? buf.narrow(0, 0, len).copy_(part) : part;
+  };
+  for (int64_t start = 0; start < ctx; start += block) {
+    const int64_t len = std::min(block, ctx - start);
+    at::Tensor lg = logits.narrow(1, 0, len);
+    at::mm_out(lg, qs, keys(k, kf, start, len).t());
+    state.absorb(lg, keys(v, vf, start, len));
+  }
+  // The tree block: slots 0..n, each row under its ancestor bits (the same for every query head).
+  at::Tensor lg = logits.narrow(1, 0, n + 1);
+  at::mm_out(lg, qs, keys(k, kf, ctx, n + 1).t());
+  lg.view({M / T, T, n + 1}).add_(bias);
+  state.absorb(lg, keys(v, vf, ctx, n + 1));
+  out.copy_(state.result());
+}
+
+// The flash path for one request: q [Hkv, M, d], k and v [Hkv, S, d], bias [T, n + 1]; writes out
+// [Hkv, M, d]. Two calls of torch's flash attention, each over all kv heads: the context unmasked, the
+// tree slots 0..n under the bias; then the two normalised partial outputs are combined by their
+// log-sum-exps. Flash attention gives a row that sees nothing zeros and a log-sum-exp of 0, so such
+// tree rows get -inf here.
+void attend_request_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                          int64_t ctx, int64_t n, double scale, const at::Tensor& out) {
+  const int64_t Hkv = q.size(0), M = q.size(1), T = bias.size(0);
+  const at::Tensor mask = bias.repeat({M / T, 1}).to(q.scalar_type()).view({1, 1, M, n + 1});
+  auto [tree_out, tree_lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+      q.unsqueeze(0), k.narrow(1, ctx, n + 1).unsqueeze(0), v.narrow(1, ctx, n + 1).unsqueeze(0), 0.0, false,
+      mask, scale);
+  if (ctx == 0) {
+    out.copy_(tree_out[0]);
+    return;
+  }
+  auto [ctx_out, ctx_lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+      q.unsqueeze(0), k.narrow(1, 0, ctx).unsqueeze(0), v.narrow(1, 0, ctx).unsqueeze(0), 0.0, false,
+      std::nullopt, scale);
+  const at::Tensor sees_tree = bias.amax(1).eq(0.0f).repeat({M / T});  // [M]
+  const at::Tensor lse_t = tree_lse[0].masked_fill(sees_tree.logical_not(), kNegInf);  // [Hkv, M]
+  const at::Tensor lse = at::maximum(ctx_lse[0], lse_t);  // finite: every row sees the context
+  const at::Tensor w_c = (ctx_lse[0] - lse).exp_().unsqueeze(2), w_t = (lse_t - lse).exp_().unsqueeze(2);
+  const at::Tensor total = w_c + w_t;
+  out.copy_((ctx_out[0].to(at::kFloat) * w_c).add_(tree_out[0].to(at::kFloat) * w_t).div_(total));
+  (void)Hkv;
 }
 
 }  // namespace
@@ -90,6 +176,7 @@ at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_in, const 
   const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), W = tree_mask.size(2);
   const int64_t* ctx = context_lens.data_ptr<int64_t>();
   const int32_t* nn = num_nodes.data_ptr<int32_t>();
+  int64_t max_keys = 0;
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(ctx[b] >= 0, op, ": context_lens[", b, "] = ", ctx[b], " must be non-negative");
     TORCH_CHECK(ctx[b] + T <= S, op, ": context_lens[", b, "] = ", ctx[b],
@@ -97,24 +184,31 @@ at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_in, const 
                 ")");
     TORCH_CHECK(nn[b] >= 0 && nn[b] <= T - 1, op, ": num_nodes[", b, "] = ", nn[b],
                 " must be in [0, tree slots - 1] = [0, ", T - 1, "]");
+    max_keys = std::max<int64_t>(max_keys, ctx[b] + nn[b] + 1);
   }
 
   at::Tensor out = at::empty_like(q);
-  const int64_t group = Hq / Hkv;
-  const float scale_f = static_cast<float>(scale);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_cpu", [&] {
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k_cache.data_ptr<scalar_t>();
-    const scalar_t* vp = v_cache.data_ptr<scalar_t>();
-    const int32_t* mp = tree_mask.data_ptr<int32_t>();
-    scalar_t* op_ = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / Hq, h = bh % Hq, kvh = b * Hkv + h / group;
-        attend_head(qp + bh * T * d, kp + kvh * S * d, vp + kvh * S * d, mp + b * T * W, T, d, W, ctx[b],
-                    nn[b], scale_f, op_ + bh * T * d);
-      }
-    });
+  const int64_t G = Hq / Hkv, M = G * T;
+  std::vector<at::Tensor> bias(B);
+  for (int64_t b = 0; b < B; ++b) bias[b] = tree_bias(tree_mask.data_ptr<int32_t>() + b * T * W, T, W, nn[b]);
+  // Row block kvh of q / out: the G query heads of kv head kvh, contiguous as [G * T, d].
+  const at::Tensor q_rows = q.view({B, Hkv, M, d}), out_rows = out.view({B, Hkv, M, d});
+  const int64_t task_macs = std::max<int64_t>(1, 2 * M * max_keys * d);
+  // Real sizes in bf16 (where torch's flash attention uses bf16 matrix units when the CPU has them), and
+  // in other dtypes with few rows per kv head (where its small blocks beat our wide ones): flash
+  // attention, parallel inside, request by request. Otherwise the blocked path, parallel over tasks.
+  const bool large = B * Hkv * task_macs >= kFlashMacs;
+  if (large && (q.scalar_type() == at::kBFloat16 || M < kFlashMaxRows)) {
+    for (int64_t b = 0; b < B; ++b)
+      attend_request_flash(q_rows[b], k_cache[b], v_cache[b], bias[b], ctx[b], nn[b], scale, out_rows[b]);
+    return out;
+  }
+  const int64_t grain = std::max<int64_t>(1, kParallelMacs / task_macs);
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, h = task % Hkv;
+      attend_group(q_rows[b][h], k_cache[b][h], v_cache[b][h], bias[b], ctx[b], nn[b], scale, out_rows[b][h]);
+    }
   });
   return out;
 }
