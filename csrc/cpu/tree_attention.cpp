@@ -3,17 +3,22 @@
 // Row i of request b sees cache positions [0, ctx) and ctx + j for every tree slot j <= num_nodes[b]
 // whose bit is set in tree_mask[b, i] (ops.h). A row that sees no key outputs zeros.
 //
-// Tiled, as flash attention: one task is one (request, kv head) with all its G = Hq / Hkv query heads
-// stacked into M = G * T rows, so each key and value is read once for G heads. The keys are visited
-// in blocks: the logits of a block are one matrix product (torch's BLAS) in fp32, folded into running
-// row maxima, row sums and output rows (the online softmax), and the weighted values are a second
-// matrix product. The context blocks need no mask; the last block, the tree slots 0..num_nodes, gets
-// the packed ancestor bits as an additive 0 / -inf bias, so no dense mask over the context is built.
-// All arithmetic is fp32 (fp16/bf16 keys and values are widened block by block); the output is
-// rounded to the input dtype once at the end.
-//
-// Tasks are split over threads with a grain of about kParallelMacs multiply-adds, so small calls
-// (a batch-1 step of a small model) stay on the calling thread.
+// Tiled, as flash attention, on one of two paths; neither builds a dense mask over the context. The
+// G = Hq / Hkv query heads of a kv head are stacked as its M = G * T rows, so each key and value is read
+// once for G heads (GQA without copying K/V).
+//   * Flash path (real sizes in bf16, where torch's flash attention uses the bf16 matrix units of CPUs
+//     that have them; and real sizes with few rows per kv head, where its small blocks win): per
+//     request, one call over the context, unmasked, and one over the tree slots 0..num_nodes under the
+//     packed bits as an additive 0 / -inf bias, each over all kv heads at once and parallel inside;
+//     the two normalised partial outputs are combined by their log-sum-exps in fp32.
+//   * Blocked path (everything else): one task is one (request, kv head). Keys are visited in blocks;
+//     the logits of a block are one fp32 matrix product (torch's BLAS), folded into running row maxima,
+//     row sums and output rows (the online softmax), and the weighted values are a second product. The
+//     tree block gets the bias. fp16/bf16 keys and values are widened block by block; the output is
+//     rounded to the input dtype once at the end. Tasks are split over threads in one parallel region.
+// Small calls (below kFlashMacs multiply-adds in all, or kParallelMacs per thread: a batch-1 step of a
+// small model) stay on the blocked path on the calling thread and open no parallel region: on a busy
+// core every region waits for a descheduled thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -30,7 +35,7 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kBlockLogits = 1 << 17;   // logits per block: 512 KiB of fp32, in L2 with its operands
-constexpr int64_t kParallelMacs = 1 << 22;  // multiply-adds per thread below which a call stays serial
+constexpr int64_t kParallelMacs = 1 << 24;  // multiply-adds per thread below which a call stays serial
 constexpr int64_t kFlashMacs = 1 << 24;     // multiply-adds of a call from which flash attention pays
 constexpr int64_t kFlashMaxRows = 128;      // fp32/fp16 rows per kv head up to which it beats the blocked path
 
@@ -128,13 +133,11 @@ void attend_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 // The flash path for one request: q [Hkv, M, d], k and v [Hkv, S, d], bias [T, n + 1]; writes out
-// [Hkv, M, d]. Two calls of torch's flash attention, each over all kv heads: the context unmasked, the
-// tree slots 0..n under the bias; then the two normalised partial outputs are combined by their
-// log-sum-exps. Flash attention gives a row that sees nothing zeros and a log-sum-exp of 0, so such
-// tree rows get -inf here.
+// [Hkv, M, d]. Flash attention gives a row that sees nothing zeros and a log-sum-exp of 0, so such tree
+// rows get -inf here before the two partials are combined.
 void attend_request_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                           int64_t ctx, int64_t n, double scale, const at::Tensor& out) {
-  const int64_t Hkv = q.size(0), M = q.size(1), T = bias.size(0);
+  const int64_t M = q.size(1), T = bias.size(0);
   const at::Tensor mask = bias.repeat({M / T, 1}).to(q.scalar_type()).view({1, 1, M, n + 1});
   auto [tree_out, tree_lse] = at::_scaled_dot_product_flash_attention_for_cpu(
       q.unsqueeze(0), k.narrow(1, ctx, n + 1).unsqueeze(0), v.narrow(1, ctx, n + 1).unsqueeze(0), 0.0, false,
@@ -152,7 +155,6 @@ void attend_request_flash(const at::Tensor& q, const at::Tensor& k, const at::Te
   const at::Tensor w_c = (ctx_lse[0] - lse).exp_().unsqueeze(2), w_t = (lse_t - lse).exp_().unsqueeze(2);
   const at::Tensor total = w_c + w_t;
   out.copy_((ctx_out[0].to(at::kFloat) * w_c).add_(tree_out[0].to(at::kFloat) * w_t).div_(total));
-  (void)Hkv;
 }
 
 }  // namespace
@@ -194,9 +196,6 @@ at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_in, const 
   // Row block kvh of q / out: the G query heads of kv head kvh, contiguous as [G * T, d].
   const at::Tensor q_rows = q.view({B, Hkv, M, d}), out_rows = out.view({B, Hkv, M, d});
   const int64_t task_macs = std::max<int64_t>(1, 2 * M * max_keys * d);
-  // Real sizes in bf16 (where torch's flash attention uses bf16 matrix units when the CPU has them), and
-  // in other dtypes with few rows per kv head (where its small blocks beat our wide ones): flash
-  // attention, parallel inside, request by request. Otherwise the blocked path, parallel over tasks.
   const bool large = B * Hkv * task_macs >= kFlashMacs;
   if (large && (q.scalar_type() == at::kBFloat16 || M < kFlashMaxRows)) {
     for (int64_t b = 0; b < B; ++b)
