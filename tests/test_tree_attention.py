@@ -164,15 +164,23 @@ LARGE = [(dtype, heads, T, d) for dtype in DTYPES for heads, T, d in (((8, 2), 1
                                                                        ((4, 4), 33, 128), ((4, 1), 200, 64))]
 
 
+@pytest.mark.parametrize("threads", (1, 2))
 @pytest.mark.parametrize("dtype,heads,T,d", LARGE, ids=str)
-def test_large_context_cpu(dtype, heads, T, d):
+def test_large_context_cpu(dtype, heads, T, d, threads):
+    """On one thread fp32/fp16 with 128 rows per kv head take the blocked path over many key blocks;
+    the rest take the flash path."""
     Hq, Hkv = heads
     gen = torch.Generator().manual_seed(seed_of(dtype, heads, T, d))
     B = 3
     ctx = torch.tensor([0, 1500, 777])
     tree = make_tree(B, T, gen, ctx, shrink=True)
     q, k, v = make_qkv(B, Hq, Hkv, T, d, 1500 + T + 3, dtype, gen)
-    run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), "cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), "cpu")
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -6,24 +6,29 @@
 // Tiled, as flash attention, on one of two paths; neither builds a dense mask over the context. The
 // G = Hq / Hkv query heads of a kv head are stacked as its M = G * T rows, so each key and value is read
 // once for G heads (GQA without copying K/V).
-//   * Flash path (real sizes in bf16, where torch's flash attention uses the bf16 matrix units of CPUs
-//     that have them; and real sizes with few rows per kv head, where its small blocks win): per
-//     request, one call over the context, unmasked, and one over the tree slots 0..num_nodes under the
-//     packed bits as an additive 0 / -inf bias, each over all kv heads at once and parallel inside;
-//     the two normalised partial outputs are combined by their log-sum-exps in fp32.
-//   * Blocked path (everything else): one task is one (request, kv head). Keys are visited in blocks;
-//     the logits of a block are one fp32 matrix product (torch's BLAS), folded into running row maxima,
-//     row sums and output rows (the online softmax), and the weighted values are a second product. The
-//     tree block gets the bias. fp16/bf16 keys and values are widened block by block; the output is
-//     rounded to the input dtype once at the end. Tasks are split over threads in one parallel region.
-// Small calls (below kFlashMacs multiply-adds in all, or kParallelMacs per thread: a batch-1 step of a
-// small model) stay on the blocked path on the calling thread and open no parallel region: on a busy
-// core every region waits for a descheduled thread.
+//   * Flash path, for real sizes (kFlashMacs multiply-adds and more) unless the blocked path wins (below):
+//     torch's flash attention uses the bf16 matrix units of CPUs that have them and small blocks that
+//     suit few rows per kv head. Per request, one call over the context, unmasked, and one over
+//     the tree slots 0..num_nodes under the packed bits as an additive 0 / -inf bias, each over all kv
+//     heads at once and parallel inside; the two normalised partial outputs are combined by their
+//     log-sum-exps in fp32.
+//   * Blocked path, on the calling thread, for small calls, and on one thread for fp32/fp16 with many
+//     rows per kv head and a long context: one (request, kv head) at a time. Keys are visited in
+//     blocks; the logits of a block are one fp32 matrix product (torch's BLAS), folded into running row
+//     maxima, row sums and output rows (the online softmax), and the weighted values are a second
+//     product. The tree block gets the bias. fp16/bf16 keys and values are widened block by block; the
+//     output is rounded to the input dtype once at the end.
+// The blocked path opens no parallel region of its own, so small calls (a batch-1 step of a small
+// model) stay on the calling thread. (A parallel region over its tasks, each calling torch's BLAS and
+// elementwise ops, spent most of its time with threads spinning in OpenMP barriers on a busy 2-core
+// machine; flash attention's own parallel loop does not.)
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -35,9 +40,8 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kBlockLogits = 1 << 17;   // logits per block: 512 KiB of fp32, in L2 with its operands
-constexpr int64_t kParallelMacs = 1 << 24;  // multiply-adds per thread below which a call stays serial
 constexpr int64_t kFlashMacs = 1 << 24;     // multiply-adds of a call from which flash attention pays
-constexpr int64_t kFlashMaxRows = 128;      // fp32/fp16 rows per kv head up to which it beats the blocked path
+constexpr int64_t kFlashMaxRows = 128;      // fp32/fp16 rows per kv head below which flash beats blocked
 
 // Running state of the online softmax for the M rows of one task, plus its scratch.
 struct OnlineSoftmax {
@@ -132,9 +136,32 @@ void attend_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   out.copy_(state.result());
 }
 
+// Combines two normalised partial outputs by their log-sum-exps, in fp32: for each row,
+// out = (o_c e^(lse_c - m) + o_t e^(lse_t - m)) / (e^(lse_c - m) + e^(lse_t - m)) with m the larger lse.
+// A plain loop: as ATen ops these would be a handful of parallel regions of their own.
+template <typename scalar_t>
+void combine(const at::Tensor& o_c, const at::Tensor& lse_c, const at::Tensor& o_t, const at::Tensor& lse_t,
+             const std::vector<uint8_t>& sees_tree, const at::Tensor& out) {
+  const int64_t H = out.size(0), M = out.size(1), d = out.size(2);
+  const at::Tensor oc = o_c.contiguous(), ot = o_t.contiguous(), lc = lse_c.contiguous(), lt = lse_t.contiguous();
+  const scalar_t* pc = oc.const_data_ptr<scalar_t>();
+  const scalar_t* pt = ot.const_data_ptr<scalar_t>();
+  const float* plc = lc.const_data_ptr<float>();
+  const float* plt = lt.const_data_ptr<float>();
+  scalar_t* po = out.data_ptr<scalar_t>();
+  for (int64_t r = 0; r < H * M; ++r) {
+    // Flash attention gives a row that sees no key zeros and a log-sum-exp of 0: such a tree row has
+    // weight 0 here. Every row sees the context, so lse_c is finite.
+    const float a = plc[r], b = sees_tree[r % M] ? plt[r] : kNegInf, m = std::max(a, b);
+    const float wc = std::exp(a - m), wt = std::exp(b - m), inv = 1.0f / (wc + wt);
+    for (int64_t c = 0; c < d; ++c)
+      po[r * d + c] = static_cast<scalar_t>((static_cast<float>(pc[r * d + c]) * wc +
+                                             static_cast<float>(pt[r * d + c]) * wt) * inv);
+  }
+}
+
 // The flash path for one request: q [Hkv, M, d], k and v [Hkv, S, d], bias [T, n + 1]; writes out
-// [Hkv, M, d]. Flash attention gives a row that sees nothing zeros and a log-sum-exp of 0, so such tree
-// rows get -inf here before the two partials are combined.
+// [Hkv, M, d] (contiguous).
 void attend_request_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                           int64_t ctx, int64_t n, double scale, const at::Tensor& out) {
   const int64_t M = q.size(1), T = bias.size(0);
@@ -149,12 +176,15 @@ void attend_request_flash(const at::Tensor& q, const at::Tensor& k, const at::Te
   auto [ctx_out, ctx_lse] = at::_scaled_dot_product_flash_attention_for_cpu(
       q.unsqueeze(0), k.narrow(1, 0, ctx).unsqueeze(0), v.narrow(1, 0, ctx).unsqueeze(0), 0.0, false,
       std::nullopt, scale);
-  const at::Tensor sees_tree = bias.amax(1).eq(0.0f).repeat({M / T});  // [M]
-  const at::Tensor lse_t = tree_lse[0].masked_fill(sees_tree.logical_not(), kNegInf);  // [Hkv, M]
-  const at::Tensor lse = at::maximum(ctx_lse[0], lse_t);  // finite: every row sees the context
-  const at::Tensor w_c = (ctx_lse[0] - lse).exp_().unsqueeze(2), w_t = (lse_t - lse).exp_().unsqueeze(2);
-  const at::Tensor total = w_c + w_t;
-  out.copy_((ctx_out[0].to(at::kFloat) * w_c).add_(tree_out[0].to(at::kFloat) * w_t).div_(total));
+  std::vector<uint8_t> sees_tree(M);  // whether row r sees any tree slot
+  const float* pb = bias.const_data_ptr<float>();
+  for (int64_t i = 0; i < T; ++i) {
+    const bool any = std::any_of(pb + i * (n + 1), pb + (i + 1) * (n + 1), [](float x) { return x == 0.0f; });
+    for (int64_t g = 0; g < M / T; ++g) sees_tree[g * T + i] = any;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tree_attention_combine", [&] {
+    combine<scalar_t>(ctx_out[0], ctx_lse[0], tree_out[0], tree_lse[0], sees_tree, out);
+  });
 }
 
 }  // namespace
@@ -197,18 +227,19 @@ at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_in, const 
   const at::Tensor q_rows = q.view({B, Hkv, M, d}), out_rows = out.view({B, Hkv, M, d});
   const int64_t task_macs = std::max<int64_t>(1, 2 * M * max_keys * d);
   const bool large = B * Hkv * task_macs >= kFlashMacs;
-  if (large && (q.scalar_type() == at::kBFloat16 || M < kFlashMaxRows)) {
+  // The blocked path only wins on one thread, in fp32/fp16, with many rows per kv head and a context
+  // several times longer than that (measured on a 2-core AVX-512 machine).
+  const bool blocked_wins = q.scalar_type() != at::kBFloat16 && at::get_num_threads() == 1 && M >= kFlashMaxRows &&
+                            max_keys >= 4 * M;
+  const bool flash = large && !blocked_wins;
+  if (flash) {
     for (int64_t b = 0; b < B; ++b)
       attend_request_flash(q_rows[b], k_cache[b], v_cache[b], bias[b], ctx[b], nn[b], scale, out_rows[b]);
     return out;
   }
-  const int64_t grain = std::max<int64_t>(1, kParallelMacs / task_macs);
-  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, h = task % Hkv;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h)
       attend_group(q_rows[b][h], k_cache[b][h], v_cache[b][h], bias[b], ctx[b], nn[b], scale, out_rows[b][h]);
-    }
-  });
   return out;
 }
 
