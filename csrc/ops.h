@@ -26,6 +26,8 @@
 // tree_attention
 //   * Row i attends to cache positions [0, ctx) and to ctx + j for every j <= num_nodes whose bit is
 //     set in mask row i. A row that sees no key at all outputs zeros.
+//   * Logits and softmax in fp32. fp16/bf16: a kernel may round the softmax weights, and partial
+//     outputs over parts of the keys, to the dtype; kernels agree within eps(dtype) (max|v| + |out|).
 //
 // accept_tree
 //   * At slot c the walk moves to the smallest slot j in (c, num_nodes] with parents[j] == c and

@@ -1,6 +1,7 @@
 """tree_attention against a dense-mask float64 reference, with a tolerance from the dtype."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -157,9 +158,20 @@ def test_invisible_positions_do_not_leak(dtype, device):
         assert torch.equal(out[b, :, : n + 1], clean[b, :, : n + 1].double())
 
 
-# Shapes of real size, where the CPU kernel switches from its blocked path to torch's flash attention
-# (bf16, and few rows per kv head) and runs in parallel: ragged contexts including 0, GQA groups 1, 2
-# and 4, trees that stop early, head dims 64 and 128.
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to n for the block (the CPU kernel's path depends on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# Shapes of real size, where the CPU kernel chooses between its blocked path and torch's flash attention
+# by dtype, rows per kv head and thread count: ragged contexts including 0, GQA groups 1, 2 and 4, trees
+# that stop early, head dims 64 and 128.
 LARGE = [(dtype, heads, T, d) for dtype in DTYPES for heads, T, d in (((8, 2), 17, 64), ((16, 8), 64, 128),
                                                                        ((4, 4), 33, 128), ((4, 1), 200, 64))]
 
@@ -167,24 +179,22 @@ LARGE = [(dtype, heads, T, d) for dtype in DTYPES for heads, T, d in (((8, 2), 1
 @pytest.mark.parametrize("threads", (1, 2))
 @pytest.mark.parametrize("dtype,heads,T,d", LARGE, ids=str)
 def test_large_context_cpu(dtype, heads, T, d, threads):
-    """On one thread fp32/fp16 with 128 rows per kv head take the blocked path over many key blocks;
-    the rest take the flash path."""
+    """The kernel's paths for real sizes: on one thread fp32/fp16 with 128 rows per kv head the blocked
+    path over many key blocks, the rest flash attention in two calls; on two threads flash attention
+    in one call."""
     Hq, Hkv = heads
     gen = torch.Generator().manual_seed(seed_of(dtype, heads, T, d))
     B = 3
     ctx = torch.tensor([0, 1500, 777])
     tree = make_tree(B, T, gen, ctx, shrink=True)
     q, k, v = make_qkv(B, Hq, Hkv, T, d, 1500 + T + 3, dtype, gen)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), "cpu")
-    finally:
-        torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", (1, 2))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_large_context_arbitrary_mask_bits(dtype):
+def test_large_context_arbitrary_mask_bits(dtype, threads):
     """The flash path with rows that see no tree slot (only the context, or nothing when the context
     is empty), bits past num_nodes, and a large scale (peaked softmax)."""
     gen = torch.Generator().manual_seed(21)
@@ -196,12 +206,14 @@ def test_large_context_arbitrary_mask_bits(dtype):
     mask[1, 7] = 0
     mask[2, :10] = 0
     q, k, v = make_qkv(B, Hq, Hkv, T, d, 2000 + T, dtype, gen)
-    out, _ = run_and_compare(q, k, v, ctx, mask, num_nodes, 0.6, "cpu")
+    with torch_threads(threads):
+        out, _ = run_and_compare(q, k, v, ctx, mask, num_nodes, 0.6, "cpu")
     assert (out[0, :, 5] == 0).all()
 
 
+@pytest.mark.parametrize("threads", (1, 2))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_large_context_invisible_positions_do_not_leak(dtype):
+def test_large_context_invisible_positions_do_not_leak(dtype, threads):
     gen = torch.Generator().manual_seed(22)
     B, T, d = 2, 64, 128
     ctx = torch.tensor([1200, 0])
@@ -211,24 +223,5 @@ def test_large_context_invisible_positions_do_not_leak(dtype):
         end = int(ctx[b]) + int(tree.num_nodes[b]) + 1
         k[b, :, end:] = float("nan")
         v[b, :, end:] = float("nan")
-    run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), "cpu")
-
-
-@pytest.mark.parametrize("threads", (1, 2))
-def test_threads_agree(threads):
-    """A call large enough to run in parallel takes the same path on 1 and 2 threads, and each row is
-    computed by one thread: the results are identical."""
-    gen = torch.Generator().manual_seed(23)
-    B, T, d = 2, 33, 64
-    ctx = torch.tensor([900, 300])
-    tree = make_tree(B, T, gen, ctx)
-    q, k, v = make_qkv(B, 8, 4, T, d, 900 + T, torch.float32, gen)
-    args = (q, k, v, ctx, tree.tree_mask, tree.num_nodes, 0.125)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ddtree.tree_attention(*args)
-        torch.set_num_threads(threads)
-        assert torch.equal(ddtree.tree_attention(*args), one)
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(threads):
+        run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), "cpu")

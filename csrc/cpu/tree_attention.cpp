@@ -8,10 +8,11 @@
 // once for G heads (GQA without copying K/V).
 //   * Flash path, for real sizes (kFlashMacs multiply-adds and more) unless the blocked path wins (below):
 //     torch's flash attention uses the bf16 matrix units of CPUs that have them and small blocks that
-//     suit few rows per kv head. Per request, one call over the context, unmasked, and one over
-//     the tree slots 0..num_nodes under the packed bits as an additive 0 / -inf bias, each over all kv
-//     heads at once and parallel inside; the two normalised partial outputs are combined by their
-//     log-sum-exps in fp32.
+//     suit few rows per kv head. Per request, over all kv heads at once and parallel inside: on one
+//     thread, one call over the context, unmasked, and one over the tree slots 0..num_nodes under the
+//     packed bits as an additive 0 / -inf bias, the two normalised partial outputs combined by their
+//     log-sum-exps in fp32; on more threads one call under a mask that is 0 over the context (one
+//     parallel region instead of two).
 //   * Blocked path, on the calling thread, for small calls, and on one thread for fp32/fp16 with many
 //     rows per kv head and a long context: one (request, kv head) at a time. Keys are visited in
 //     blocks; the logits of a block are one fp32 matrix product (torch's BLAS), folded into running row
@@ -187,6 +188,28 @@ void attend_request_flash(const at::Tensor& q, const at::Tensor& k, const at::Te
   });
 }
 
+// The flash path for one request in a single call (one parallel region): q [Hkv, M, d], k and v
+// [Hkv, S, d], bias [T, n + 1]; writes out [Hkv, M, d]. The additive mask [M, ctx + n + 1] (0 over the
+// context, the bias over the tree) is shared by all kv heads and filled in a plain loop.
+void attend_request_flash_once(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& bias, int64_t ctx, int64_t n, double scale, const at::Tensor& out) {
+  const int64_t M = q.size(1), T = bias.size(0), keys = ctx + n + 1;
+  at::Tensor mask = at::empty({1, 1, M, keys}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_mask", [&] {
+    scalar_t* pm = mask.data_ptr<scalar_t>();
+    const float* pb = bias.const_data_ptr<float>();
+    for (int64_t r = 0; r < M; ++r) {
+      std::fill(pm + r * keys, pm + r * keys + ctx, static_cast<scalar_t>(0.0f));
+      std::transform(pb + (r % T) * (n + 1), pb + (r % T + 1) * (n + 1), pm + r * keys + ctx,
+                     [](float x) { return static_cast<scalar_t>(x); });
+    }
+  });
+  auto [o, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+      q.unsqueeze(0), k.narrow(1, 0, keys).unsqueeze(0), v.narrow(1, 0, keys).unsqueeze(0), 0.0, false, mask,
+      scale);
+  out.copy_(o[0]);
+}
+
 }  // namespace
 
 at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -233,8 +256,16 @@ at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_in, const 
                             max_keys >= 4 * M;
   const bool flash = large && !blocked_wins;
   if (flash) {
-    for (int64_t b = 0; b < B; ++b)
-      attend_request_flash(q_rows[b], k_cache[b], v_cache[b], bias[b], ctx[b], nn[b], scale, out_rows[b]);
+    // On one thread, two calls (the context needs no mask); on more, one call: on a busy core every
+    // parallel region costs a wait for a descheduled thread, more than the mask over the context.
+    const bool one_call = at::get_num_threads() > 1;
+    for (int64_t b = 0; b < B; ++b) {
+      if (one_call) {
+        attend_request_flash_once(q_rows[b], k_cache[b], v_cache[b], bias[b], ctx[b], nn[b], scale, out_rows[b]);
+      } else {
+        attend_request_flash(q_rows[b], k_cache[b], v_cache[b], bias[b], ctx[b], nn[b], scale, out_rows[b]);
+      }
+    }
     return out;
   }
   for (int64_t b = 0; b < B; ++b)
