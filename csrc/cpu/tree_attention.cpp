@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -188,6 +189,21 @@ void attend_request_flash(const at::Tensor& q, const at::Tensor& k, const at::Te
   });
 }
 
+// out.copy_(src) for [H, M, d] tensors of one dtype, out contiguous, as a plain loop: Tensor::copy_ of a
+// large tensor opens a parallel region of its own.
+void copy_rows(const at::Tensor& src, const at::Tensor& out) {
+  const int64_t H = out.size(0), M = out.size(1), d = out.size(2), row_bytes = d * out.element_size();
+  if (src.stride(2) != 1) {
+    out.copy_(src);
+    return;
+  }
+  const char* ps = static_cast<const char*>(src.const_data_ptr());
+  char* po = static_cast<char*>(out.data_ptr());
+  const int64_t s0 = src.stride(0) * src.element_size(), s1 = src.stride(1) * src.element_size();
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t r = 0; r < M; ++r) std::memcpy(po + (h * M + r) * row_bytes, ps + h * s0 + r * s1, row_bytes);
+}
+
 // The flash path for one request in a single call (one parallel region): q [Hkv, M, d], k and v
 // [Hkv, S, d], bias [T, n + 1]; writes out [Hkv, M, d]. The additive mask [M, ctx + n + 1] (0 over the
 // context, the bias over the tree) is shared by all kv heads and filled in a plain loop.
@@ -207,7 +223,7 @@ void attend_request_flash_once(const at::Tensor& q, const at::Tensor& k, const a
   auto [o, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
       q.unsqueeze(0), k.narrow(1, 0, keys).unsqueeze(0), v.narrow(1, 0, keys).unsqueeze(0), 0.0, false, mask,
       scale);
-  out.copy_(o[0]);
+  copy_rows(o[0], out);
 }
 
 }  // namespace
