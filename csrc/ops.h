@@ -8,9 +8,9 @@
 //   * Row with a +inf: the +inf entries share the mass evenly (the limit of softmax), logprob
 //     -log(count of +inf), every other entry -inf. Row of only -inf/NaN: every logprob is -inf.
 //   * Top k by v, ties by smaller token id; the output is sorted the same way.
-//   * The normaliser is fp32: m = max v, sum = Σ exp(v - m) in fp32, logprob = float(double(v) -
-//     (double(m) + log(double(sum)))). Kernels agree on log-probs within a few fp32 eps of
-//     |v|max + |logprob| + log V, and on ids exactly.
+//   * The normaliser's terms are fp32: m = max v, sum = Σ exp(v - m) (each term in fp32; CPU sums them
+//     in double), logprob = float(double(v) - (double(m) + log(double(sum)))). Kernels agree on
+//     log-probs within a few fp32 eps of |v|max + |logprob| + log V, and on ids exactly.
 //
 // build_tree
 //   * A NaN log-prob counts as -inf, and so does a NaN score (only -inf + +inf, from a +inf
