@@ -8,6 +8,9 @@
 //   * Row with a +inf: the +inf entries share the mass evenly (the limit of softmax), logprob
 //     -log(count of +inf), every other entry -inf. Row of only -inf/NaN: every logprob is -inf.
 //   * Top k by v, ties by smaller token id; the output is sorted the same way.
+//   * The normaliser's terms are fp32: m = max v, sum = Σ exp(v - m) (each term in fp32; CPU sums them
+//     in double), logprob = float(double(v) - (double(m) + log(double(sum)))). Kernels agree on
+//     log-probs within a few fp32 eps of |v|max + |logprob| + log V, and on ids exactly.
 //
 // build_tree
 //   * A NaN log-prob counts as -inf, and so does a NaN score (only -inf + +inf, from a +inf
@@ -39,6 +42,8 @@
 // tree_attention
 //   * Row i attends to cache positions [0, ctx) and to ctx + j for every j <= num_nodes whose bit is
 //     set in mask row i. A row that sees no key at all outputs zeros.
+//   * Logits and softmax in fp32. fp16/bf16: a kernel may round the softmax weights, and partial
+//     outputs over parts of the keys, to the dtype; kernels agree within eps(dtype) (max|v| + |out|).
 //
 // accept_tree
 //   * At slot c the walk moves to the smallest slot j in (c, num_nodes] with parents[j] == c and

@@ -19,8 +19,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def logprob_tolerance(logits: torch.Tensor, temperature: float, expected: torch.Tensor) -> torch.Tensor:
     """Per-entry bound on |kernel - reference| for log-probs, from fp32 rounding.
 
-    log_softmax(v)_i = v_i - m - log(sum exp(v - m)): each of the few fp32 operations errs by at most a
-    few eps times the magnitude of what it handles, which is at most |v|max + |result| + log(V) + 1.
+    log_softmax(v)_i = v_i - m - log(sum exp(v - m)) with an fp32 normaliser (ops.h): rounding v - m
+    errs by eps/2 |v - m|, which moves log(sum) by at most eps/2 times the softmax mean of |v - m|
+    (<= |v|max + log V); exp errs by a few ulp and the sum by a few eps relative; the final subtraction
+    by eps times |v| + |result|. Each is at most a few eps times |v|max + |result| + log(V) + 1.
     """
     v = logits.float() / temperature
     finite = torch.where(torch.isfinite(v), v.abs(), torch.zeros_like(v))
@@ -116,3 +118,37 @@ def test_random(B, D, V, k_frac, kind, dtype, temperature, seed):
     gen = torch.Generator().manual_seed(seed)
     k = 1 + int(k_frac * (V - 1))
     assert_topk_matches(make_logits(B, D, V, dtype, kind, gen), k, temperature, "cpu")
+
+
+@pytest.mark.parametrize("order", ("random", "ascending", "descending"))
+@pytest.mark.parametrize("kind", ("normal", "ties"))
+@pytest.mark.parametrize("k", (1, 16, 1024))
+def test_real_vocab_orders_and_ties(k, kind, order):
+    """A real vocabulary with the selection's threshold in play: values tied at the k-th place (ties
+    kind: five values, so thousands tie at the threshold), and sorted rows (the worst order for a
+    running threshold, the best and worst for block maxima)."""
+    gen = torch.Generator().manual_seed(seed_of(k, kind, order))
+    logits = make_logits(1, 3, 151_936, torch.float32, kind, gen)
+    if order != "random":
+        logits = logits.sort(dim=-1, descending=(order == "descending")).values
+    assert_topk_matches(logits, k, 1.0, "cpu")
+    assert_topk_matches(logits, k, 0.7, "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", (63, 64, 65, 1000, 4097))
+def test_block_edges(V, dtype):
+    """Vocabulary sizes around the 64-value blocks and the 16-value scan chunks, k from 1 to V, with
+    non-finite entries and ties, one row per (k, kind) so that the rows also run in parallel."""
+    gen = torch.Generator().manual_seed(seed_of(V, dtype))
+    for k in sorted({1, 2, V // 64, V // 64 + 1, V // 2, V - 1, V} - {0}):
+        for kind in LOGIT_KINDS:
+            assert_topk_matches(make_logits(2, 5, V, dtype, kind, gen), k, 1.0, "cpu")
+
+
+def test_non_contiguous_input():
+    gen = torch.Generator().manual_seed(12)
+    logits = make_logits(3, 4, 3000, torch.float32, "normal", gen)
+    strided = logits.transpose(0, 1)  # [4, 3, V], not contiguous
+    assert not strided.is_contiguous()
+    assert_topk_matches(strided, 40, 1.3, "cpu")

@@ -1,6 +1,7 @@
 """tree_attention against a dense-mask float64 reference, with a tolerance from the dtype."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -18,9 +19,11 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def tolerance(dtype: torch.dtype) -> float:
     """Relative error allowed, as a fraction of max|v| (outputs are convex combinations of v).
 
-    Half types: the output is rounded to the dtype (half an ulp, eps/2) and a kernel may also round the
-    softmax weights to it before P @ V (another eps/2 of max|v|): eps in all. fp32: accumulation over
-    the head dim and the keys, 2^-16 (about 128 eps) with random unit-scale inputs.
+    Half types: the output is rounded to the dtype (eps/2 of |out|), a kernel may round the softmax
+    weights to it before P @ V (eps/2 of max|v|) and hold partial outputs over parts of the keys in it
+    before combining them (a convex combination: another eps/2 of max|v|): within eps (max|v| + |out|).
+    fp32: accumulation over the head dim and the keys, 2^-16 (about 128 eps) with random unit-scale
+    inputs.
     """
     return 2.0**-16 if dtype == torch.float32 else torch.finfo(dtype).eps
 
@@ -153,3 +156,72 @@ def test_invisible_positions_do_not_leak(dtype, device):
     for b in range(B):
         n = int(tree.num_nodes[b])
         assert torch.equal(out[b, :, : n + 1], clean[b, :, : n + 1].double())
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to n for the block (the CPU kernel's path depends on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# Shapes of real size, where the CPU kernel chooses between its blocked path and torch's flash attention
+# by dtype, rows per kv head and thread count: ragged contexts including 0, GQA groups 1, 2 and 4, trees
+# that stop early, head dims 64 and 128.
+LARGE = [(dtype, heads, T, d) for dtype in DTYPES for heads, T, d in (((8, 2), 17, 64), ((16, 8), 64, 128),
+                                                                       ((4, 4), 33, 128), ((4, 1), 200, 64))]
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("dtype,heads,T,d", LARGE, ids=str)
+def test_large_context_cpu(dtype, heads, T, d, threads):
+    """The kernel's paths for real sizes: on one thread fp32/fp16 with 128 rows per kv head the blocked
+    path over many key blocks, the rest flash attention in two calls; on two threads flash attention
+    in one call."""
+    Hq, Hkv = heads
+    gen = torch.Generator().manual_seed(seed_of(dtype, heads, T, d))
+    B = 3
+    ctx = torch.tensor([0, 1500, 777])
+    tree = make_tree(B, T, gen, ctx, shrink=True)
+    q, k, v = make_qkv(B, Hq, Hkv, T, d, 1500 + T + 3, dtype, gen)
+    with torch_threads(threads):
+        run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), "cpu")
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_context_arbitrary_mask_bits(dtype, threads):
+    """The flash path with rows that see no tree slot (only the context, or nothing when the context
+    is empty), bits past num_nodes, and a large scale (peaked softmax)."""
+    gen = torch.Generator().manual_seed(21)
+    B, T, d, Hq, Hkv = 3, 40, 64, 8, 2
+    ctx = torch.tensor([0, 2000, 1000])
+    num_nodes = torch.tensor([39, 20, 30], dtype=torch.int32)
+    mask = torch.randint(-(2**31), 2**31, (B, T, 2), generator=gen, dtype=torch.int64).to(torch.int32)
+    mask[0, 5] = 0
+    mask[1, 7] = 0
+    mask[2, :10] = 0
+    q, k, v = make_qkv(B, Hq, Hkv, T, d, 2000 + T, dtype, gen)
+    with torch_threads(threads):
+        out, _ = run_and_compare(q, k, v, ctx, mask, num_nodes, 0.6, "cpu")
+    assert (out[0, :, 5] == 0).all()
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_context_invisible_positions_do_not_leak(dtype, threads):
+    gen = torch.Generator().manual_seed(22)
+    B, T, d = 2, 64, 128
+    ctx = torch.tensor([1200, 0])
+    tree = make_tree(B, T, gen, ctx, shrink=True)
+    q, k, v = make_qkv(B, 16, 8, T, d, 1200 + T + 50, dtype, gen)
+    for b in range(B):
+        end = int(ctx[b]) + int(tree.num_nodes[b]) + 1
+        k[b, :, end:] = float("nan")
+        v[b, :, end:] = float("nan")
+    with torch_threads(threads):
+        run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), "cpu")
