@@ -59,8 +59,8 @@
 //     ctx + T <= S does the dense cache), and the block ids of positions [0, ctx + num_nodes] must lie
 //     in [0, num_blocks).
 //   * paged_compact_kv is compact_kv on that layout, per cache; the block ids of the positions it reads
-//     and writes must lie in [0, num_blocks). Reads happen before writes within a request; rows written
-//     for different requests must be distinct cache rows (in vLLM, the blocks past a request's context
+//     and writes must lie in [0, num_blocks). Reads happen before writes within a request; the rows
+//     different requests read or write must be distinct (in vLLM, the blocks past a request's context
 //     are its own). The CUDA kernel stages reads like compact_kv's (same 32 KiB rule).
 //
 // Value checks that need the data (context lengths against the cache, slot indices against the tree)
