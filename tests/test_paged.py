@@ -14,7 +14,7 @@ import torch
 
 import ddtree
 import reference as ref
-from conftest import devices
+from conftest import devices, gpu
 from inputs import context_lens, seed_of
 from test_tree_attention import make_qkv, make_tree, skip_outside_cuda_contract, tolerance
 
@@ -302,3 +302,53 @@ def test_paged_compact_kv_errors(change, message):
     with pytest.raises(RuntimeError, match=f"paged_compact_kv: .*{message}"):
         ddtree.paged_compact_kv(*args)
     assert all(torch.equal(c, b) for c, b in zip(args[0], before)), "nothing is written before the checks pass"
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA: values that need the data are clamped or skipped (no sync), never read or written out of bounds
+
+
+@gpu
+@pytest.mark.gpu
+def test_paged_tree_attention_clamps_invalid_values():
+    """Contexts, node counts and block ids out of range are clamped on CUDA: finite output, in bounds; with
+    only the block ids bad, the result is the attention over the clamped ids."""
+    gen = torch.Generator().manual_seed(21)
+    B, Hq, Hkv, T, d, block_size, max_blocks = 3, 4, 2, 9, 64, 16, 4
+    table, num_blocks = make_table(B, max_blocks, 1, gen)
+    kp, vp = (garbage_paged(num_blocks, block_size, Hkv, d, torch.float16, gen) / 100 for _ in range(2))
+    q = torch.randn(B, Hq, T, d, generator=gen).half()
+    mask = torch.full((B, T, 1), -1, dtype=torch.int32)
+    bad_table = table.clone()
+    bad_table[0, 0], bad_table[1, 1], bad_table[2, 0] = -7, num_blocks, 2**31 - 1
+    args = [t.cuda() for t in (q, kp, vp, bad_table)]
+    wild = ddtree.paged_tree_attention(*args, torch.tensor([-5, 10_000, 31]).cuda(),
+                                       mask.cuda(), torch.tensor([-3, 100, 8], dtype=torch.int32).cuda(), 0.125)
+    torch.cuda.synchronize()
+    assert torch.isfinite(wild).all()
+    ctx, nn = torch.tensor([3, 20, 30]), torch.full((B,), T - 1, dtype=torch.int32)
+    got = ddtree.paged_tree_attention(*args, ctx.cuda(), mask.cuda(), nn.cuda(), 0.125).cpu()
+    want = ddtree.paged_tree_attention(q, kp, vp, bad_table.clamp(0, num_blocks - 1), ctx, mask, nn, 0.125)
+    assert ((got.double() - want.double()).abs() <= 2 * tolerance(torch.float16) * vp.abs().max()).all()
+
+
+@gpu
+@pytest.mark.gpu
+def test_paged_compact_kv_clamps_invalid_values():
+    """On CUDA, moves whose context, slot or block id is out of range are skipped; the valid ones happen."""
+    gen = torch.Generator().manual_seed(22)
+    block_size, max_blocks = 4, 3
+    table, num_blocks = make_table(4, max_blocks, 0, gen)
+    cache = garbage_paged(num_blocks, block_size, 2, 8, torch.float32, gen)
+    table[3, 1] = -1  # request 3: position 4 has no block
+    ctx = torch.tensor([-1, 12, 0, 2])  # request 0 and 1: outside [0, 12), skipped
+    slots = torch.tensor([[1, 2], [1, 0], [3, 2**40], [0, 3]])
+    alen = torch.tensor([2, 2, 5, 2], dtype=torch.int32)  # request 2: clamped to 2, its second slot skipped
+    got = cache.cuda()
+    ddtree.paged_compact_kv([got], table.cuda(), ctx.cuda(), slots.cuda(), alen.cuda())
+    want = cache.clone()
+    row = lambda b, p: (int(table[b, p // block_size]), p % block_size)  # noqa: E731
+    want[row(2, 0)] = cache[row(2, 3)]  # request 2: position 0 <- 3; position 1 <- 2^40 skipped
+    # request 3: position 2 <- 2 is a no-op, 3 <- 5 has no block (table[3, 1] = -1): skipped
+    torch.cuda.synchronize()
+    assert torch.equal(got.cpu(), want)
