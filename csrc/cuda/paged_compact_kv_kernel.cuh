@@ -1,9 +1,10 @@
 // paged_compact_kv on CUDA, the kernel: compact_kv (compact_kv_kernel.cuh) over paged caches
 // [num_blocks, block_size, H, d] (ops.h), every layer's K and V caches in one launch.
 //
-// One CTA per (cache, request b, head h), as compact_kv: position ctx + i receives position
-// ctx + accepted_slots[b, i] for i < accept_len[b], reads staged in shared memory before any write, in
-// chunks of kStageBytes (the same exactness rule: any slots within one chunk, slots[b, i] >= i beyond).
+// One CTA per (cache, request b, head h), as compact_kv, and the same staged moves (move_rows): position
+// ctx + i receives position ctx + accepted_slots[b, i] for i < accept_len[b], reads staged in shared
+// memory before any write, in chunks of kStageBytes (the same exactness rule: any slots within one
+// chunk, slots[b, i] >= i beyond).
 // A position's row of head h is found through the block table: block block_table[b, pos / block_size],
 // offset pos % block_size. The heads of a position are distinct rows, so the CTAs never touch the same
 // bytes (requests included, given ops.h's rule that requests touch distinct rows).
@@ -53,47 +54,23 @@ __global__ void __launch_bounds__(kThreads) paged_compact_kv_kernel(const __grid
   const int local = cta - c.cta_begin;
   const int b = local / c.H, h = local % c.H;
 
-  // Uniform across the CTA, so returning here keeps the __syncthreads below safe.
+  // Uniform across the CTA, so returning here keeps the __syncthreads in move_rows safe.
   const int64_t span = batch.max_blocks * batch.block_size;
   const int64_t ctx = batch.context_lens[b];
   if (ctx < 0 || ctx >= span) return;
   int a = batch.accept_len[b];
   a = a < 0 ? 0 : (a > batch.width ? batch.width : a);
 
-  const int64_t* slots = batch.accepted_slots + static_cast<int64_t>(b) * batch.width;
   const int32_t* table = batch.block_table + static_cast<int64_t>(b) * batch.max_blocks;
   // Head h's row of position ctx + off, or nullptr where the position or its block id is out of range.
-  const auto row_at = [&](int64_t off) -> char* {
-    if (off < 0 || off >= span - ctx) return nullptr;
-    const int64_t pos = ctx + off;
-    const int32_t block = table[pos / batch.block_size];
-    if (block < 0 || block >= c.num_blocks) return nullptr;
-    return c.base + block * c.s_block + (pos % batch.block_size) * c.s_slot + h * c.s_head;
-  };
-  const int units = c.row_bytes / static_cast<int>(sizeof(U));
-  const int rows_per_chunk = kStageBytes / c.row_bytes;
-
-  for (int i0 = 0; i0 < a; i0 += rows_per_chunk) {
-    const int n = min(rows_per_chunk, a - i0);
-    for (int u = threadIdx.x; u < n * units; u += kThreads) {
-      const int i = i0 + u / units;
-      const int64_t s = slots[i];
-      const char* src = row_at(s);
-      if (s != i && src != nullptr && row_at(i) != nullptr) {
-        stage[u] = *reinterpret_cast<const U*>(src + (u % units) * sizeof(U));
-      }
-    }
-    __syncthreads();  // every read of this chunk before any of its writes
-    for (int u = threadIdx.x; u < n * units; u += kThreads) {
-      const int i = i0 + u / units;
-      const int64_t s = slots[i];
-      char* dst = row_at(i);
-      if (s != i && dst != nullptr && row_at(s) != nullptr) {
-        *reinterpret_cast<U*>(dst + (u % units) * sizeof(U)) = stage[u];
-      }
-    }
-    __syncthreads();  // the stage is reused by the next chunk
-  }
+  move_rows(stage, batch.accepted_slots + static_cast<int64_t>(b) * batch.width, a, c.row_bytes,
+            [&](int64_t off) -> char* {
+              if (off < 0 || off >= span - ctx) return nullptr;
+              const int64_t pos = ctx + off;
+              const int32_t block = table[pos / batch.block_size];
+              if (block < 0 || block >= c.num_blocks) return nullptr;
+              return c.base + block * c.s_block + (pos % batch.block_size) * c.s_slot + h * c.s_head;
+            });
 }
 
 }  // namespace ddtree::cuda::compact
