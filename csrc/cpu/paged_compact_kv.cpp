@@ -37,15 +37,7 @@ void paged_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& b
   const int64_t* slots = accepted_slots.data_ptr<int64_t>();
   const int32_t* alen = accept_len.data_ptr<int32_t>();
   const int32_t* table = block_table.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(ctx[b] >= 0, op, ": context_lens[", b, "] = ", ctx[b], " must be non-negative");
-    TORCH_CHECK(alen[b] >= 0 && alen[b] <= A, op, ": accept_len[", b, "] = ", alen[b],
-                " must be in [0, accepted_slots.size(1)] = [0, ", A, "]");
-    for (int64_t i = 0; i < alen[b]; ++i) {
-      TORCH_CHECK(slots[b * A + i] >= 0, op, ": accepted_slots[", b, ", ", i, "] = ", slots[b * A + i],
-                  " must be non-negative");
-    }
-  }
+  check_accept_values(op, B, A, ctx, slots, alen);
   if (caches.empty()) return;
   // One block size for every cache (validate.cpp), so the positions' table entries are checked once.
   const int64_t block_size = caches[0].size(1), span = max_blocks * block_size;
