@@ -88,7 +88,7 @@ def test_paged_tree_attention_matches_dense(shape, block_size, dtype, device):
     assert paged.shape == q.shape and paged.dtype == dtype and paged.device.type == device
     paged, dense = paged.cpu(), dense.cpu()
     if device == "cpu":
-        # The CPU op gathers the rows and runs the dense kernel: bit for bit the dense result.
+        # The CPU ops share one attention loop (attend_head.h): bit for bit the dense result.
         assert torch.equal(paged, dense)
     expected = ref.tree_attention(q, k, v, ctx, tree.tree_mask, tree.num_nodes, scale)
     tol = tolerance(dtype)

@@ -1,12 +1,15 @@
 // CPU paged_tree_attention: tree_attention over a paged cache (ops.h: [num_blocks, block_size, Hkv, d],
 // position p of request b in block block_table[b, p / block_size] at offset p % block_size).
 //
-// The oracle gathers, per request, the rows of positions [0, ctx + T) from their blocks into a dense
-// [1, Hkv, ctx + T, d] cache and runs the dense CPU kernel on it, so both ops share one attention
-// (never a dense [T, S] mask). Positions past ctx + num_nodes are never read by that kernel; their
-// rows are gathered from block 0 and their table entries are not checked.
+// The oracle is tree_attention's (attend_head.h: per (request, query head), the visible rows converted to
+// fp32, then two passes over exactly the visible keys; never a dense [T, S] mask), reading position p's
+// row from its block instead of a dense cache, so both ops give bit-identical results. Only positions
+// [0, ctx + num_nodes] are read, so only their blocks' table entries are checked.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
+#include "attend_head.h"
 #include "check_cpu.h"
 #include "ops.h"
 
@@ -48,19 +51,33 @@ at::Tensor paged_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, 
     }
   }
 
+  // Rows are addressed through the strides; only the head dim must be contiguous.
+  const auto rows_ready = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+  const at::Tensor k = rows_ready(k_cache), v = rows_ready(v_cache), qc = q.contiguous(), mask = tree_mask.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t S = ctx[b] + T, read = ctx[b] + nn[b] + 1;
-    const at::Tensor pos = at::arange(S, block_table.options().dtype(at::kLong));
-    at::Tensor block = block_table[b].to(at::kLong).index_select(0, at::floor_divide(pos, block_size));
-    block.masked_fill_(pos >= read, 0);  // unread positions: any valid block
-    const at::Tensor offset = at::remainder(pos, block_size);
-    // [S, Hkv, d] -> [1, Hkv, S, d]
-    const at::Tensor k = k_cache.index({block, offset}).permute({1, 0, 2}).unsqueeze(0);
-    const at::Tensor v = v_cache.index({block, offset}).permute({1, 0, 2}).unsqueeze(0);
-    const auto one = [b](const at::Tensor& t) { return t.narrow(0, b, 1); };
-    out.narrow(0, b, 1).copy_(tree_attention(one(q), k, v, one(context_lens), one(tree_mask), one(num_nodes), scale));
-  }
+  const int64_t Hq = q.size(1), d = q.size(3), Hkv = k.size(2), W = mask.size(2), group = Hq / Hkv;
+  const float scale_f = static_cast<float>(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_tree_attention_cpu", [&] {
+    const scalar_t* qp = qc.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const int32_t* mp = mask.data_ptr<int32_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / Hq, h = (bh % Hq) / group;
+        const int32_t* blocks = table + b * max_blocks;
+        // Position p of request b, kv head h: block blocks[p / block_size], offset p % block_size.
+        const auto row = [&](const scalar_t* base, const at::Tensor& t) {
+          return [=, s0 = t.stride(0), s1 = t.stride(1), s2 = t.stride(2)](int64_t p) {
+            return base + blocks[p / block_size] * s0 + (p % block_size) * s1 + h * s2;
+          };
+        };
+        attend_head(qp + bh * T * d, row(kp, k), row(vp, v), mp + b * T * W, T, d, W, ctx[b], nn[b], scale_f,
+                    op_ + bh * T * d);
+      }
+    });
+  });
   return out;
 }
 
