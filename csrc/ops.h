@@ -129,13 +129,13 @@ inline int64_t accept_width(int64_t slots, int64_t max_depth) {
                            const at::Tensor& num_nodes, const at::Tensor& target_tokens,            \
                            int64_t max_depth);                                                       \
   void compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& context_lens,             \
-                  const at::Tensor& accepted_slots, const at::Tensor& accept_len);               \
-  at::Tensor paged_tree_attention(const at::Tensor& q, const at::Tensor& k_cache,                     \
-                                  const at::Tensor& v_cache, const at::Tensor& block_table,           \
-                                  const at::Tensor& context_lens, const at::Tensor& tree_mask,        \
+                  const at::Tensor& accepted_slots, const at::Tensor& accept_len);                   \
+  at::Tensor paged_tree_attention(const at::Tensor& q, const at::Tensor& k_cache,                    \
+                                  const at::Tensor& v_cache, const at::Tensor& block_table,          \
+                                  const at::Tensor& context_lens, const at::Tensor& tree_mask,       \
                                   const at::Tensor& num_nodes, double scale);                        \
-  void paged_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& block_table,         \
-                        const at::Tensor& context_lens, const at::Tensor& accepted_slots,             \
+  void paged_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& block_table,        \
+                        const at::Tensor& context_lens, const at::Tensor& accepted_slots,            \
                         const at::Tensor& accept_len);
 
 namespace cpu {
