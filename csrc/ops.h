@@ -56,6 +56,18 @@
 //     accept_len * row bytes <= 32 KiB (128 rows at d = 128 bf16); longer paths move in chunks, exact
 //     when accepted_slots[b, i] >= i, which every path accept_tree returns satisfies.
 //
+// Paged ops (paged_tree_attention, paged_compact_kv): the caches use vLLM's flash-attention layout,
+// [num_blocks, block_size, H, d] with the head dim contiguous; position p of request b lives in block
+// block_table[b, p / block_size] (i32 [B, max_blocks]) at offset p % block_size. A request addresses
+// max_blocks * block_size positions; only the blocks of the positions an op touches need valid ids.
+//   * paged_tree_attention is tree_attention on that layout: ctx + T must fit the table row (as
+//     ctx + T <= S does the dense cache), and the block ids of positions [0, ctx + num_nodes] must lie
+//     in [0, num_blocks).
+//   * paged_compact_kv is compact_kv on that layout, per cache; the block ids of the positions it reads
+//     and writes must lie in [0, num_blocks). Reads happen before writes within a request; the rows
+//     different requests read or write must be distinct (in vLLM, the blocks past a request's context
+//     are its own). The CUDA kernel stages reads like compact_kv's (same 32 KiB rule).
+//
 // Value checks that need the data (context lengths against the cache, slot indices against the tree)
 // raise on CPU. On CUDA they would cost a host synchronisation, so the kernels instead clamp or skip
 // such entries: they never read or write out of bounds, but the result for invalid input is unspecified.
@@ -89,10 +101,16 @@ budget::Mode check_build_tree(const at::Tensor& logprobs, const at::Tensor& toke
 void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& context_lens, const at::Tensor& tree_mask,
                           const at::Tensor& num_nodes, double scale);
+void check_paged_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& block_table, const at::Tensor& context_lens,
+                                const at::Tensor& tree_mask, const at::Tensor& num_nodes, double scale);
 void check_accept_tree(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& num_nodes,
                        const at::Tensor& target_tokens, int64_t max_depth);
 void check_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& context_lens,
                       const at::Tensor& accepted_slots, const at::Tensor& accept_len);
+void check_paged_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& block_table,
+                            const at::Tensor& context_lens, const at::Tensor& accepted_slots,
+                            const at::Tensor& accept_len);
 
 // Output width of the packed ancestor mask for n slots.
 inline int64_t mask_words(int64_t slots) { return (slots + 31) / 32; }
@@ -116,7 +134,14 @@ inline int64_t accept_width(int64_t slots, int64_t max_depth) {
                            const at::Tensor& num_nodes, const at::Tensor& target_tokens,            \
                            int64_t max_depth);                                                       \
   void compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& context_lens,             \
-                  const at::Tensor& accepted_slots, const at::Tensor& accept_len);
+                  const at::Tensor& accepted_slots, const at::Tensor& accept_len);                   \
+  at::Tensor paged_tree_attention(const at::Tensor& q, const at::Tensor& k_cache,                    \
+                                  const at::Tensor& v_cache, const at::Tensor& block_table,          \
+                                  const at::Tensor& context_lens, const at::Tensor& tree_mask,       \
+                                  const at::Tensor& num_nodes, double scale);                        \
+  void paged_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& block_table,        \
+                        const at::Tensor& context_lens, const at::Tensor& accepted_slots,            \
+                        const at::Tensor& accept_len);
 
 namespace cpu {
 DDTREE_KERNELS

@@ -28,6 +28,15 @@ TORCH_LIBRARY(ddtree, m) {
 
   // Commit: move the accepted slots' K/V of every layer to the front of the tree region, in place.
   m.def("compact_kv(Tensor(a!)[] caches, Tensor context_lens, Tensor accepted_slots, Tensor accept_len) -> ()");
+
+  // The same two steps over a paged KV cache ([num_blocks, block_size, Hkv, d] + block table, vLLM's
+  // flash-attention layout; ops.h).
+  m.def(
+      "paged_tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor context_lens, "
+      "Tensor tree_mask, Tensor num_nodes, float scale) -> Tensor");
+  m.def(
+      "paged_compact_kv(Tensor(a!)[] caches, Tensor block_table, Tensor context_lens, Tensor accepted_slots, "
+      "Tensor accept_len) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ddtree, CPU, m) {
@@ -36,6 +45,8 @@ TORCH_LIBRARY_IMPL(ddtree, CPU, m) {
   m.impl("tree_attention", &ddtree::cpu::tree_attention);
   m.impl("accept_tree", &ddtree::cpu::accept_tree);
   m.impl("compact_kv", &ddtree::cpu::compact_kv);
+  m.impl("paged_tree_attention", &ddtree::cpu::paged_tree_attention);
+  m.impl("paged_compact_kv", &ddtree::cpu::paged_compact_kv);
 }
 
 #ifdef DDTREE_WITH_CUDA
@@ -45,5 +56,7 @@ TORCH_LIBRARY_IMPL(ddtree, CUDA, m) {
   m.impl("tree_attention", &ddtree::cuda::tree_attention);
   m.impl("accept_tree", &ddtree::cuda::accept_tree);
   m.impl("compact_kv", &ddtree::cuda::compact_kv);
+  m.impl("paged_tree_attention", &ddtree::cuda::paged_tree_attention);
+  m.impl("paged_compact_kv", &ddtree::cuda::paged_compact_kv);
 }
 #endif

@@ -135,29 +135,18 @@ budget::Mode check_build_tree(const at::Tensor& logprobs, const at::Tensor& toke
   return mode;
 }
 
-void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& context_lens, const at::Tensor& tree_mask,
-                          const at::Tensor& num_nodes, double scale) {
-  const char* op = "tree_attention";
+namespace {
+
+// The query side shared by tree_attention and paged_tree_attention: q [B, Hq, T, d] (float type),
+// context_lens [B] i64, tree_mask [B, T, W] i32, num_nodes [B] i32, all on q's device, a finite scale.
+void check_tree_query(const char* op, const at::Tensor& q, const at::Tensor& context_lens,
+                      const at::Tensor& tree_mask, const at::Tensor& num_nodes, double scale) {
   check_rank(op, "q", q, 4);
-  check_rank(op, "k_cache", k_cache, 4);
-  check_rank(op, "v_cache", v_cache, 4);
   TORCH_CHECK(is_float_type(q.scalar_type()), op, ": q must be float32, float16 or bfloat16, got ",
               q.scalar_type());
-  check_dtype(op, "k_cache", k_cache, q.scalar_type());
-  check_dtype(op, "v_cache", v_cache, q.scalar_type());
-  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), d = q.size(3);
+  const int64_t B = q.size(0), T = q.size(2), d = q.size(3);
   TORCH_CHECK(T >= 1, op, ": q must have at least one tree slot (q.size(2) >= 1)");
   TORCH_CHECK(d >= 1, op, ": q must have a non-empty head dimension");
-  check_size(op, "k_cache", k_cache, 0, B, "the batch size q.size(0)");
-  check_size(op, "k_cache", k_cache, 3, d, "the head dim q.size(3)");
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache shape ", v_cache.sizes(),
-              " must equal k_cache shape ", k_cache.sizes());
-  const int64_t Hkv = k_cache.size(1);
-  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": the query heads q.size(1) (", Hq,
-              ") must be a multiple of the key/value heads k_cache.size(1) (", Hkv, ")");
-  TORCH_CHECK(k_cache.size(2) >= T, op, ": k_cache holds ", k_cache.size(2),
-              " positions, fewer than the tree slots q.size(2) (", T, ")");
   check_batch_vector(op, "context_lens", context_lens, at::kLong, B, "the batch size q.size(0)");
   check_rank(op, "tree_mask", tree_mask, 3);
   check_dtype(op, "tree_mask", tree_mask, at::kInt);
@@ -165,14 +154,62 @@ void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
   check_size(op, "tree_mask", tree_mask, 1, T, "the tree slots q.size(2)");
   check_size(op, "tree_mask", tree_mask, 2, mask_words(T), "ceil(tree slots / 32)");
   check_batch_vector(op, "num_nodes", num_nodes, at::kInt, B, "the batch size q.size(0)");
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"k_cache", &k_cache},
-                         {"v_cache", &v_cache},
-                         {"context_lens", &context_lens},
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"context_lens", &context_lens},
                          {"tree_mask", &tree_mask},
                          {"num_nodes", &num_nodes}}) {
     check_same_device(op, name, *t, q, "q");
   }
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+}
+
+// K and V caches: rank 4, q's dtype and device, one shape, head dim q.size(3), key/value heads in dim
+// `head_dim` dividing the query heads.
+void check_kv_caches(const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     int64_t head_dim) {
+  check_rank(op, "k_cache", k_cache, 4);
+  check_rank(op, "v_cache", v_cache, 4);
+  check_dtype(op, "k_cache", k_cache, q.scalar_type());
+  check_dtype(op, "v_cache", v_cache, q.scalar_type());
+  check_size(op, "k_cache", k_cache, 3, q.size(3), "the head dim q.size(3)");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache shape ", v_cache.sizes(),
+              " must equal k_cache shape ", k_cache.sizes());
+  const int64_t Hq = q.size(1), Hkv = k_cache.size(head_dim);
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": the query heads q.size(1) (", Hq,
+              ") must be a multiple of the key/value heads k_cache.size(", head_dim, ") (", Hkv, ")");
+  check_same_device(op, "k_cache", k_cache, q, "q");
+  check_same_device(op, "v_cache", v_cache, q, "q");
+}
+
+}  // namespace
+
+void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& context_lens, const at::Tensor& tree_mask,
+                          const at::Tensor& num_nodes, double scale) {
+  const char* op = "tree_attention";
+  check_tree_query(op, q, context_lens, tree_mask, num_nodes, scale);
+  check_kv_caches(op, q, k_cache, v_cache, 1);
+  const int64_t T = q.size(2);
+  check_size(op, "k_cache", k_cache, 0, q.size(0), "the batch size q.size(0)");
+  TORCH_CHECK(k_cache.size(2) >= T, op, ": k_cache holds ", k_cache.size(2),
+              " positions, fewer than the tree slots q.size(2) (", T, ")");
+}
+
+void check_paged_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& block_table, const at::Tensor& context_lens,
+                                const at::Tensor& tree_mask, const at::Tensor& num_nodes, double scale) {
+  const char* op = "paged_tree_attention";
+  check_tree_query(op, q, context_lens, tree_mask, num_nodes, scale);
+  check_kv_caches(op, q, k_cache, v_cache, 2);
+  TORCH_CHECK(k_cache.size(0) >= 1 && k_cache.size(1) >= 1, op,
+              ": k_cache [num_blocks, block_size, Hkv, d] must have at least one block of at least one slot,",
+              " got shape ", k_cache.sizes());
+  check_rank(op, "block_table", block_table, 2);
+  check_dtype(op, "block_table", block_table, at::kInt);
+  check_size(op, "block_table", block_table, 0, q.size(0), "the batch size q.size(0)");
+  check_same_device(op, "block_table", block_table, q, "q");
+  const int64_t T = q.size(2), span = block_table.size(1) * k_cache.size(1);
+  TORCH_CHECK(span >= T, op, ": block_table addresses ", span, " positions (block_table.size(1) * block_size ",
+              k_cache.size(1), "), fewer than the tree slots q.size(2) (", T, ")");
 }
 
 void check_accept_tree(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& num_nodes,
@@ -213,6 +250,34 @@ void check_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& c
                 c.sizes());
     TORCH_CHECK(c.size(0) == B, op, ": caches[", i, "].size(0) (", c.size(0),
                 ") must equal the batch size accepted_slots.size(0) (", B, ")");
+    TORCH_CHECK(c.device() == accepted_slots.device(), op, ": caches[", i, "] is on ", c.device(),
+                " but accepted_slots is on ", accepted_slots.device());
+    TORCH_CHECK(c.stride(3) == 1, op, ": caches[", i, "] must be contiguous in its last dimension");
+  }
+}
+
+void check_paged_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& block_table,
+                            const at::Tensor& context_lens, const at::Tensor& accepted_slots,
+                            const at::Tensor& accept_len) {
+  const char* op = "paged_compact_kv";
+  check_rank(op, "accepted_slots", accepted_slots, 2);
+  check_dtype(op, "accepted_slots", accepted_slots, at::kLong);
+  const int64_t B = accepted_slots.size(0);
+  check_batch_vector(op, "context_lens", context_lens, at::kLong, B, "the batch size accepted_slots.size(0)");
+  check_batch_vector(op, "accept_len", accept_len, at::kInt, B, "the batch size accepted_slots.size(0)");
+  check_rank(op, "block_table", block_table, 2);
+  check_dtype(op, "block_table", block_table, at::kInt);
+  check_size(op, "block_table", block_table, 0, B, "the batch size accepted_slots.size(0)");
+  check_same_device(op, "context_lens", context_lens, accepted_slots, "accepted_slots");
+  check_same_device(op, "accept_len", accept_len, accepted_slots, "accepted_slots");
+  check_same_device(op, "block_table", block_table, accepted_slots, "accepted_slots");
+  for (size_t i = 0; i < caches.size(); ++i) {
+    const at::Tensor& c = caches[i];
+    TORCH_CHECK(c.dim() == 4, op, ": caches[", i, "] must have 4 dimensions [num_blocks, block_size, H, d], got shape ",
+                c.sizes());
+    TORCH_CHECK(c.size(1) == caches[0].size(1), op, ": caches[", i, "] has block size c.size(1) = ", c.size(1),
+                " but caches[0] has ", caches[0].size(1), " (one block table serves every cache)");
+    TORCH_CHECK(c.size(1) >= 1, op, ": caches[", i, "] must have a block size (size(1)) of at least 1");
     TORCH_CHECK(c.device() == accepted_slots.device(), op, ": caches[", i, "] is on ", c.device(),
                 " but accepted_slots is on ", accepted_slots.device());
     TORCH_CHECK(c.stride(3) == 1, op, ": caches[", i, "] must be contiguous in its last dimension");

@@ -4,8 +4,9 @@
 # host wrapper does and compares every output with a port of the CPU op. No GPU and no torch needed;
 # the CUDA headers (cuda_fp16.h & co.) come from a CUDA toolkit.
 #
-#   bash scripts/emu_check.sh [OP ...]     OP: topk_marginals build_tree tree_attention accept_tree compact_kv,
-#                                          or cuemu (the emulator's self-test); default: all six
+#   bash scripts/emu_check.sh [OP ...]     OP: topk_marginals build_tree tree_attention accept_tree compact_kv
+#                                          paged_tree_attention paged_compact_kv, or cuemu (the emulator's
+#                                          self-test); default: all eight
 # Every test runs under the default schedule and under each seeded random warp schedule in EMU_SEEDS
 # (default "5 9"). Exits non-zero if any build or run fails.
 #   EMU_SANITIZE=1   build with AddressSanitizer + UndefinedBehaviorSanitizer (several times slower)
@@ -19,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-ALL_OPS="cuemu topk_marginals build_tree tree_attention accept_tree compact_kv"
+ALL_OPS="cuemu topk_marginals build_tree tree_attention accept_tree compact_kv paged_tree_attention paged_compact_kv"
 OPS=${*:-$ALL_OPS}
 for op in $OPS; do
   case " $ALL_OPS " in *" $op "*) ;; *) echo "emu_check: unknown op '$op' (ops: $ALL_OPS)" >&2; exit 2 ;; esac

@@ -48,7 +48,7 @@ for stage in "${stages[@]}"; do
     tests)
       run tests 420 python3 -m pytest -q -m gpu tests -p no:cacheprovider --durations=15 ;;
     sanitize)
-      sel=(tests/test_cuda_tree.py tests/test_cuda_verify.py
+      sel=(tests/test_cuda_tree.py tests/test_cuda_verify.py tests/test_paged.py
            -k "special_values or global_scratch or clamps or strided or misaligned or aliasing or mixed_dtypes")
       run memcheck 240 "$SANITIZER" --tool memcheck --error-exitcode 1 python3 -m pytest -q -x -p no:cacheprovider "${sel[@]}"
       run racecheck 240 "$SANITIZER" --tool racecheck --error-exitcode 1 python3 -m pytest -q -x -p no:cacheprovider "${sel[@]}" ;;

@@ -1,4 +1,4 @@
-"""torch.library.opcheck on every op: schema (including compact_kv's mutated list), fake tensor impls,
+"""torch.library.opcheck on every op: schema (including the compact ops' mutated lists), fake tensor impls,
 autograd registration and AOT dispatch with dynamic shapes, on a few sample inputs each."""
 from __future__ import annotations
 
@@ -72,12 +72,42 @@ def samples_compact_kv(device):
     yield ([caches[0].to(device)], *(t.to(device) for t in args[:2]), torch.zeros(2, dtype=torch.int32, device=device))
 
 
+def samples_paged_tree_attention(device):
+    """The dense samples' inputs, each request's rows placed in scattered blocks of a paged cache."""
+    for q, k, v, ctx, mask, nn, scale in samples_tree_attention("cpu"):
+        B, Hkv, S, d = k.shape
+        block_size = 16 if d % 2 == 0 else 3
+        max_blocks = -(-S // block_size)
+        table = torch.randperm(B * max_blocks + 1, generator=torch.Generator().manual_seed(S))[1:]
+        table = table.view(B, max_blocks).int()
+        pad = torch.zeros(B, Hkv, max_blocks * block_size - S, d, dtype=k.dtype)
+        paged = []
+        for dense in (k, v):
+            cache = torch.zeros(B * max_blocks + 1, block_size, Hkv, d, dtype=k.dtype)
+            rows = torch.cat([dense, pad], 2).permute(0, 2, 1, 3).reshape(B, max_blocks, block_size, Hkv, d)
+            cache[table.long()] = rows
+            paged.append(cache)
+        yield (*(t.to(device) for t in (q, *paged, table, ctx, mask, nn)), scale)
+
+
+def samples_paged_compact_kv(device):
+    gen = torch.Generator().manual_seed(6)
+    caches = [torch.randn(5, 4, 2, 8, generator=gen), torch.randn(5, 4, 1, 4, generator=gen).bfloat16()]
+    table = torch.tensor([[3, 0, 4], [1, 2, 0]], dtype=torch.int32)
+    slots = torch.tensor([[0, 2, 3, -1], [0, 3, 1, 2]])
+    args = (table, torch.tensor([0, 6]), slots, torch.tensor([3, 4], dtype=torch.int32))
+    yield ([c.to(device) for c in caches], *(t.to(device) for t in args))
+    yield ([caches[0].to(device)], *(t.to(device) for t in args[:3]), torch.zeros(2, dtype=torch.int32, device=device))
+
+
 CASES = {
     "topk_marginals": samples_topk,
     "build_tree": samples_build_tree,
     "tree_attention": samples_tree_attention,
     "accept_tree": samples_accept_tree,
     "compact_kv": samples_compact_kv,
+    "paged_tree_attention": samples_paged_tree_attention,
+    "paged_compact_kv": samples_paged_compact_kv,
 }
 
 
@@ -90,11 +120,12 @@ def test_opcheck(name, device):
         torch.library.opcheck(getattr(ops, name).default, args)
 
 
-def test_compact_kv_schema_declares_mutation():
+@pytest.mark.parametrize("name", ["compact_kv", "paged_compact_kv"])
+def test_compact_kv_schema_declares_mutation(name):
     """The caches are annotated as mutated, so functionalisation and torch.compile see the write."""
-    schema = ops.compact_kv.default._schema
+    schema = getattr(ops, name).default._schema
     caches = schema.arguments[0]
     assert caches.name == "caches" and caches.alias_info is not None and caches.alias_info.is_write
     assert all(a.alias_info is None for a in schema.arguments[1:])
-    for name in ("topk_marginals", "build_tree", "tree_attention", "accept_tree"):
+    for name in ("topk_marginals", "build_tree", "tree_attention", "accept_tree", "paged_tree_attention"):
         assert not any(a.alias_info for a in getattr(ops, name).default._schema.arguments), name

@@ -31,15 +31,7 @@ void compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& context
   const int64_t* ctx = context_lens.data_ptr<int64_t>();
   const int64_t* slots = accepted_slots.data_ptr<int64_t>();
   const int32_t* alen = accept_len.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(ctx[b] >= 0, op, ": context_lens[", b, "] = ", ctx[b], " must be non-negative");
-    TORCH_CHECK(alen[b] >= 0 && alen[b] <= A, op, ": accept_len[", b, "] = ", alen[b],
-                " must be in [0, accepted_slots.size(1)] = [0, ", A, "]");
-    for (int64_t i = 0; i < alen[b]; ++i) {
-      TORCH_CHECK(slots[b * A + i] >= 0, op, ": accepted_slots[", b, ", ", i, "] = ", slots[b * A + i],
-                  " must be non-negative");
-    }
-  }
+  check_accept_values(op, B, A, ctx, slots, alen);
   for (size_t c = 0; c < caches.size(); ++c) {
     const int64_t S = caches[c].size(2);
     for (int64_t b = 0; b < B; ++b) {

@@ -47,6 +47,37 @@ struct Batch {
   int32_t count, B, width;
 };
 
+// The staged moves of one (cache, request, head), shared with paged_compact_kv_kernel.cuh: position ctx + i
+// receives position ctx + slots[i] for i < a, each chunk's reads before its writes. row_at(off) is the
+// address of the row of position ctx + off, or nullptr where that position is out of range: a move whose
+// source or destination is out of range is skipped, and so is slots[i] == i.
+template <typename U, class RowAt>
+__device__ __forceinline__ void move_rows(U* stage, const int64_t* slots, int a, int row_bytes, const RowAt& row_at) {
+  const int units = row_bytes / static_cast<int>(sizeof(U));
+  const int rows_per_chunk = kStageBytes / row_bytes;
+  for (int i0 = 0; i0 < a; i0 += rows_per_chunk) {
+    const int n = min(rows_per_chunk, a - i0);
+    for (int u = threadIdx.x; u < n * units; u += kThreads) {
+      const int i = i0 + u / units;
+      const int64_t s = slots[i];
+      const char* src = row_at(s);
+      if (s != i && src != nullptr && row_at(i) != nullptr) {
+        stage[u] = *reinterpret_cast<const U*>(src + (u % units) * sizeof(U));
+      }
+    }
+    __syncthreads();  // every read of this chunk before any of its writes
+    for (int u = threadIdx.x; u < n * units; u += kThreads) {
+      const int i = i0 + u / units;
+      const int64_t s = slots[i];
+      char* dst = row_at(i);
+      if (s != i && dst != nullptr && row_at(s) != nullptr) {
+        *reinterpret_cast<U*>(dst + (u % units) * sizeof(U)) = stage[u];
+      }
+    }
+    __syncthreads();  // the stage is reused by the next chunk
+  }
+}
+
 template <typename U>
 __global__ void __launch_bounds__(kThreads) compact_kv_kernel(const __grid_constant__ Batch batch) {
   __shared__ U stage[kStageBytes / sizeof(U)];
@@ -57,36 +88,15 @@ __global__ void __launch_bounds__(kThreads) compact_kv_kernel(const __grid_const
   const int local = cta - c.cta_begin;
   const int b = local / c.H, h = local % c.H;
 
-  // Uniform across the CTA, so returning here keeps the __syncthreads below safe.
+  // Uniform across the CTA, so returning here keeps the __syncthreads in move_rows safe.
   const int64_t ctx = batch.context_lens[b];
   if (ctx < 0 || ctx >= c.S) return;
   int a = batch.accept_len[b];
   a = a < 0 ? 0 : (a > batch.width ? batch.width : a);
 
-  const int64_t* slots = batch.accepted_slots + static_cast<int64_t>(b) * batch.width;
   char* slice = c.base + b * c.sb + h * c.sh;
-  const int units = c.row_bytes / static_cast<int>(sizeof(U));
-  const int rows_per_chunk = kStageBytes / c.row_bytes;
-
-  for (int i0 = 0; i0 < a; i0 += rows_per_chunk) {
-    const int n = min(rows_per_chunk, a - i0);
-    for (int u = threadIdx.x; u < n * units; u += kThreads) {
-      const int i = i0 + u / units;
-      const int64_t s = slots[i];
-      if (s >= 0 && s != i && ctx + s < c.S && ctx + i < c.S) {
-        stage[u] = *reinterpret_cast<const U*>(slice + (ctx + s) * c.ss + (u % units) * sizeof(U));
-      }
-    }
-    __syncthreads();  // every read of this chunk before any of its writes
-    for (int u = threadIdx.x; u < n * units; u += kThreads) {
-      const int i = i0 + u / units;
-      const int64_t s = slots[i];
-      if (s >= 0 && s != i && ctx + s < c.S && ctx + i < c.S) {
-        *reinterpret_cast<U*>(slice + (ctx + i) * c.ss + (u % units) * sizeof(U)) = stage[u];
-      }
-    }
-    __syncthreads();  // the stage is reused by the next chunk
-  }
+  move_rows(stage, batch.accepted_slots + static_cast<int64_t>(b) * batch.width, a, c.row_bytes,
+            [&](int64_t off) -> char* { return off < 0 || off >= c.S - ctx ? nullptr : slice + (ctx + off) * c.ss; });
 }
 
 // Widest copy unit (16/8/4/2/1 bytes) that divides the base address, every byte stride and the row size.

@@ -83,24 +83,33 @@ __host__ inline int choose_num_splits(int64_t resident_slots, int64_t B, int64_t
   return static_cast<int>(n < 1 ? 1 : (n > kMaxSplits ? kMaxSplits : n));
 }
 
+// Where the key or value row of (request b, kv head h, position pos) lives, in elements from the cache's
+// base pointer. DenseRows: the cache [B, Hkv, S, D] with element strides (this op); the paged op
+// (paged_tree_attention_kernel.cuh) brings its own, which looks the position up in a block table.
+struct DenseRows {
+  int64_t sb, sh, ss;
+  __device__ __forceinline__ int64_t operator()(int b, int h, int pos) const { return b * sb + h * sh + pos * ss; }
+};
+
 // Loads `kBN` rows of one (b, h) K or V slice starting at key k0 into shared memory; rows at or past
 // `k_end` are zero-filled (never read from global memory).
-template <typename T, int D>
-__device__ __forceinline__ void load_kv_tile(T* dst, const T* base, int64_t sb, int64_t sh, int64_t ss, int b,
-                                             int h, int k0, int k_end) {
+template <typename T, int D, class Rows>
+__device__ __forceinline__ void load_kv_tile(T* dst, const T* base, const Rows& rows, int b, int h, int k0,
+                                             int k_end) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  const T* slice = base + b * sb + h * sh;
   for (int i = threadIdx.x; i < kBN * kChunks; i += kThreads) {
     const int r = i / kChunks, c = i % kChunks;
     const int pos = k0 + r;
     const bool valid = pos < k_end;
-    const T* src = valid ? slice + pos * ss + c * 8 : base;
+    const T* src = valid ? base + rows(b, h, pos) + c * 8 : base;
     cp_async_16(dst + r * (D + kPad) + c * 8, src, valid);
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params p) {
+// The attention of one CTA (see the file comment); k_rows / v_rows place the cache rows (DenseRows here).
+// p.S is the number of positions a request can address: the cache length, or the block table's span.
+template <typename T, int D, class Rows>
+__device__ __forceinline__ void attend_tile(const Params& p, const Rows& k_rows, const Rows& v_rows) {
   constexpr int kStride = D + kPad;
   DDTREE_DYNAMIC_SMEM(unsigned char, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -140,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params p
       cp_async_16(sQ + r * kStride + c * 8, src, valid);
     }
   }
-  if (n_tiles > 0) load_kv_tile<T, D>(sK, kc, p.k_sb, p.k_sh, p.k_ss, b, h, kb, ke);
+  if (n_tiles > 0) load_kv_tile<T, D>(sK, kc, k_rows, b, h, kb, ke);
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
@@ -173,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params p
   for (int it = 0; it < n_tiles; ++it) {
     const int k0 = kb + it * kBN;
     // K(it) is resident. Start V(it) while computing S = Q K^T.
-    load_kv_tile<T, D>(sV, vc, p.v_sb, p.v_sh, p.v_ss, b, h, k0, ke);
+    load_kv_tile<T, D>(sV, vc, v_rows, b, h, k0, ke);
     cp_async_commit();
 
     float s[kBN / 8][4];
@@ -193,7 +202,7 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params p
     cp_async_wait_all();
     __syncthreads();  // V(it) landed; every warp is done reading sK
     if (it + 1 < n_tiles) {
-      load_kv_tile<T, D>(sK, kc, p.k_sb, p.k_sh, p.k_ss, b, h, k0 + kBN, ke);
+      load_kv_tile<T, D>(sK, kc, k_rows, b, h, k0 + kBN, ke);
       cp_async_commit();
     }
 
@@ -318,6 +327,11 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params p
       }
     }
   }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params p) {
+  attend_tile<T, D>(p, DenseRows{p.k_sb, p.k_sh, p.k_ss}, DenseRows{p.v_sb, p.v_sh, p.v_ss});
 }
 
 // Merges the per-split partials of one output row per warp: out = sum_s w_s o_s / sum_s w_s l_s with

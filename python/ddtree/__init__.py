@@ -38,7 +38,16 @@ def _load_extension():
 
 _C = _load_extension()
 
-from .ops import DraftTree, accept_tree, build_tree, compact_kv, topk_marginals, tree_attention  # noqa: E402
+from .ops import (  # noqa: E402
+    DraftTree,
+    accept_tree,
+    build_tree,
+    compact_kv,
+    paged_compact_kv,
+    paged_tree_attention,
+    topk_marginals,
+    tree_attention,
+)
 
 __version__ = _C.__version__
 
@@ -48,6 +57,8 @@ __all__ = [
     "build_tree",
     "compact_kv",
     "info",
+    "paged_compact_kv",
+    "paged_tree_attention",
     "topk_marginals",
     "tree_attention",
 ]

@@ -246,3 +246,63 @@ def _compact_kv_fake(caches, context_lens, accepted_slots, accept_len):
     _check_same_device("compact_kv", "accepted_slots", accepted_slots, context_lens=context_lens,
                        accept_len=accept_len, **{f"caches[{i}]": c for i, c in enumerate(caches)})
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# paged KV cache: paged_tree_attention, paged_compact_kv
+#
+# Cache layout (vLLM's flash-attention layout): ``[num_blocks, block_size, H, d]``, head dim contiguous;
+# position ``p`` of request ``b`` lives in block ``block_table[b, p // block_size]`` at offset
+# ``p % block_size``; ``block_table`` is ``[B, max_blocks]`` i32.
+
+
+def paged_tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    tree_mask: torch.Tensor,
+    num_nodes: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`tree_attention` over a paged KV cache.
+
+    q ``[B, Hq, T, d]``; k_cache, v_cache ``[num_blocks, block_size, Hkv, d]`` (``Hq % Hkv == 0``) with the
+    tree's keys/values already at positions ``context_len + slot``; block_table ``[B, max_blocks]`` i32
+    (``context_len + T <= max_blocks * block_size``; the blocks of positions ``[0, context_len +
+    num_nodes]`` must exist); context_lens ``[B]`` i64; tree_mask ``[B, T, ceil(T/32)]`` i32; num_nodes
+    ``[B]`` i32. Returns ``[B, Hq, T, d]`` in q's dtype, as :func:`tree_attention` would on the dense cache.
+    """
+    return _ops.paged_tree_attention(q, k_cache, v_cache, block_table, context_lens, tree_mask, num_nodes, scale)
+
+
+@torch.library.register_fake("ddtree::paged_tree_attention")
+def _paged_tree_attention_fake(q, k_cache, v_cache, block_table, context_lens, tree_mask, num_nodes, scale):
+    _check_same_device("paged_tree_attention", "q", q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+                       context_lens=context_lens, tree_mask=tree_mask, num_nodes=num_nodes)
+    return q.new_empty(q.shape)
+
+
+def paged_compact_kv(
+    caches: Sequence[torch.Tensor],
+    block_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    accepted_slots: torch.Tensor,
+    accept_len: torch.Tensor,
+) -> None:
+    """:func:`compact_kv` over paged caches ``[num_blocks, block_size, H, d]`` (one block size, one
+    ``block_table [B, max_blocks]`` i32 for all), in place, every layer in one call: position
+    ``context_len + i`` receives position ``context_len + accepted_slots[b, i]`` for ``i < accept_len[b]``,
+    as if every read of a request happened before any of its writes. The rows different requests touch
+    must be distinct.
+    """
+    _ops.paged_compact_kv(list(caches), block_table, context_lens, accepted_slots, accept_len)
+
+
+@torch.library.register_fake("ddtree::paged_compact_kv")
+def _paged_compact_kv_fake(caches, block_table, context_lens, accepted_slots, accept_len):
+    _check_same_device("paged_compact_kv", "accepted_slots", accepted_slots, block_table=block_table,
+                       context_lens=context_lens, accept_len=accept_len,
+                       **{f"caches[{i}]": c for i, c in enumerate(caches)})
+    return None
