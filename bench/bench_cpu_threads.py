@@ -4,8 +4,9 @@ Runs ar, dflash, ddtree and caddtree on the shipped trained pair (what ``ddtree 
 default: the Hugging Face runner on CPU, float32, greedy, budget 64, the default cost model) twice per
 repeat: on the machine as it is ("idle") and while a busy-loop process spins on one core ("busy"; it is
 pinned to the last core and ends by itself after a bounded time even if this script dies). Two thread
-choices side by side: the CLI's default (``--threads auto``: one thread for a model this small) and
-torch's own default (what a direct ``ddtree.decode.generate`` call gets unless the caller sets threads).
+choices side by side: ``auto`` (the CLI's ``--threads auto`` and ``generate``'s ``threads="auto"``: one
+thread for a model this small) and torch's own default (``generate(..., threads=None)``, which leaves torch's
+setting alone: what the library did before it chose threads).
 
 tokens/s is what ``ddtree generate`` prints: generated tokens over the whole call, prefill included.
 Medians over the repeats; the conditions are interleaved so slow drift in the machine's load hits both.
@@ -54,7 +55,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def tokens_per_s(target, drafter, ids, method: str, new_tokens: int) -> float:
     out = generate(target, None if method == "ar" else drafter, [ids], method=method, max_new_tokens=new_tokens,
-                   max_nodes=cli.DEFAULT_MAX_NODES)
+                   max_nodes=cli.DEFAULT_MAX_NODES, threads=None)  # None: the count this script set
     return len(out.tokens[0]) / out.total_s
 
 

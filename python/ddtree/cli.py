@@ -469,7 +469,8 @@ def cmd_generate(args) -> int:
     sys.stdout.write(args.prompt)
     res = decode.generate(target, drafter, [ids], method=args.method, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_nodes=args.max_nodes,
-                          cost_model=cost, stop_token_ids=sorted(stops), seed=args.seed, on_tokens=stream)
+                          cost_model=cost, stop_token_ids=sorted(stops), seed=args.seed, on_tokens=stream,
+                          threads=None)  # --threads is already applied
     sizes = [n for r in res.rounds for n in r.tree_size]
     n_tok = len(res.tokens[0])
     print("\n--")

@@ -29,6 +29,7 @@ import torch
 
 from .ops import DraftTree, accept_tree, build_tree, topk_marginals
 from .target import as_target
+from .threads import with_cpu_threads
 from .timing import Clock
 
 METHODS = ("ar", "dflash", "ddtree", "caddtree")
@@ -262,6 +263,7 @@ def _verify_commit(target, tree: DraftTree, x, done, plan: _Plan, clock: Clock):
     return new_tokens, accept_len, torch.where(done, x, next_token), next_feats, verified
 
 
+@with_cpu_threads  # keyword threads='auto': one CPU thread for a small model (see ddtree.threads)
 @torch.inference_mode()
 def generate(
     target,
@@ -285,7 +287,8 @@ def generate(
     ``block_size``, ``target_layer_ids``, ``reset`` and ``draft``); unused for ``ar``. ``max_nodes`` is the
     DDTree budget and the CaDDTree cap; ``cost_model`` (``.table(context_lens, max_nodes, max_context)``,
     ``.draft_cost``) defaults to ``ddtree.cost.CostModel.default``. ``on_tokens(row, new_tokens)`` streams
-    output.
+    output. Keyword ``threads``: torch's CPU threads during the call (``"auto"``: one for a CPU target under
+    ``ddtree.threads.SMALL_MODEL_PARAMS`` parameters, else untouched; ``None``: untouched; or a count).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
