@@ -3,7 +3,7 @@ every method through ``ddtree.decode.generate`` side by side with transformers' 
 
 COSTS ARE REAL, ACCEPTANCE IS SIMULATED, exactly as in ``bench_e2e.py`` (whose calibrated oracle and
 oracle wrappers this reuses): the target (hidden 1024, 28 layers, 16/8 heads, head dim 128, vocab 151936,
-tied embeddings, float32) and the drafter run their real forwards on the CPU; the drafter's marginals and
+tied embeddings, float32 unless --dtype says otherwise) and the drafter run their real forwards on the CPU; the drafter's marginals and
 the target's choices then follow the oracle calibrated to the published DFlash/DDTree acceptance.
 
 One run: the cost model measured here by ``ddtree.cost.profile`` (a coarse grid), then AR (ours, the
@@ -52,37 +52,48 @@ def target_config(quick: bool):
                        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
-def make_models(quick: bool, seed: int):
+def make_models(quick: bool, seed: int, dtype):
     from transformers import AutoModelForCausalLM
 
     cfg = target_config(quick)
     torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
     fast = FastTarget.from_model(hf)
     dcfg = DFlashConfig.for_target(cfg, num_layers=1 if quick else DRAFT_LAYERS, block_size=16,
                                    mask_token_id=cfg.vocab_size - 1)
-    drafter = DFlashDrafter(dcfg).float().eval()
+    drafter = DFlashDrafter(dcfg).to(dtype).eval()
     return hf, fast, drafter
+
+
+class _StepClock:
+    """A stopping criterion that never stops: it records when each generated token is ready."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
 @torch.inference_mode()
 def hf_generate(hf, prompt: torch.Tensor, new_tokens: int, cache: str) -> dict:
-    """transformers ``generate``, greedy, ``new_tokens`` forced (no EOS stop); decode tokens/s from the
-    difference between an ``new_tokens`` run and a one-token (prefill only) run."""
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation=cache)
+    """transformers ``generate``, greedy, ``new_tokens`` forced (no EOS stop). Decode tokens/s from the
+    time between the first generated token (the prefill's) and the last, as for our methods."""
+    from transformers import StoppingCriteriaList
 
-    def seconds(n):
-        t = time.perf_counter()
-        out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)
-        assert out.shape[1] == prompt.shape[1] + n
-        return time.perf_counter() - t
+    def run(n):
+        clock = _StepClock()
+        out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                          eos_token_id=None, cache_implementation=cache, stopping_criteria=StoppingCriteriaList([clock]))
+        assert out.shape[1] == prompt.shape[1] + n and len(clock.times) == n
+        return clock.times
 
-    seconds(2)  # warm-up (allocates the static cache)
-    prefill = min(seconds(1) for _ in range(2))
-    total = seconds(new_tokens)
+    run(4)  # warm-up
+    times = run(new_tokens)
     tokens = new_tokens - 1
-    return {"method": f"transformers ({cache} cache)", "budget": None, "tokens": tokens, "seconds": total - prefill,
-            "tokens_per_s": tokens / (total - prefill), "acceptance": 1.0, "budgets": [0], "rounds": tokens}
+    return {"method": f"transformers ({cache} cache)", "budget": None, "tokens": tokens, "seconds": times[-1] - times[0],
+            "tokens_per_s": tokens / (times[-1] - times[0]), "acceptance": 1.0, "budgets": [0], "rounds": tokens}
 
 
 def main(argv=None):
@@ -92,6 +103,8 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=None, help="prompt length (default 128; 32 with --quick)")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens per method (default 48; 32 with --quick)")
     ap.add_argument("--repeats", type=int, default=3, help="profile repeats per grid point")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="weights and activations (float32: what `ddtree generate` uses on CPU)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     context = args.context or (32 if args.quick else 128)
@@ -99,12 +112,13 @@ def main(argv=None):
     t_start = time.perf_counter()
     loads = [os.getloadavg()[0]]
 
-    hf, fast, drafter = make_models(args.quick, args.seed)
+    dtype = getattr(torch, args.dtype)
+    hf, fast, drafter = make_models(args.quick, args.seed, dtype)
     print(f"{device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"target {fast.num_hidden_layers} layers, hidden {fast.hidden_size}, vocab {fast.vocab_size}, "
-          f"{sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M parameters, float32; drafter "
+          f"{sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M parameters, {args.dtype}; drafter "
           f"{len(drafter.layers)} layers, block {drafter.block_size}; context {context}, {new_tokens} new tokens")
-    results = {"device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "quick": args.quick,
+    results = {"device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "quick": args.quick, "dtype": args.dtype,
                "context": context, "new_tokens": new_tokens, "torch": torch.__version__}
 
     oracle = Oracle(depth=drafter.block_size - 1)
@@ -120,7 +134,7 @@ def main(argv=None):
     fast.set_feature_layers(list(drafter.target_layer_ids))
     drafter.reset(1, context + 64)
     x0, zero = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
-    f0 = torch.zeros(1, 1, fast.hidden_size * len(drafter.target_layer_ids))
+    f0 = torch.zeros(1, 1, fast.hidden_size * len(drafter.target_layer_ids), dtype=dtype)
     t = time.perf_counter()
     cost = profile(fast, lambda: drafter.draft(fast, x0, f0, zero), max_nodes=max(BUDGETS),
                    contexts=[context, context + new_tokens], node_grid=[0, 4, 8, 16, 32, 64, 128, 256],
