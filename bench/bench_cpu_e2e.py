@@ -89,7 +89,6 @@ def hf_generate(hf, prompt: torch.Tensor, new_tokens: int, cache: str) -> dict:
         assert out.shape[1] == prompt.shape[1] + n and len(clock.times) == n
         return clock.times
 
-    run(4)  # warm-up
     times = run(new_tokens)
     tokens = new_tokens - 1
     return {"method": f"transformers ({cache} cache)", "budget": None, "tokens": tokens, "seconds": times[-1] - times[0],
@@ -101,14 +100,15 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a tiny model, seconds: a smoke test of the whole run")
     ap.add_argument("--out", type=Path, help="folder for results.json and tokens_per_s_vs_budget.png")
     ap.add_argument("--context", type=int, default=None, help="prompt length (default 128; 32 with --quick)")
-    ap.add_argument("--new-tokens", type=int, default=None, help="tokens per method (default 48; 32 with --quick)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens per method and pass (default 32)")
     ap.add_argument("--repeats", type=int, default=3, help="profile repeats per grid point")
+    ap.add_argument("--passes", type=int, default=2, help="timed passes over every method (medians reported)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="weights and activations (float32: what `ddtree generate` uses on CPU)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     context = args.context or (32 if args.quick else 128)
-    new_tokens = args.new_tokens or (32 if args.quick else 48)
+    new_tokens = args.new_tokens or 32
     t_start = time.perf_counter()
     loads = [os.getloadavg()[0]]
 
@@ -146,25 +146,39 @@ def main(argv=None):
                                 "verify_ms": cost.verify_ms.tolist(), "measured": cost.measured,
                                 "draft_ms": cost.draft_cost}}
 
-    runs = []
+    # Every method once as a warm-up, then --passes passes over all of them in turn: on a shared machine
+    # the speed drifts by minutes, and interleaving lets the drift hit every method alike (medians reported).
+    prompt_ids = prompt[0].tolist()
+
+    def ours(m, b):
+        def once(n):
+            r = run_method(m, b, target, oracle_drafter, prompt_ids, n, cost)
+            r["budget"] = None if m == "caddtree" else b  # run_method records the cap; the cap is BUDGETS' max
+            return r
+        return once
+
+    methods = {}
     for cache in ("static", "dynamic"):
         try:
-            runs.append(hf_generate(hf, prompt, new_tokens, cache))
+            hf_generate(hf, prompt, 4, cache)
         except Exception as e:  # noqa: BLE001 - a cache transformers cannot run on CPU is reported, not fatal
             print(f"transformers generate with a {cache} cache failed on CPU: {type(e).__name__}: {e}")
             continue
+        methods[f"transformers ({cache} cache)"] = lambda n, cache=cache: hf_generate(hf, prompt, n, cache)
+    for m, b in [("ar", None), ("dflash", None)] + [("ddtree", b) for b in BUDGETS] + [("caddtree", max(BUDGETS))]:
+        methods[m + (f"-{b}" if m == "ddtree" else "")] = ours(m, b)
+        methods[m + (f"-{b}" if m == "ddtree" else "")](8)  # warm-up
+    samples = {name: [] for name in methods}
+    for p in range(args.passes):
+        for name, once in methods.items():
+            samples[name].append(once(new_tokens))
+            loads.append(os.getloadavg()[0])
+        print(f"pass {p + 1}/{args.passes} done at {time.perf_counter() - t_start:.0f} s")
+    runs = []
+    for name, rs in samples.items():
+        speeds = [r["tokens_per_s"] for r in rs]
+        runs.append({**rs[0], "tokens_per_s": statistics.median(speeds), "tokens_per_s_passes": speeds})
         _print_run(runs[-1])
-    loads.append(os.getloadavg()[0])
-
-    methods = [("ar", None), ("dflash", None)] + [("ddtree", b) for b in BUDGETS] + [("caddtree", max(BUDGETS))]
-    prompt_ids = prompt[0].tolist()
-    for m, b in methods:
-        run_method(m, b, target, oracle_drafter, prompt_ids, 8, cost)  # warm-up
-        r = run_method(m, b, target, oracle_drafter, prompt_ids, new_tokens, cost)
-        r["budget"] = None if m == "caddtree" else b  # run_method records the cap; the cap is BUDGETS' max
-        runs.append(r)
-        _print_run(r)
-        loads.append(os.getloadavg()[0])
     results["runs"] = runs
     results["load_average"] = loads
 
@@ -192,7 +206,8 @@ def main(argv=None):
 
 def _print_run(r):
     name = r["method"] + (f"-{r['budget']}" if r["budget"] else "")
-    print(f"{name:>28}: {r['tokens_per_s']:8.2f} tok/s  acceptance {r['acceptance']:5.2f}  "
+    passes = "/".join(f"{v:.2f}" for v in r.get("tokens_per_s_passes", []))
+    print(f"{name:>28}: {r['tokens_per_s']:8.2f} tok/s ({passes})  acceptance {r['acceptance']:5.2f}  "
           f"mean tree {statistics.mean(r['budgets']):6.1f}  rounds {r['rounds']:4d}")
 
 
