@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 
 from .decode import BUDGET_MODES, METHODS
+from .threads import SMALL_MODEL_PARAMS
 
 DEFAULT_MAX_NODES = 64  # generate's --max-nodes
-TINY_MODEL_PARAMS = 50_000_000  # below this, one CPU thread beats torch's default (hand-offs cost more)
 
 
 class UsageError(Exception):
@@ -364,14 +364,14 @@ def _set_threads(requested: int | None, device: str, num_params: int) -> None:
 
     if requested is not None:
         torch.set_num_threads(requested)
-    elif device == "cpu" and num_params < TINY_MODEL_PARAMS:
+    elif device == "cpu" and num_params < SMALL_MODEL_PARAMS:
         torch.set_num_threads(1)
 
 
 def _num_params(runner) -> int:
     """The target's parameter count (a runner without a ``model`` counts as large: torch's threads)."""
     model = getattr(runner, "model", None)
-    return sum(p.numel() for p in model.parameters()) if model is not None else TINY_MODEL_PARAMS
+    return sum(p.numel() for p in model.parameters()) if model is not None else SMALL_MODEL_PARAMS
 
 
 # ---- checking a target/drafter pair before loading it ----------------------------------------------
@@ -431,7 +431,7 @@ def cmd_demo(args) -> int:
     ids = _encode_prompt(tok, prompt)
     _check_length(cfg, len(ids), args.max_new_tokens, args.max_nodes)
     device = _device(args)
-    # The demo's models are tiny (well under TINY_MODEL_PARAMS): 'auto' means one thread on CPU.
+    # The demo's models are tiny (well under SMALL_MODEL_PARAMS): 'auto' means one thread on CPU.
     threads = args.threads if args.threads is not None else (1 if device == "cpu" else None)
     demo.run(prompt=prompt, max_new_tokens=args.max_new_tokens, max_nodes=args.max_nodes, seed=args.seed,
              device=device, random=args.random, threads=threads)
@@ -492,7 +492,7 @@ def cmd_generate(args) -> int:
     res = decode.generate(target, drafter, [ids], method=args.method, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_nodes=args.max_nodes,
                           cost_model=cost, budget_mode=args.budget_mode, stop_token_ids=sorted(stops), seed=args.seed,
-                          on_tokens=stream)
+                          on_tokens=stream, threads=None)  # --threads is already applied
     sizes = [n for r in res.rounds for n in r.tree_size]
     n_tok = len(res.tokens[0])
     print("\n--")
@@ -568,7 +568,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=device, default=None,
                    help="cpu, cuda or cuda:N (default: cuda when a GPU is available, else cpu)")
     p.add_argument("--threads", type=threads, default="auto", metavar="N|auto",
-                   help=f"CPU threads for torch; auto: 1 for a model under {TINY_MODEL_PARAMS // 10**6}M parameters "
+                   help=f"CPU threads for torch; auto: 1 for a model under {SMALL_MODEL_PARAMS // 10**6}M parameters "
                         "on CPU (more threads only add hand-off time there), torch's own choice otherwise")
 
 

@@ -37,6 +37,7 @@ import torch
 
 from .ops import DraftTree, accept_tree, build_tree, topk_marginals
 from .target import as_target
+from .threads import with_cpu_threads
 from .timing import Clock
 
 METHODS = ("ar", "dflash", "ddtree", "caddtree")
@@ -289,6 +290,7 @@ def _verify_commit(target, tree: DraftTree, x, done, plan: _Plan, clock: Clock):
     return new_tokens, accept_len, torch.where(done, x, next_token), next_feats, verified
 
 
+@with_cpu_threads  # keyword threads='auto': one CPU thread for a small model (see ddtree.threads)
 @torch.inference_mode()
 def generate(
     target,
@@ -316,7 +318,9 @@ def generate(
     :data:`BUDGET_MODES` and the module docstring) is how CaDDTree prices the batch's verify: per request,
     one node count for the padded batch, or the batch's most probable nodes under a ragged cost; the batch
     modes call ``cost_model.table(..., mode=budget_mode)`` and ``cost_model.draft_cost_at(B)`` when it has
-    one. ``on_tokens(row, new_tokens)`` streams output.
+    one. ``on_tokens(row, new_tokens)`` streams output. Keyword ``threads``: torch's CPU threads during the
+    call (``"auto"``: one for a CPU target under ``ddtree.threads.SMALL_MODEL_PARAMS`` parameters, else
+    untouched; ``None``: untouched; or a count).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")

@@ -90,11 +90,11 @@ def run(prompt: str = DEMO_PROMPT, max_new_tokens: int = 96, max_nodes: int = 64
         for method in decode.METHODS:
             if dev.type == "cuda":  # warm-up at the same cache size: allocations, CUDA graphs, cost tables
                 decode.generate(target, drafter, [ids], method=method, max_new_tokens=max_new_tokens,
-                                max_nodes=max_nodes, cost_model=cost, seed=seed)
+                                max_nodes=max_nodes, cost_model=cost, seed=seed, threads=None)
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             res = decode.generate(target, drafter, [ids], method=method, max_new_tokens=max_new_tokens,
-                                  max_nodes=max_nodes, cost_model=cost, seed=seed)
+                                  max_nodes=max_nodes, cost_model=cost, seed=seed, threads=None)
             dt = time.perf_counter() - t0
             results[method] = res
             same = "" if method == "ar" else (

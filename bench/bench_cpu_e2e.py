@@ -1,0 +1,250 @@
+"""CPU end-to-end benchmark: a Qwen3-0.6B-shaped target with random weights and its DFlash-shaped drafter,
+every method through ``ddtree.decode.generate`` side by side with transformers' own ``generate``.
+
+COSTS ARE REAL, ACCEPTANCE IS SIMULATED, exactly as in ``bench_e2e.py`` (whose calibrated oracle and
+oracle wrappers this reuses): the target (hidden 1024, 28 layers, 16/8 heads, head dim 128, vocab 151936,
+tied embeddings, float32 unless --dtype says otherwise) and the drafter run their real forwards on the CPU; the drafter's marginals and
+the target's choices then follow the oracle calibrated to the published DFlash/DDTree acceptance.
+
+One run: the cost model measured here by ``ddtree.cost.profile`` (a coarse grid), then AR (ours, the
+fast runner), transformers ``generate`` (greedy, static cache if it works on CPU, else dynamic; the
+faster one is reported), DFlash, DDTree at budgets 4..256 and CaDDTree (cap 256). Decode tokens/s
+exclude the prefill for every method. Goals: CaDDTree >= 0.95x the best fixed budget in hindsight and
+>= 2x transformers ``generate``.
+
+    python3 bench/bench_cpu_e2e.py --out out/cpu_e2e      # the full run, about 10-15 minutes on 2 cores
+    python3 bench/bench_cpu_e2e.py --quick                # a tiny model, seconds (smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import Oracle, OracleDrafter, OracleTarget, calibrate, run_method  # noqa: E402
+
+from ddtree.cost import profile  # noqa: E402  (bench_e2e put python/ on the path)
+from ddtree.drafter import DFlashConfig, DFlashDrafter  # noqa: E402
+from ddtree.fast_target import FastTarget  # noqa: E402
+from ddtree.timing import device_name  # noqa: E402
+
+BUDGETS = (4, 8, 16, 32, 64, 128, 256)
+DRAFT_LAYERS = 5  # the published DFlash drafters' depth
+
+
+def target_config(quick: bool):
+    """Qwen3-0.6B's shape (tied embeddings, as released), or a tiny one for --quick."""
+    from transformers import Qwen3Config
+
+    if quick:
+        return Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                           initializer_range=0.2, tie_word_embeddings=True)
+    return Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def make_models(quick: bool, seed: int, dtype):
+    from transformers import AutoModelForCausalLM
+
+    cfg = target_config(quick)
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
+    fast = FastTarget.from_model(hf)
+    dcfg = DFlashConfig.for_target(cfg, num_layers=1 if quick else DRAFT_LAYERS, block_size=16,
+                                   mask_token_id=cfg.vocab_size - 1)
+    drafter = DFlashDrafter(dcfg).to(dtype).eval()
+    return hf, fast, drafter
+
+
+class _StepClock:
+    """A stopping criterion that never stops: it records when each generated token is ready."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+@torch.inference_mode()
+def hf_generate(hf, prompt: torch.Tensor, new_tokens: int, cache: str) -> dict:
+    """transformers ``generate``, greedy, ``new_tokens`` forced (no EOS stop). Decode tokens/s from the
+    time between the first generated token (the prefill's) and the last, as for our methods."""
+    from transformers import StoppingCriteriaList
+
+    def run(n):
+        clock = _StepClock()
+        out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                          eos_token_id=None, cache_implementation=cache, stopping_criteria=StoppingCriteriaList([clock]))
+        assert out.shape[1] == prompt.shape[1] + n and len(clock.times) == n
+        return clock.times
+
+    times = run(new_tokens)
+    tokens = new_tokens - 1
+    return {"method": f"transformers ({cache} cache)", "budget": None, "tokens": tokens, "seconds": times[-1] - times[0],
+            "tokens_per_s": tokens / (times[-1] - times[0]), "acceptance": 1.0, "budgets": [0], "rounds": tokens}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a tiny model, seconds: a smoke test of the whole run")
+    ap.add_argument("--out", type=Path, help="folder for results.json and tokens_per_s_vs_budget.png")
+    ap.add_argument("--context", type=int, default=None, help="prompt length (default 128; 32 with --quick)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens per method and pass (default 32)")
+    ap.add_argument("--repeats", type=int, default=3, help="profile repeats per grid point")
+    ap.add_argument("--passes", type=int, default=2, help="timed passes over every method (medians reported)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="weights and activations (float32: what `ddtree generate` uses on CPU)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    context = args.context or (32 if args.quick else 128)
+    new_tokens = args.new_tokens or 32
+    t_start = time.perf_counter()
+    loads = [os.getloadavg()[0]]
+
+    dtype = getattr(torch, args.dtype)
+    hf, fast, drafter = make_models(args.quick, args.seed, dtype)
+    print(f"{device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"target {fast.num_hidden_layers} layers, hidden {fast.hidden_size}, vocab {fast.vocab_size}, "
+          f"{sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M parameters, {args.dtype}; drafter "
+          f"{len(drafter.layers)} layers, block {drafter.block_size}; context {context}, {new_tokens} new tokens")
+    results = {"device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "quick": args.quick, "dtype": args.dtype,
+               "context": context, "new_tokens": new_tokens, "torch": torch.__version__}
+
+    oracle = Oracle(depth=drafter.block_size - 1)
+    results["oracle"] = calibrate(oracle, R=256 if args.quick else 1024)
+    got = results["oracle"]["expected_acceptance"]
+    print(f"oracle: expected acceptance chain {got['dflash_chain']:.2f} (published 7.8), "
+          f"DDTree-256 {got['ddtree_256']:.2f} (10.7)")
+    rounds = oracle.rounds(new_tokens + 1, fast.vocab_size, args.seed + 1)
+    prompt = torch.randint(0, fast.vocab_size, (1, context))
+    target, oracle_drafter = OracleTarget(fast, rounds[2]), OracleDrafter(drafter, rounds[0], rounds[1])
+
+    # The cost model, measured here: ddtree.cost.profile over a coarse grid (what `ddtree profile` runs)
+    fast.set_feature_layers(list(drafter.target_layer_ids))
+    drafter.reset(1, context + 64)
+    x0, zero = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    f0 = torch.zeros(1, 1, fast.hidden_size * len(drafter.target_layer_ids), dtype=dtype)
+    t = time.perf_counter()
+    cost = profile(fast, lambda: drafter.draft(fast, x0, f0, zero), max_nodes=max(BUDGETS),
+                   contexts=[context, context + new_tokens], node_grid=[0, 4, 8, 16, 32, 64, 128, 256],
+                   warmup=1, repeats=args.repeats, progress=False)
+    loads.append(os.getloadavg()[0])
+    print(f"profiled in {time.perf_counter() - t:.0f} s: Cd {cost.draft_cost:.1f} ms; Cv(n) at context {context}: "
+          + ", ".join(f"{n}:{ms:.0f}" for n, ms in zip(cost.node_grid, cost.verify_ms[0])) + " ms")
+    results["cost"] = {"fast": {"node_grid": cost.node_grid, "contexts": cost.contexts,
+                                "verify_ms": cost.verify_ms.tolist(), "measured": cost.measured,
+                                "draft_ms": cost.draft_cost}}
+
+    # Every method once as a warm-up, then --passes passes over all of them in turn: on a shared machine
+    # the speed drifts by minutes, and interleaving lets the drift hit every method alike (medians reported).
+    prompt_ids = prompt[0].tolist()
+
+    def ours(m, b):
+        def once(n):
+            r = run_method(m, b, target, oracle_drafter, prompt_ids, n, cost)
+            r["budget"] = None if m == "caddtree" else b  # run_method records the cap; the cap is BUDGETS' max
+            return r
+        return once
+
+    methods = {}
+    for cache in ("static", "dynamic"):
+        try:
+            hf_generate(hf, prompt, 4, cache)
+        except Exception as e:  # noqa: BLE001 - a cache transformers cannot run on CPU is reported, not fatal
+            print(f"transformers generate with a {cache} cache failed on CPU: {type(e).__name__}: {e}")
+            continue
+        methods[f"transformers ({cache} cache)"] = lambda n, cache=cache: hf_generate(hf, prompt, n, cache)
+    for m, b in [("ar", None), ("dflash", None)] + [("ddtree", b) for b in BUDGETS] + [("caddtree", max(BUDGETS))]:
+        methods[m + (f"-{b}" if m == "ddtree" else "")] = ours(m, b)
+        methods[m + (f"-{b}" if m == "ddtree" else "")](8)  # warm-up
+    samples = {name: [] for name in methods}
+    for p in range(args.passes):
+        for name, once in methods.items():
+            samples[name].append(once(new_tokens))
+            loads.append(os.getloadavg()[0])
+        print(f"pass {p + 1}/{args.passes} done at {time.perf_counter() - t_start:.0f} s")
+    runs = []
+    for name, rs in samples.items():
+        speeds = [r["tokens_per_s"] for r in rs]
+        runs.append({**rs[0], "tokens_per_s": statistics.median(speeds), "tokens_per_s_passes": speeds})
+        _print_run(runs[-1])
+    results["runs"] = runs
+    results["load_average"] = loads
+
+    by = {(r["method"], r["budget"]): r for r in runs}
+    cad, ar = by[("caddtree", None)], by[("ar", None)]
+    hf_best = max((r for r in runs if r["method"].startswith("transformers")), key=lambda r: r["tokens_per_s"])
+    best = max((r for r in runs if r["method"] == "ddtree"), key=lambda r: r["tokens_per_s"])
+    summary = {"caddtree_over_best_fixed": cad["tokens_per_s"] / best["tokens_per_s"], "best_fixed_budget": best["budget"],
+               "caddtree_over_transformers": cad["tokens_per_s"] / hf_best["tokens_per_s"],
+               "transformers_cache": hf_best["method"], "ar_over_transformers": ar["tokens_per_s"] / hf_best["tokens_per_s"],
+               "caddtree_over_ar": cad["tokens_per_s"] / ar["tokens_per_s"],
+               "wall_s": time.perf_counter() - t_start}
+    results["summary"] = summary
+    print(f"\nACCEPTANCE IS SIMULATED (calibrated oracle); COSTS ARE REAL ({results['device']}, "
+          f"{results['threads']} threads). Load average (1 min) during the run: "
+          f"min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}")
+    print(f"CaDDTree vs best fixed budget in hindsight (DDTree-{best['budget']}): "
+          f"{summary['caddtree_over_best_fixed']:.2f}x (goal >= 0.95x)")
+    print(f"CaDDTree vs {hf_best['method']}: {summary['caddtree_over_transformers']:.2f}x (goal >= 2x); "
+          f"AR (ours) vs it: {summary['ar_over_transformers']:.2f}x; CaDDTree vs AR (ours): {summary['caddtree_over_ar']:.2f}x")
+    print(f"wall time {summary['wall_s']:.0f} s")
+    _save(results, args.out)
+    return results
+
+
+def _print_run(r):
+    name = r["method"] + (f"-{r['budget']}" if r["budget"] else "")
+    passes = "/".join(f"{v:.2f}" for v in r.get("tokens_per_s_passes", []))
+    print(f"{name:>28}: {r['tokens_per_s']:8.2f} tok/s ({passes})  acceptance {r['acceptance']:5.2f}  "
+          f"mean tree {statistics.mean(r['budgets']):6.1f}  rounds {r['rounds']:4d}")
+
+
+def plot(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    tree = sorted((r for r in runs if r["method"] == "ddtree"), key=lambda r: r["budget"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot([r["budget"] for r in tree], [r["tokens_per_s"] for r in tree], "o-", label="DDTree, fixed budget")
+    cad = next(r for r in runs if r["method"] == "caddtree")
+    ax.axhline(cad["tokens_per_s"], color="C3", lw=1)
+    ax.plot([statistics.mean(cad["budgets"])], [cad["tokens_per_s"]], "*", color="C3", ms=14,
+            label=f"CaDDTree (at its mean tree size {statistics.mean(cad['budgets']):.0f})")
+    for i, r in enumerate(r for r in runs if r["method"] not in ("ddtree", "caddtree")):
+        ax.axhline(r["tokens_per_s"], ls=":", color=f"C{4 + i}", label=r["method"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("node budget")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"Qwen3-0.6B shape, random weights, oracle acceptance ({results['threads']} CPU threads)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _save(results, out):
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out / 'results.json'} and {plot(results, out / 'tokens_per_s_vs_budget.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""The CPU end-to-end benchmark (bench/bench_cpu_e2e.py) in --quick mode: every method runs through the
+shipped decode loop and reports what its table rests on (a tiny model, seconds)."""
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_cpu_e2e.py"
+
+
+def load_bench():
+    sys.path.insert(0, str(BENCH.parent))  # it imports bench_e2e from its own folder
+    spec = importlib.util.spec_from_file_location("bench_cpu_e2e", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_reports_every_method(tmp_path):
+    bench = load_bench()
+    res = bench.main(["--quick", "--new-tokens", "24", "--repeats", "1", "--passes", "1", "--out", str(tmp_path)])
+    runs = {(r["method"], r["budget"]): r for r in res["runs"]}
+    assert ("ar", None) in runs and ("dflash", None) in runs and ("caddtree", None) in runs
+    assert {b for m, b in runs if m == "ddtree"} == set(bench.BUDGETS)
+    assert any(m.startswith("transformers") for m, _ in runs)
+    for (method, budget), r in runs.items():
+        assert r["tokens"] >= 23 and r["tokens_per_s"] > 0
+        if method.startswith("transformers") or method == "ar":
+            assert r["acceptance"] == 1.0
+        else:
+            assert 1.0 <= r["acceptance"] <= 16  # at most the drafter's block (15 drafted + the bonus)
+        if method == "ddtree":
+            assert statistics.mean(r["budgets"]) == budget  # a fixed budget is always filled (K^D >> 256)
+        if method == "caddtree":
+            assert max(r["budgets"]) <= max(bench.BUDGETS)
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "tokens_per_s_vs_budget.png").is_file()
