@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 import ddtree  # noqa: F401  (registers torch.ops.ddtree)
-from ddtree.cost import measure_rates, synthetic_tree
+from ddtree.cost import synthetic_tree
+from ddtree.timing import measure_rates
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
