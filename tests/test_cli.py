@@ -44,7 +44,7 @@ def test_demo_trained_pair():
     t0 = time.perf_counter()
     r = ddtree("demo", "--device", "cpu")  # the defaults a user gets
     assert r.returncode == 0, r.stderr
-    assert time.perf_counter() - t0 < 60, "issue 7: the CPU demo finishes in under a minute"
+    assert time.perf_counter() - t0 < 60, "the CPU demo finishes in under a minute"
     assert "trained offline" in r.stdout and "RANDOMLY" not in r.stdout
     _check_demo_output(r.stdout)
 
