@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from vllm.v1.outputs import SamplerOutput
-from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, apply_sampling_constraints
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
 from vllm.v1.worker import gpu_model_runner as gmr
 
 from .. import ops
@@ -134,15 +135,17 @@ def _target_tokens(logits: torch.Tensor, counts: list[int], metadata) -> torch.T
         return greedy
     device = logits.device
     counts_t = torch.tensor(counts, device=device)
-    cu = counts_t.cumsum(0)
-    processed = apply_sampling_constraints(logits.float().clone(), cu, metadata)
+    per_row = lambda x: None if x is None else x.repeat_interleave(counts_t)  # noqa: E731 request -> its rows
+    req_greedy = metadata.temperature < _SAMPLING_EPS
+    temperature = torch.where(req_greedy, torch.ones_like(metadata.temperature), metadata.temperature)
+    processed = apply_top_k_top_p(logits.float() / per_row(temperature)[:, None], per_row(metadata.top_k),
+                                  per_row(metadata.top_p))
     probs = processed.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_()
-    starts = [0, *cu.tolist()[:-1]]
+    starts = [0, *counts_t.cumsum(0).tolist()[:-1]]
     for r, gen in (metadata.generators or {}).items():
         noise[starts[r] : starts[r] + counts[r]].exponential_(generator=gen)
     sampled = probs.div(noise).argmax(dim=-1)  # the exponential race: one exact draw per row
-    req_greedy = metadata.temperature < _SAMPLING_EPS
     return torch.where(req_greedy.repeat_interleave(counts_t), greedy, sampled)
 
 

