@@ -154,8 +154,14 @@ def _sample(orig):
         if not _active(self) or spec_decode_metadata is None:
             return orig(self, logits, spec_decode_metadata)
         metadata = self.input_batch.sampling_metadata
-        if metadata.max_num_logprobs is not None:
-            raise NotImplementedError("ddtree.vllm: logprobs are not supported with tree verification")
+        unsupported = [name for name, used in (
+            ("logprobs", metadata.max_num_logprobs is not None),
+            ("penalties", not metadata.no_penalties),
+            ("allowed_token_ids", metadata.allowed_token_ids_mask is not None),
+            ("bad_words", bool(metadata.bad_words_token_ids))) if used]
+        if unsupported:
+            raise NotImplementedError(f"ddtree.vllm: {', '.join(unsupported)} not supported with tree "
+                                      "verification (unset DDTREE_VLLM_TREE for such requests)")
         step = _step(self)
         device = logits.device
         ks = list(spec_decode_metadata.num_draft_tokens)
