@@ -32,7 +32,7 @@ from vllm.v1.attention.backend import (
 
 from .. import ops
 
-# Requests with at most this many query tokens share one padded call.
+# Requests with at most this many query tokens (or a verified tree's, if more) share one padded call.
 _BATCHED_QUERY_LEN = 64
 
 # Ancestor masks of the draft trees of the batch being verified, by request index, set by the runner
@@ -106,6 +106,8 @@ class DDTreeMetadataBuilder(AttentionMetadataBuilder[DDTreeAttentionMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
+        spec = vllm_config.speculative_config
+        self.batched_query_len = max(_BATCHED_QUERY_LEN, 1 + (spec.num_speculative_tokens or 0) if spec else 0)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> DDTreeAttentionMetadata:
@@ -120,8 +122,8 @@ class DDTreeMetadataBuilder(AttentionMetadataBuilder[DDTreeAttentionMetadata]):
         else:
             causal = [bool(causal)] * B
         trees = _verify_masks()
-        short = [b for b in range(B) if 0 < q_lens[b] <= _BATCHED_QUERY_LEN]
-        groups = ([short] if short else []) + [[b] for b in range(B) if q_lens[b] > _BATCHED_QUERY_LEN]
+        short = [b for b in range(B) if 0 < q_lens[b] <= self.batched_query_len]
+        groups = ([short] if short else []) + [[b] for b in range(B) if q_lens[b] > self.batched_query_len]
         calls = [self._call(g, starts, q_lens, seq_lens, causal, trees, cad.block_table_tensor) for g in groups]
         return DDTreeAttentionMetadata(cad.num_actual_tokens, cad.slot_mapping, calls, all(causal))
 

@@ -1,0 +1,102 @@
+"""vLLM on the shipped pair: no speculation, DFlash chains, and the ddtree plugin's DDTree / CaDDTree.
+
+Run in an environment with vLLM 0.32 and ddtree built against its torch (scripts/vllm_check.sh builds
+one: build/vllm-env/bin/python bench/bench_vllm.py). Each configuration runs in an engine process of
+its own (vLLM loads the plugin when its processes start); the table gives generated tokens per second
+of llm.generate (engine start-up excluded), and vLLM's own speculative counters: tokens per
+verification round (accepted draft tokens per draft + the bonus token) and draft tokens per round.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+PROMPTS = ["def main(", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range(",
+           "    return self.", "if __name__ == '__main__':\n", "from collections import", "    def __repr__(self):\n",
+           "try:\n    import", "with open(path) as f:\n", "@property\ndef name(self", "raise ValueError(",
+           "    for key, value in", "class Error(Exception):\n", "    elif isinstance(", "def _check(self, "]
+
+
+def engine(cfg: dict) -> dict:
+    """Runs in the engine's own process."""
+    from vllm import LLM, SamplingParams
+
+    from ddtree.demo import pretrained_pair
+
+    target, drafter = (str(p) for p in pretrained_pair())
+    spec = None
+    if cfg["method"]:
+        spec = {"method": "dflash", "model": drafter, "num_speculative_tokens": cfg["n"]}
+    llm = LLM(model=target, speculative_config=spec, dtype="float32", max_model_len=1024, enforce_eager=True,
+              max_num_seqs=len(PROMPTS), seed=0, kv_cache_memory_bytes=256 << 20, disable_log_stats=False)
+    params = SamplingParams(temperature=0.0, max_tokens=cfg["max_tokens"], ignore_eos=True)
+    llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm-up
+    rows = []
+    for batch in cfg["batches"]:
+        before = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if m.name.startswith("vllm:spec")}
+        start = time.perf_counter()
+        outs = llm.generate(PROMPTS[:batch], params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        after = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if m.name.startswith("vllm:spec")}
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        row = {"batch": batch, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+        if after:
+            delta = {k: after[k] - (before.get(k) or 0) for k in after if isinstance(after[k], (int, float))}
+            drafts = delta.get("vllm:spec_decode_num_drafts", 0)
+            if drafts:
+                row["tokens_per_round"] = 1 + delta["vllm:spec_decode_num_accepted_tokens"] / drafts
+                row["draft_tokens_per_round"] = delta["vllm:spec_decode_num_draft_tokens"] / drafts
+        rows.append(row)
+    return {"rows": rows}
+
+
+CONFIGS = [("vllm", None, None, 0), ("dflash", "dflash", None, 7), ("ddtree-16", "dflash", "ddtree", 16),
+           ("ddtree-32", "dflash", "ddtree", 32), ("ddtree-64", "dflash", "ddtree", 64),
+           ("caddtree-64", "dflash", "caddtree", 64)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--batches", default="1,16", help="batch sizes (prompts per generate call, at most 16)")
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--engine", help=argparse.SUPPRESS)  # internal: run one configuration
+    args = ap.parse_args()
+    if args.engine:
+        print("RESULT " + json.dumps(engine(json.loads(args.engine))), flush=True)
+        return
+    batches = [int(b) for b in args.batches.split(",")]
+    results = {}
+    for name, method, tree, n in CONFIGS:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DDTREE_VLLM")}
+        if tree:
+            env["DDTREE_VLLM_TREE"] = tree
+        cfg = {"method": method, "n": n, "max_tokens": args.max_tokens, "batches": batches}
+        proc = subprocess.run([sys.executable, __file__, "--engine", json.dumps(cfg)], env=env, text=True,
+                              capture_output=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(lines[-1][7:])["rows"]
+        print(f"{name} done", file=sys.stderr)
+    load = os.getloadavg()[0]
+    print(f"shipped pair, fp32, greedy, {args.max_tokens} tokens per request, {os.cpu_count()} CPUs, "
+          f"load average after {load:.1f}")
+    print(f"{'config':<12} {'batch':>5} {'tok/s':>8} {'x vllm':>7} {'tok/round':>9} {'drafted/round':>13}")
+    for b_i, batch in enumerate(batches):
+        base = results["vllm"][b_i]["tokens_per_s"]
+        for name, rows in results.items():
+            r = rows[b_i]
+            print(f"{name:<12} {batch:>5} {r['tokens_per_s']:>8.1f} {r['tokens_per_s'] / base:>7.2f} "
+                  f"{r.get('tokens_per_round', 1.0):>9.2f} {r.get('draft_tokens_per_round', 0.0):>13.1f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"max_tokens": args.max_tokens, "load_after": load, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
