@@ -101,7 +101,7 @@ class DDTreeProposer(DFlashProposer):
         tree = ops.build_tree(logprobs, token_ids, next_token_ids.long(), context, N, cost, draft_cost)
         num_nodes = tree.num_nodes.tolist()
         tokens = tree.tokens.tolist()
-        drafts = []
+        drafts, self.trees = [], {}  # only this round's trees: the next step verifies no others
         for b, req_id in enumerate(self._runner.input_batch.req_ids[:B]):
             n = num_nodes[b]
             self.trees[req_id] = DraftTree(tokens[b][: n + 1], tree.parents[b, : n + 1],

@@ -116,9 +116,9 @@ def _sample_tokens(orig):
         if grammar_output is not None:
             raise NotImplementedError("ddtree.vllm: structured output (grammars) is not supported with "
                                       "tree verification")
-        state = self.execute_model_state
+        state = self.execute_model_state  # vLLM's ExecuteModelState (a NamedTuple) or None
         step = _step(self)
-        step.hidden = (state[4], state[6]) if state is not None else None
+        step.hidden = (state.hidden_states, state.aux_hidden_states) if state is not None else None
         try:
             return orig(self, grammar_output)
         finally:
