@@ -7,7 +7,8 @@ its process ends.
     python engine_job.py JOB.json   # prints "RESULT {...}" on success
 
 The job: {"target", "drafter" (or null), "method" (null: no drafting), "num_speculative_tokens",
-"dtype", "max_num_seqs", "batches": [{"prompts": [...] or "prompt_token_ids": [[...]], "sampling": {...}}]}.
+"dtype", "max_num_seqs", "batches": [{"prompts": [...] or "prompt_token_ids": [[...]],
+"sampling": {...} or one {...} per prompt}]}.
 The result: per batch the generated token ids and texts, and vLLM's speculative-decoding counters.
 """
 import json
@@ -29,7 +30,8 @@ def run(job: dict) -> dict:
               tensor_parallel_size=job.get("tensor_parallel_size", 1))
     batches = []
     for batch in job["batches"]:
-        params = SamplingParams(**batch["sampling"])
+        sampling = batch["sampling"]  # one dict for the batch, or one per prompt
+        params = [SamplingParams(**x) for x in sampling] if isinstance(sampling, list) else SamplingParams(**sampling)
         if "prompt_token_ids" in batch:
             prompts = [TokensPrompt(prompt_token_ids=ids) for ids in batch["prompt_token_ids"]]
         else:
