@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "check_cpu.h"
@@ -44,6 +45,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kBlockLogits = 1 << 17;   // logits per block: 512 KiB of fp32, in L2 with its operands
 constexpr int64_t kFlashMacs = 1 << 24;     // multiply-adds of a call from which flash attention pays
 constexpr int64_t kFlashMaxRows = 128;      // fp32/fp16 rows per kv head below which flash beats blocked
+constexpr int64_t kMinPart = 256;           // fewest context keys of a part when the context is split
 
 // Running state of the online softmax for the M rows of one task, plus its scratch.
 struct OnlineSoftmax {
@@ -104,17 +106,20 @@ at::Tensor tree_bias(const int32_t* mask, int64_t T, int64_t W, int64_t n) {
   return bias;
 }
 
-// One task of the blocked path: q [M, d], k and v [S, d] of one kv head (input dtype), bias [T, n + 1];
-// writes out [M, d].
+// One task of the blocked path: q [M, d], k and v [S, d] of one kv head (input dtype); the context keys
+// [begin, end) and, when bias [T, n + 1] is defined, the tree slots 0..n at ctx..ctx + n. Writes the
+// normalised out [M, d] (input dtype) and, when lse is not null, each row's log-sum-exp (-inf for a row
+// that saw no key).
 void attend_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-                  int64_t ctx, int64_t n, double scale, const at::Tensor& out) {
-  const int64_t M = q.size(0), d = q.size(1), T = bias.size(0);
-  const bool widen = k.scalar_type() != at::kFloat;
+                  int64_t begin, int64_t end, int64_t ctx, int64_t n, double scale, const at::Tensor& out,
+                  float* lse) {
+  const int64_t M = q.size(0), d = q.size(1);
+  const bool widen = k.scalar_type() != at::kFloat, with_tree = bias.defined();
   const at::Tensor qs = at::mul(q.to(at::kFloat), scale);  // scaled once: logits = (scale * q) . k
   OnlineSoftmax state(M, d);
   const int64_t block = std::max<int64_t>(64, kBlockLogits / M);
 
-  at::Tensor logits = at::empty({M, std::max(std::min(block, ctx), n + 1)}, qs.options());
+  at::Tensor logits = at::empty({M, std::max(std::min(block, end - begin), with_tree ? n + 1 : 1)}, qs.options());
   at::Tensor kf, vf;
   if (widen) {
     kf = at::empty({logits.size(1), d}, qs.options());
@@ -124,106 +129,95 @@ void attend_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor part = src.narrow(0, start, len);
     return widen ? buf.narrow(0, 0, len).copy_(part) : part;
   };
-  for (int64_t start = 0; start < ctx; start += block) {
-    const int64_t len = std::min(block, ctx - start);
+  for (int64_t start = begin; start < end; start += block) {
+    const int64_t len = std::min(block, end - start);
     at::Tensor lg = logits.narrow(1, 0, len);
     at::mm_out(lg, qs, keys(k, kf, start, len).t());
     state.absorb(lg, keys(v, vf, start, len));
   }
-  // The tree block: slots 0..n, each row under its ancestor bits (the same for every query head).
-  at::Tensor lg = logits.narrow(1, 0, n + 1);
-  at::mm_out(lg, qs, keys(k, kf, ctx, n + 1).t());
-  lg.view({M / T, T, n + 1}).add_(bias);
-  state.absorb(lg, keys(v, vf, ctx, n + 1));
+  if (with_tree) {
+    // The tree block: slots 0..n, each row under its ancestor bits (the same for every query head).
+    const int64_t T = bias.size(0);
+    at::Tensor lg = logits.narrow(1, 0, n + 1);
+    at::mm_out(lg, qs, keys(k, kf, ctx, n + 1).t());
+    lg.view({M / T, T, n + 1}).add_(bias);
+    state.absorb(lg, keys(v, vf, ctx, n + 1));
+  }
+  if (lse != nullptr) {
+    const float* mx = state.row_max.const_data_ptr<float>();
+    const float* sum = state.row_sum.const_data_ptr<float>();
+    for (int64_t r = 0; r < M; ++r) lse[r] = sum[r] > 0.0f ? mx[r] + std::log(sum[r]) : kNegInf;
+  }
   out.copy_(state.result());
 }
 
-// Combines two normalised partial outputs by their log-sum-exps, in fp32: for each row,
-// out = (o_c e^(lse_c - m) + o_t e^(lse_t - m)) / (e^(lse_c - m) + e^(lse_t - m)) with m the larger lse.
-// A plain loop: as ATen ops these would be a handful of parallel regions of their own.
-template <typename scalar_t>
-void combine(const at::Tensor& o_c, const at::Tensor& lse_c, const at::Tensor& o_t, const at::Tensor& lse_t,
-             const std::vector<uint8_t>& sees_tree, const at::Tensor& out) {
-  const int64_t H = out.size(0), M = out.size(1), d = out.size(2);
-  const at::Tensor oc = o_c.contiguous(), ot = o_t.contiguous(), lc = lse_c.contiguous(), lt = lse_t.contiguous();
-  const scalar_t* pc = oc.const_data_ptr<scalar_t>();
-  const scalar_t* pt = ot.const_data_ptr<scalar_t>();
-  const float* plc = lc.const_data_ptr<float>();
-  const float* plt = lt.const_data_ptr<float>();
-  scalar_t* po = out.data_ptr<scalar_t>();
-  for (int64_t r = 0; r < H * M; ++r) {
-    // Flash attention gives a row that sees no key zeros and a log-sum-exp of 0: such a tree row has
-    // weight 0 here. Every row sees the context, so lse_c is finite.
-    const float a = plc[r], b = sees_tree[r % M] ? plt[r] : kNegInf, m = std::max(a, b);
-    const float wc = std::exp(a - m), wt = std::exp(b - m), inv = 1.0f / (wc + wt);
-    for (int64_t c = 0; c < d; ++c)
-      po[r * d + c] = static_cast<scalar_t>((static_cast<float>(pc[r * d + c]) * wc +
-                                             static_cast<float>(pt[r * d + c]) * wt) * inv);
-  }
+// Attention of some rows over one part of their keys: the normalised output and each row's log-sum-exp
+// (-inf for a row that saw no key of the part).
+struct Partial {
+  at::Tensor out;  // [H, M, d], input dtype, contiguous
+  at::Tensor lse;  // [H, M] fp32, contiguous
+};
+
+// The context keys [begin, end) of kv heads q [H, M, d], k and v [H, S, d], through flash attention.
+Partial flash_context(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t begin, int64_t end,
+                      double scale) {
+  auto [o, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+      q.unsqueeze(0), k.narrow(1, begin, end - begin).unsqueeze(0), v.narrow(1, begin, end - begin).unsqueeze(0),
+      0.0, false, std::nullopt, scale);
+  return {o[0].contiguous(), lse[0].contiguous()};
 }
 
-// The flash path for one request: q [Hkv, M, d], k and v [Hkv, S, d], bias [T, n + 1]; writes out
-// [Hkv, M, d] (contiguous).
-void attend_request_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-                          int64_t ctx, int64_t n, double scale, const at::Tensor& out) {
-  const int64_t M = q.size(1), T = bias.size(0);
-  const at::Tensor mask = bias.repeat({M / T, 1}).to(q.scalar_type()).view({1, 1, M, n + 1});
-  auto [tree_out, tree_lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+// The tree slots 0..n (at ctx..ctx + n) under mask [1, 1, M, n + 1] (0 / -inf, input dtype), through flash
+// attention. Flash attention gives a row that sees no key zeros and a log-sum-exp of 0: such rows get -inf.
+Partial flash_tree(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                   const std::vector<uint8_t>& sees_tree, int64_t ctx, int64_t n, double scale) {
+  auto [o, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
       q.unsqueeze(0), k.narrow(1, ctx, n + 1).unsqueeze(0), v.narrow(1, ctx, n + 1).unsqueeze(0), 0.0, false,
       mask, scale);
-  if (ctx == 0) {
-    out.copy_(tree_out[0]);
-    return;
-  }
-  auto [ctx_out, ctx_lse] = at::_scaled_dot_product_flash_attention_for_cpu(
-      q.unsqueeze(0), k.narrow(1, 0, ctx).unsqueeze(0), v.narrow(1, 0, ctx).unsqueeze(0), 0.0, false,
-      std::nullopt, scale);
-  std::vector<uint8_t> sees_tree(M);  // whether row r sees any tree slot
-  const float* pb = bias.const_data_ptr<float>();
-  for (int64_t i = 0; i < T; ++i) {
-    const bool any = std::any_of(pb + i * (n + 1), pb + (i + 1) * (n + 1), [](float x) { return x == 0.0f; });
-    for (int64_t g = 0; g < M / T; ++g) sees_tree[g * T + i] = any;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tree_attention_combine", [&] {
-    combine<scalar_t>(ctx_out[0], ctx_lse[0], tree_out[0], tree_lse[0], sees_tree, out);
-  });
+  Partial part{o[0].contiguous(), lse[0].contiguous()};
+  float* pl = part.lse.data_ptr<float>();
+  const int64_t M = static_cast<int64_t>(sees_tree.size());
+  for (int64_t r = 0; r < part.lse.numel(); ++r)
+    if (!sees_tree[r % M]) pl[r] = kNegInf;
+  return part;
 }
 
-// out.copy_(src) for [H, M, d] tensors of one dtype, out contiguous, as a plain loop: Tensor::copy_ of a
-// large tensor opens a parallel region of its own.
-void copy_rows(const at::Tensor& src, const at::Tensor& out) {
-  const int64_t H = out.size(0), M = out.size(1), d = out.size(2), row_bytes = d * out.element_size();
-  if (src.stride(2) != 1) {
-    out.copy_(src);
-    return;
-  }
-  const char* ps = static_cast<const char*>(src.const_data_ptr());
-  char* po = static_cast<char*>(out.data_ptr());
-  const int64_t s0 = src.stride(0) * src.element_size(), s1 = src.stride(1) * src.element_size();
-  for (int64_t h = 0; h < H; ++h)
-    for (int64_t r = 0; r < M; ++r) std::memcpy(po + (h * M + r) * row_bytes, ps + h * s0 + r * s1, row_bytes);
-}
-
-// The flash path for one request in a single call (one parallel region): q [Hkv, M, d], k and v
-// [Hkv, S, d], bias [T, n + 1]; writes out [Hkv, M, d]. The additive mask [M, ctx + n + 1] (0 over the
-// context, the bias over the tree) is shared by all kv heads and filled in a plain loop.
-void attend_request_flash_once(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& bias, int64_t ctx, int64_t n, double scale, const at::Tensor& out) {
-  const int64_t M = q.size(1), T = bias.size(0), keys = ctx + n + 1;
-  at::Tensor mask = at::empty({1, 1, M, keys}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_mask", [&] {
-    scalar_t* pm = mask.data_ptr<scalar_t>();
-    const float* pb = bias.const_data_ptr<float>();
-    for (int64_t r = 0; r < M; ++r) {
-      std::fill(pm + r * keys, pm + r * keys + ctx, static_cast<scalar_t>(0.0f));
-      std::transform(pb + (r % T) * (n + 1), pb + (r % T + 1) * (n + 1), pm + r * keys + ctx,
-                     [](float x) { return static_cast<scalar_t>(x); });
+// Combines partial outputs over disjoint parts of the keys by their log-sum-exps, in fp32: for each of
+// the rows rows, out = sum_p o_p e^(lse_p - m) / sum_p e^(lse_p - m) with m the largest lse; zeros for a
+// row whose every lse is -inf (it saw no key). A part of weight 0 is skipped, whatever its output holds.
+// A plain loop: as ATen ops these would be a handful of parallel regions of their own.
+template <typename scalar_t>
+void merge(const std::vector<const scalar_t*>& outs, const std::vector<const float*>& lses, int64_t rows, int64_t d,
+           scalar_t* out) {
+  const size_t P = outs.size();
+  std::vector<float> acc(d), weight(P);
+  for (int64_t r = 0; r < rows; ++r) {
+    float m = kNegInf;
+    for (size_t p = 0; p < P; ++p) m = std::max(m, lses[p][r]);
+    float total = 0.0f;
+    for (size_t p = 0; p < P; ++p) total += weight[p] = m == kNegInf ? 0.0f : std::exp(lses[p][r] - m);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (size_t p = 0; p < P; ++p) {
+      if (weight[p] == 0.0f) continue;
+      const scalar_t* o = outs[p] + r * d;
+      for (int64_t c = 0; c < d; ++c) acc[c] += static_cast<float>(o[c]) * weight[p];
     }
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    for (int64_t c = 0; c < d; ++c) out[r * d + c] = static_cast<scalar_t>(acc[c] * inv);
+  }
+}
+
+// merge() of whole partials into out (contiguous, [H, M, d] like them).
+void merge_partials(const std::vector<Partial>& parts, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tree_attention_merge", [&] {
+    std::vector<const scalar_t*> outs;
+    std::vector<const float*> lses;
+    for (const Partial& p : parts) {
+      outs.push_back(p.out.const_data_ptr<scalar_t>());
+      lses.push_back(p.lse.const_data_ptr<float>());
+    }
+    merge<scalar_t>(outs, lses, out.size(0) * out.size(1), out.size(2), out.data_ptr<scalar_t>());
   });
-  auto [o, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
-      q.unsqueeze(0), k.narrow(1, 0, keys).unsqueeze(0), v.narrow(1, 0, keys).unsqueeze(0), 0.0, false, mask,
-      scale);
-  copy_rows(o[0], out);
 }
 
 }  // namespace
@@ -247,7 +241,7 @@ at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_in, const 
   const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), W = tree_mask.size(2);
   const int64_t* ctx = context_lens.data_ptr<int64_t>();
   const int32_t* nn = num_nodes.data_ptr<int32_t>();
-  int64_t max_keys = 0;
+  int64_t max_keys = 0, max_ctx = 0;
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(ctx[b] >= 0, op, ": context_lens[", b, "] = ", ctx[b], " must be non-negative");
     TORCH_CHECK(ctx[b] + T <= S, op, ": context_lens[", b, "] = ", ctx[b],
@@ -256,6 +250,7 @@ at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_in, const 
     TORCH_CHECK(nn[b] >= 0 && nn[b] <= T - 1, op, ": num_nodes[", b, "] = ", nn[b],
                 " must be in [0, tree slots - 1] = [0, ", T - 1, "]");
     max_keys = std::max<int64_t>(max_keys, ctx[b] + nn[b] + 1);
+    max_ctx = std::max<int64_t>(max_ctx, ctx[b]);
   }
 
   at::Tensor out = at::empty_like(q);
@@ -265,28 +260,94 @@ at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_in, const 
   // Row block kvh of q / out: the G query heads of kv head kvh, contiguous as [G * T, d].
   const at::Tensor q_rows = q.view({B, Hkv, M, d}), out_rows = out.view({B, Hkv, M, d});
   const int64_t task_macs = std::max<int64_t>(1, 2 * M * max_keys * d);
-  const bool large = B * Hkv * task_macs >= kFlashMacs;
-  // The blocked path only wins on one thread, in fp32/fp16, with many rows per kv head and a context
-  // several times longer than that (measured on a 2-core AVX-512 machine).
-  const bool blocked_wins = q.scalar_type() != at::kBFloat16 && at::get_num_threads() == 1 && M >= kFlashMaxRows &&
-                            max_keys >= 4 * M;
-  const bool flash = large && !blocked_wins;
-  if (flash) {
-    // On one thread, two calls (the context needs no mask); on more, one call: on a busy core every
-    // parallel region costs a wait for a descheduled thread, more than the mask over the context.
-    const bool one_call = at::get_num_threads() > 1;
-    for (int64_t b = 0; b < B; ++b) {
-      if (one_call) {
-        attend_request_flash_once(q_rows[b], k_cache[b], v_cache[b], bias[b], ctx[b], nn[b], scale, out_rows[b]);
-      } else {
-        attend_request_flash(q_rows[b], k_cache[b], v_cache[b], bias[b], ctx[b], nn[b], scale, out_rows[b]);
-      }
-    }
+  if (B * Hkv * task_macs < kFlashMacs) {
+    // Small: the blocked path on the calling thread.
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < Hkv; ++h)
+        attend_group(q_rows[b][h], k_cache[b][h], v_cache[b][h], bias[b], 0, ctx[b], ctx[b], nn[b], scale,
+                     out_rows[b][h], nullptr);
     return out;
   }
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < Hkv; ++h)
-      attend_group(q_rows[b][h], k_cache[b][h], v_cache[b][h], bias[b], ctx[b], nn[b], scale, out_rows[b][h]);
+
+  // Real sizes: units of work, each on one thread (flash attention and torch's BLAS run serially inside a
+  // parallel region). Unit (b, c, h) is kv head h of request b over part c of its context, parts = 1
+  // unless the request x kv head count does not divide evenly among the threads; the last part also
+  // takes the tree slots. A thread's consecutive kv heads of one (b, c) go to flash attention as one call.
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::max<int64_t>(1, std::min(threads / std::gcd(B * Hkv, threads), max_ctx / kMinPart));
+  // The blocked path wins in fp32/fp16 with many rows per kv head and a context several times longer than
+  // that (measured on a 2-core AVX-512 machine, one unit per thread).
+  const bool blocked = q.scalar_type() != at::kBFloat16 && M >= kFlashMaxRows && max_keys >= 4 * M;
+  // Flash attention's additive mask over the tree slots for each request (the same for every kv head) and
+  // whether each row sees any tree slot.
+  std::vector<at::Tensor> tree_masks(B);
+  std::vector<std::vector<uint8_t>> sees_tree(B, std::vector<uint8_t>(M));
+  if (!blocked) {
+    for (int64_t b = 0; b < B; ++b) {
+      tree_masks[b] = bias[b].repeat({G, 1}).to(q.scalar_type()).view({1, 1, M, nn[b] + 1});
+      const float* pb = bias[b].const_data_ptr<float>();
+      for (int64_t i = 0; i < T; ++i) {
+        const bool any = std::any_of(pb + i * (nn[b] + 1), pb + (i + 1) * (nn[b] + 1), [](float x) { return x == 0.0f; });
+        for (int64_t g = 0; g < G; ++g) sees_tree[b][g * T + i] = any;
+      }
+    }
+  }
+  // With several parts, unit (b, c, h) leaves its partial output in part_out[b, c, h] (the tree's, on the
+  // flash path, in part_out[b, parts, h]); the parts are merged after the parallel region.
+  at::Tensor part_out, part_lse;
+  if (parts > 1) {
+    part_out = at::empty({B, parts + 1, Hkv, M, d}, q.options());
+    part_lse = at::full({B, parts + 1, Hkv, M}, kNegInf, q.options().dtype(at::kFloat));
+  }
+  auto run = [&](int64_t b, int64_t c, int64_t h0, int64_t hc) {
+    const int64_t begin = ctx[b] * c / parts, end = ctx[b] * (c + 1) / parts;
+    const bool with_tree = c == parts - 1;
+    if (blocked) {
+      for (int64_t h = h0; h < h0 + hc; ++h) {
+        const at::Tensor no_tree;
+        const at::Tensor& tree = with_tree ? bias[b] : no_tree;
+        if (parts == 1) {
+          attend_group(q_rows[b][h], k_cache[b][h], v_cache[b][h], tree, begin, end, ctx[b], nn[b], scale,
+                       out_rows[b][h], nullptr);
+        } else {
+          attend_group(q_rows[b][h], k_cache[b][h], v_cache[b][h], tree, begin, end, ctx[b], nn[b], scale,
+                       part_out[b][c][h], part_lse[b][c][h].data_ptr<float>());
+        }
+      }
+      return;
+    }
+    const at::Tensor qh = q_rows[b].narrow(0, h0, hc), kh = k_cache[b].narrow(0, h0, hc),
+                     vh = v_cache[b].narrow(0, h0, hc);
+    std::vector<Partial> found;
+    if (end > begin) found.push_back(flash_context(qh, kh, vh, begin, end, scale));
+    if (with_tree) found.push_back(flash_tree(qh, kh, vh, tree_masks[b], sees_tree[b], ctx[b], nn[b], scale));
+    if (parts == 1) {
+      merge_partials(found, out_rows[b].narrow(0, h0, hc));
+      return;
+    }
+    if (end > begin) {
+      part_out[b][c].narrow(0, h0, hc).copy_(found.front().out);
+      part_lse[b][c].narrow(0, h0, hc).copy_(found.front().lse);
+    }
+    if (with_tree) {
+      part_out[b][parts].narrow(0, h0, hc).copy_(found.back().out);
+      part_lse[b][parts].narrow(0, h0, hc).copy_(found.back().lse);
+    }
+  };
+  at::parallel_for(0, B * parts * Hkv, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t u = lo; u < hi;) {
+      const int64_t bc = u / Hkv, h0 = u % Hkv, hc = std::min(hi - u, Hkv - h0);
+      run(bc / parts, bc % parts, h0, hc);
+      u += hc;
+    }
+  });
+  if (parts > 1) {
+    for (int64_t b = 0; b < B; ++b) {
+      std::vector<Partial> found;
+      for (int64_t c = 0; c <= parts; ++c) found.push_back({part_out[b][c], part_lse[b][c]});
+      merge_partials(found, out_rows[b]);
+    }
+  }
   return out;
 }
 
