@@ -26,6 +26,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
 
 #include <algorithm>
 #include <cmath>
@@ -35,6 +36,7 @@
 #include <numeric>
 #include <vector>
 
+#include "attend_head.h"
 #include "check_cpu.h"
 #include "ops.h"
 
@@ -46,6 +48,7 @@ constexpr int64_t kBlockLogits = 1 << 17;   // logits per block: 512 KiB of fp32
 constexpr int64_t kFlashMacs = 1 << 24;     // multiply-adds of a call from which flash attention pays
 constexpr int64_t kFlashMaxRows = 128;      // fp32/fp16 rows per kv head below which flash beats blocked
 constexpr int64_t kMinPart = 256;           // fewest context keys of a part when the context is split
+constexpr int64_t kSparseSlots = 32;        // mean tree slots seen per row up to which the tree is folded in
 
 // Running state of the online softmax for the M rows of one task, plus its scratch.
 struct OnlineSoftmax {
@@ -167,6 +170,16 @@ Partial flash_context(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return {o[0].contiguous(), lse[0].contiguous()};
 }
 
+// The context keys [begin, end) of kv heads q [H, M, d], k and v [H, S, d], one head at a time on the
+// blocked path; with bias [T, n + 1] defined, also the tree slots 0..n at ctx..ctx + n.
+Partial blocked_part(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                     int64_t begin, int64_t end, int64_t ctx, int64_t n, double scale) {
+  Partial part{at::empty_like(q), at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat))};
+  for (int64_t h = 0; h < q.size(0); ++h)
+    attend_group(q[h], k[h], v[h], bias, begin, end, ctx, n, scale, part.out[h], part.lse[h].data_ptr<float>());
+  return part;
+}
+
 // The tree slots 0..n (at ctx..ctx + n) under mask [1, 1, M, n + 1] (0 / -inf, input dtype), through flash
 // attention. Flash attention gives a row that sees no key zeros and a log-sum-exp of 0: such rows get -inf.
 Partial flash_tree(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
@@ -182,41 +195,118 @@ Partial flash_tree(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return part;
 }
 
-// Combines partial outputs over disjoint parts of the keys by their log-sum-exps, in fp32: for each of
-// the rows rows, out = sum_p o_p e^(lse_p - m) / sum_p e^(lse_p - m) with m the largest lse; zeros for a
-// row whose every lse is -inf (it saw no key). A part of weight 0 is skipped, whatever its output holds.
-// A plain loop: as ATen ops these would be a handful of parallel regions of their own.
+// The tree slots the M rows of one kv head see, folded in one by one (the sparse tree): a row of a draft
+// tree sees its ancestors only, a handful of slots, so this costs a sliver of a dense [M, n + 1] block.
 template <typename scalar_t>
-void merge(const std::vector<const scalar_t*>& outs, const std::vector<const float*>& lses, int64_t rows, int64_t d,
-           scalar_t* out) {
+struct TreeSlots {
+  const scalar_t* q;     // [M, d]: the rows
+  const float* k;        // [n + 1, d]: the slots' keys and values in fp32
+  const float* v;
+  const int32_t* mask;   // [T, W]: row i of the tree's packed ancestor bits (row r of q is tree row r % T)
+  int64_t T, W, n;
+  float scale;
+};
+
+// Combines partial outputs over disjoint parts of the keys by their log-sum-exps, in fp32, and with tree
+// not null the tree slots each row sees: for each of the M rows, out = (sum_p o_p e^(lse_p - m) +
+// sum_j v_j e^(l_j - m)) / (sum_p e^(lse_p - m) + sum_j e^(l_j - m)), l_j the logits of the seen slots
+// and m the largest of all; zeros for a row that saw no key. A part of weight 0 is skipped, whatever
+// its output holds. Plain loops: as ATen ops these would be a handful of parallel regions of their own.
+template <typename scalar_t>
+void merge_rows(const std::vector<const scalar_t*>& outs, const std::vector<const float*>& lses, int64_t M, int64_t d,
+                const TreeSlots<scalar_t>* tree, scalar_t* out) {
   const size_t P = outs.size();
-  std::vector<float> acc(d), weight(P);
-  for (int64_t r = 0; r < rows; ++r) {
+  std::vector<float> acc(d), weight(P), qf(d), logits;
+  std::vector<int64_t> seen;
+  if (tree != nullptr) {
+    logits.resize(tree->n + 1);
+    seen.resize(tree->n + 1);
+  }
+  for (int64_t r = 0; r < M; ++r) {
     float m = kNegInf;
     for (size_t p = 0; p < P; ++p) m = std::max(m, lses[p][r]);
-    float total = 0.0f;
-    for (size_t p = 0; p < P; ++p) total += weight[p] = m == kNegInf ? 0.0f : std::exp(lses[p][r] - m);
+    int64_t count = 0;
+    if (tree != nullptr) {
+      const int32_t* bits = tree->mask + (r % tree->T) * tree->W;
+      for (int64_t c = 0; c < d; ++c) qf[c] = static_cast<float>(tree->q[r * d + c]);
+      for (int64_t j = 0; j <= tree->n; ++j) {
+        if (!((static_cast<uint32_t>(bits[j / 32]) >> (j % 32)) & 1u)) continue;
+        logits[count] = dot(qf.data(), tree->k + j * d, d) * tree->scale;
+        m = std::max(m, logits[count]);
+        seen[count++] = j;
+      }
+    }
     std::fill(acc.begin(), acc.end(), 0.0f);
-    for (size_t p = 0; p < P; ++p) {
-      if (weight[p] == 0.0f) continue;
-      const scalar_t* o = outs[p] + r * d;
-      for (int64_t c = 0; c < d; ++c) acc[c] += static_cast<float>(o[c]) * weight[p];
+    float total = 0.0f;
+    if (m != kNegInf) {
+      for (size_t p = 0; p < P; ++p) {
+        const float w = std::exp(lses[p][r] - m);
+        if (w == 0.0f) continue;
+        total += w;
+        const scalar_t* o = outs[p] + r * d;
+        for (int64_t c = 0; c < d; ++c) acc[c] += static_cast<float>(o[c]) * w;
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        const float w = std::exp(logits[t] - m);
+        total += w;
+        const float* vr = tree->v + seen[t] * d;
+        for (int64_t c = 0; c < d; ++c) acc[c] += vr[c] * w;
+      }
     }
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
     for (int64_t c = 0; c < d; ++c) out[r * d + c] = static_cast<scalar_t>(acc[c] * inv);
   }
 }
 
-// merge() of whole partials into out (contiguous, [H, M, d] like them).
-void merge_partials(const std::vector<Partial>& parts, const at::Tensor& out) {
+// The end of kv heads [h0, h0 + H) of one request: merges their context partials (each [H, M, d] / [H, M])
+// and the tree into out [H, M, d]. sparse: fold the tree's seen slots in (TreeSlots); otherwise the
+// tree is one more partial, dense under the mask (through flash attention, or the blocked path when
+// flash is false).
+struct Request {
+  at::Tensor q, k, v;       // [Hkv, M, d], [Hkv, S, d], [Hkv, S, d]
+  at::Tensor bias;          // [T, n + 1] fp32, 0 / -inf
+  at::Tensor flash_mask;    // [1, 1, M, n + 1] input dtype, when the tree is dense and flash attention takes it
+  std::vector<uint8_t> sees_tree;  // [M]: whether row r sees any tree slot
+  const int32_t* mask;      // [T, W] packed bits
+  int64_t ctx, n;
+  bool sparse;
+};
+
+void finish(const Request& req, int64_t h0, int64_t H, std::vector<Partial> parts, int64_t T, int64_t W,
+            bool flash, double scale, const at::Tensor& out) {
+  const at::Tensor q = req.q.narrow(0, h0, H), k = req.k.narrow(0, h0, H), v = req.v.narrow(0, h0, H);
+  if (!req.sparse) {
+    parts.push_back(flash ? flash_tree(q, k, v, req.flash_mask, req.sees_tree, req.ctx, req.n, scale)
+                          : blocked_part(q, k, v, req.bias, req.ctx, req.ctx, req.ctx, req.n, scale));
+  }
+  const int64_t M = q.size(1), d = q.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tree_attention_merge", [&] {
-    std::vector<const scalar_t*> outs;
-    std::vector<const float*> lses;
-    for (const Partial& p : parts) {
-      outs.push_back(p.out.const_data_ptr<scalar_t>());
-      lses.push_back(p.lse.const_data_ptr<float>());
+    std::vector<float> kf, vf;
+    if (req.sparse) {
+      kf.resize((req.n + 1) * d);
+      vf.resize((req.n + 1) * d);
     }
-    merge<scalar_t>(outs, lses, out.size(0) * out.size(1), out.size(2), out.data_ptr<scalar_t>());
+    for (int64_t h = 0; h < H; ++h) {
+      std::vector<const scalar_t*> outs;
+      std::vector<const float*> lses;
+      for (const Partial& p : parts) {
+        outs.push_back(p.out.const_data_ptr<scalar_t>() + h * M * d);
+        lses.push_back(p.lse.const_data_ptr<float>() + h * M);
+      }
+      if (!req.sparse) {
+        merge_rows<scalar_t>(outs, lses, M, d, nullptr, out.data_ptr<scalar_t>() + h * M * d);
+        continue;
+      }
+      const scalar_t* pk = k[h].const_data_ptr<scalar_t>() + req.ctx * d;  // k[h] is a contiguous row block
+      const scalar_t* pv = v[h].const_data_ptr<scalar_t>() + req.ctx * d;
+      for (int64_t i = 0; i < (req.n + 1) * d; ++i) {
+        kf[i] = static_cast<float>(pk[i]);
+        vf[i] = static_cast<float>(pv[i]);
+      }
+      const TreeSlots<scalar_t> tree{q[h].const_data_ptr<scalar_t>(), kf.data(), vf.data(), req.mask, T, W, req.n,
+                                     static_cast<float>(scale)};
+      merge_rows<scalar_t>(outs, lses, M, d, &tree, out.data_ptr<scalar_t>() + h * M * d);
+    }
   });
 }
 
@@ -255,97 +345,86 @@ at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_in, const 
 
   at::Tensor out = at::empty_like(q);
   const int64_t G = Hq / Hkv, M = G * T;
-  std::vector<at::Tensor> bias(B);
-  for (int64_t b = 0; b < B; ++b) bias[b] = tree_bias(tree_mask.data_ptr<int32_t>() + b * T * W, T, W, nn[b]);
   // Row block kvh of q / out: the G query heads of kv head kvh, contiguous as [G * T, d].
   const at::Tensor q_rows = q.view({B, Hkv, M, d}), out_rows = out.view({B, Hkv, M, d});
   const int64_t task_macs = std::max<int64_t>(1, 2 * M * max_keys * d);
-  if (B * Hkv * task_macs < kFlashMacs) {
-    // Small: the blocked path on the calling thread.
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < Hkv; ++h)
-        attend_group(q_rows[b][h], k_cache[b][h], v_cache[b][h], bias[b], 0, ctx[b], ctx[b], nn[b], scale,
-                     out_rows[b][h], nullptr);
-    return out;
+  const bool large = B * Hkv * task_macs >= kFlashMacs;
+  // The context on the blocked path for small calls, and for fp32/fp16 with many rows per kv head and a
+  // context several times longer than that (measured on a 2-core AVX-512 machine, one thread per unit);
+  // otherwise through flash attention.
+  const bool flash = large && !(q.scalar_type() != at::kBFloat16 && M >= kFlashMaxRows && max_keys >= 4 * M);
+
+  std::vector<Request> requests(B);
+  for (int64_t b = 0; b < B; ++b) {
+    Request& req = requests[b];
+    req.q = q_rows[b];
+    req.k = k_cache[b];
+    req.v = v_cache[b];
+    req.mask = tree_mask.data_ptr<int32_t>() + b * T * W;
+    req.ctx = ctx[b];
+    req.n = nn[b];
+    int64_t seen = 0;  // tree slots seen, over all T rows
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t j = 0; j <= req.n; ++j) seen += (static_cast<uint32_t>(req.mask[i * W + j / 32]) >> (j % 32)) & 1u;
+    req.sparse = seen <= kSparseSlots * T;
+    if (req.sparse) continue;
+    req.bias = tree_bias(req.mask, T, W, req.n);
+    req.sees_tree.resize(M);
+    const float* pb = req.bias.const_data_ptr<float>();
+    for (int64_t i = 0; i < T; ++i) {
+      const bool any = std::any_of(pb + i * (req.n + 1), pb + (i + 1) * (req.n + 1), [](float x) { return x == 0.0f; });
+      for (int64_t g = 0; g < G; ++g) req.sees_tree[g * T + i] = any;
+    }
+    if (flash) req.flash_mask = req.bias.repeat({G, 1}).to(q.scalar_type()).view({1, 1, M, req.n + 1});
   }
 
-  // Real sizes: units of work, each on one thread (flash attention and torch's BLAS run serially inside a
-  // parallel region). Unit (b, c, h) is kv head h of request b over part c of its context, parts = 1
-  // unless the request x kv head count does not divide evenly among the threads; the last part also
-  // takes the tree slots. A thread's consecutive kv heads of one (b, c) go to flash attention as one call.
-  const int64_t threads = at::get_num_threads();
+  // Units of work, each on one thread (flash attention, torch's BLAS and ATen ops run serially inside a
+  // parallel region). Unit (b, c, h) is kv head h of request b over part c of its context; parts = 1
+  // unless the request x kv head count does not divide evenly among the threads. A thread's consecutive
+  // kv heads of one (b, c) go to flash attention as one call.
+  const int64_t threads = large ? at::get_num_threads() : 1;
   const int64_t parts = std::max<int64_t>(1, std::min(threads / std::gcd(B * Hkv, threads), max_ctx / kMinPart));
-  // The blocked path wins in fp32/fp16 with many rows per kv head and a context several times longer than
-  // that (measured on a 2-core AVX-512 machine, one unit per thread).
-  const bool blocked = q.scalar_type() != at::kBFloat16 && M >= kFlashMaxRows && max_keys >= 4 * M;
-  // Flash attention's additive mask over the tree slots for each request (the same for every kv head) and
-  // whether each row sees any tree slot.
-  std::vector<at::Tensor> tree_masks(B);
-  std::vector<std::vector<uint8_t>> sees_tree(B, std::vector<uint8_t>(M));
-  if (!blocked) {
-    for (int64_t b = 0; b < B; ++b) {
-      tree_masks[b] = bias[b].repeat({G, 1}).to(q.scalar_type()).view({1, 1, M, nn[b] + 1});
-      const float* pb = bias[b].const_data_ptr<float>();
-      for (int64_t i = 0; i < T; ++i) {
-        const bool any = std::any_of(pb + i * (nn[b] + 1), pb + (i + 1) * (nn[b] + 1), [](float x) { return x == 0.0f; });
-        for (int64_t g = 0; g < G; ++g) sees_tree[b][g * T + i] = any;
-      }
-    }
-  }
-  // With several parts, unit (b, c, h) leaves its partial output in part_out[b, c, h] (the tree's, on the
-  // flash path, in part_out[b, parts, h]); the parts are merged after the parallel region.
+  // With several parts, unit (b, c, h) leaves its partial in part_out[b, c, h] / part_lse[b, c, h]; the
+  // parts and the tree are merged after the parallel region.
   at::Tensor part_out, part_lse;
   if (parts > 1) {
-    part_out = at::empty({B, parts + 1, Hkv, M, d}, q.options());
-    part_lse = at::full({B, parts + 1, Hkv, M}, kNegInf, q.options().dtype(at::kFloat));
+    part_out = at::empty({B, parts, Hkv, M, d}, q.options());
+    part_lse = at::empty({B, parts, Hkv, M}, q.options().dtype(at::kFloat));
   }
   auto run = [&](int64_t b, int64_t c, int64_t h0, int64_t hc) {
-    const int64_t begin = ctx[b] * c / parts, end = ctx[b] * (c + 1) / parts;
-    const bool with_tree = c == parts - 1;
-    if (blocked) {
-      for (int64_t h = h0; h < h0 + hc; ++h) {
-        const at::Tensor no_tree;
-        const at::Tensor& tree = with_tree ? bias[b] : no_tree;
-        if (parts == 1) {
-          attend_group(q_rows[b][h], k_cache[b][h], v_cache[b][h], tree, begin, end, ctx[b], nn[b], scale,
-                       out_rows[b][h], nullptr);
-        } else {
-          attend_group(q_rows[b][h], k_cache[b][h], v_cache[b][h], tree, begin, end, ctx[b], nn[b], scale,
-                       part_out[b][c][h], part_lse[b][c][h].data_ptr<float>());
-        }
-      }
-      return;
-    }
-    const at::Tensor qh = q_rows[b].narrow(0, h0, hc), kh = k_cache[b].narrow(0, h0, hc),
-                     vh = v_cache[b].narrow(0, h0, hc);
+    const Request& req = requests[b];
+    const int64_t begin = req.ctx * c / parts, end = req.ctx * (c + 1) / parts;
+    const at::Tensor qh = req.q.narrow(0, h0, hc), kh = req.k.narrow(0, h0, hc), vh = req.v.narrow(0, h0, hc);
     std::vector<Partial> found;
-    if (end > begin) found.push_back(flash_context(qh, kh, vh, begin, end, scale));
-    if (with_tree) found.push_back(flash_tree(qh, kh, vh, tree_masks[b], sees_tree[b], ctx[b], nn[b], scale));
+    if (end > begin || parts > 1) {
+      found.push_back(flash && end > begin ? flash_context(qh, kh, vh, begin, end, scale)
+                                           : blocked_part(qh, kh, vh, at::Tensor(), begin, end, req.ctx, req.n, scale));
+    }
     if (parts == 1) {
-      merge_partials(found, out_rows[b].narrow(0, h0, hc));
+      finish(req, h0, hc, std::move(found), T, W, flash, scale, out_rows[b].narrow(0, h0, hc));
       return;
     }
-    if (end > begin) {
-      part_out[b][c].narrow(0, h0, hc).copy_(found.front().out);
-      part_lse[b][c].narrow(0, h0, hc).copy_(found.front().lse);
-    }
-    if (with_tree) {
-      part_out[b][parts].narrow(0, h0, hc).copy_(found.back().out);
-      part_lse[b][parts].narrow(0, h0, hc).copy_(found.back().lse);
-    }
+    part_out[b][c].narrow(0, h0, hc).copy_(found.front().out);
+    part_lse[b][c].narrow(0, h0, hc).copy_(found.front().lse);
   };
-  at::parallel_for(0, B * parts * Hkv, 1, [&](int64_t lo, int64_t hi) {
+  auto run_units = [&](int64_t lo, int64_t hi) {
     for (int64_t u = lo; u < hi;) {
       const int64_t bc = u / Hkv, h0 = u % Hkv, hc = std::min(hi - u, Hkv - h0);
       run(bc / parts, bc % parts, h0, hc);
       u += hc;
     }
-  });
+  };
+  if (large) {
+    at::parallel_for(0, B * parts * Hkv, 1, run_units);
+  } else {
+    c10::ParallelGuard serial(true);  // small: every op inside runs on the calling thread
+    run_units(0, B * Hkv);
+  }
   if (parts > 1) {
     for (int64_t b = 0; b < B; ++b) {
       std::vector<Partial> found;
-      for (int64_t c = 0; c <= parts; ++c) found.push_back({part_out[b][c], part_lse[b][c]});
-      merge_partials(found, out_rows[b]);
+      for (int64_t c = 0; c < parts; ++c) found.push_back({part_out[b][c], part_lse[b][c]});
+      finish(requests[b], 0, Hkv, std::move(found), T, W, flash, scale, out_rows[b]);
     }
   }
   return out;
