@@ -3,26 +3,28 @@
 // Row i of request b sees cache positions [0, ctx) and ctx + j for every tree slot j <= num_nodes[b]
 // whose bit is set in tree_mask[b, i] (ops.h). A row that sees no key outputs zeros.
 //
-// Tiled, as flash attention, on one of two paths; neither builds a dense mask over the context. The
-// G = Hq / Hkv query heads of a kv head are stacked as its M = G * T rows, so each key and value is read
-// once for G heads (GQA without copying K/V).
-//   * Flash path, for real sizes (kFlashMacs multiply-adds and more) unless the blocked path wins (below):
-//     torch's flash attention uses the bf16 matrix units of CPUs that have them and small blocks that
-//     suit few rows per kv head. Per request, over all kv heads at once and parallel inside: on one
-//     thread, one call over the context, unmasked, and one over the tree slots 0..num_nodes under the
-//     packed bits as an additive 0 / -inf bias, the two normalised partial outputs combined by their
-//     log-sum-exps in fp32; on more threads one call under a mask that is 0 over the context (one
-//     parallel region instead of two).
-//   * Blocked path, on the calling thread, for small calls, and on one thread for fp32/fp16 with many
-//     rows per kv head and a long context: one (request, kv head) at a time. Keys are visited in
-//     blocks; the logits of a block are one fp32 matrix product (torch's BLAS), folded into running row
-//     maxima, row sums and output rows (the online softmax), and the weighted values are a second
-//     product. The tree block gets the bias. fp16/bf16 keys and values are widened block by block; the
-//     output is rounded to the input dtype once at the end.
-// The blocked path opens no parallel region of its own, so small calls (a batch-1 step of a small
-// model) stay on the calling thread. (A parallel region over its tasks, each calling torch's BLAS and
-// elementwise ops, spent most of its time with threads spinning in OpenMP barriers on a busy 2-core
-// machine; flash attention's own parallel loop does not.)
+// The context and the tree are attended separately and merged by their log-sum-exps; no dense mask over
+// the context is built. The G = Hq / Hkv query heads of a kv head are stacked as its M = G * T rows, so
+// each key and value is read once for G heads (GQA without copying K/V).
+//   * The context, tiled as flash attention, on one of two paths:
+//     - flash: torch's flash attention, unmasked. It uses the bf16 matrix units of CPUs that have them
+//       and small blocks that suit few rows per kv head.
+//     - blocked, for small calls and for fp32/fp16 with many rows per kv head and a long context (where
+//       it beats flash): keys are visited in blocks; the logits of a block are one fp32 matrix product
+//       (torch's BLAS), folded into running row maxima, row sums and output rows (the online softmax),
+//       and the weighted values are a second product. fp16/bf16 keys and values are widened block by
+//       block.
+//   * The tree: a row of a draft tree sees its ancestors only (a handful of slots), so each row's seen
+//     slots are folded one by one into the merge of its context output, in fp32 (the sparse tree). A
+//     mask where rows see many slots (over kSparseSlots a row on average) is one more dense block, the
+//     slots 0..num_nodes under the packed bits as an additive 0 / -inf bias (flash or blocked).
+// Work is split into units, each on one thread: (request, kv head, part of the context), parts = 1
+// unless the request x kv head count does not divide evenly among the threads. Real sizes (kFlashMacs
+// multiply-adds and more) run the units in one parallel region, a thread's consecutive kv heads of one
+// request in one flash call; flash attention, torch's BLAS and ATen ops run serially inside it. Small
+// calls (a batch-1 step of a small model) run on the calling thread and open no parallel region at all:
+// on a busy 2-core machine, every parallel region waits for a descheduled thread, and many small ones
+// collapse a small model's speed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,7 +33,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -44,7 +45,7 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kBlockLogits = 1 << 17;   // logits per block: 512 KiB of fp32, in L2 with its operands
-constexpr int64_t kFlashMacs = 1 << 24;     // multiply-adds of a call from which flash attention pays
+constexpr int64_t kFlashMacs = 1 << 24;     // multiply-adds of a call from which threads and flash pay
 constexpr int64_t kFlashMaxRows = 128;      // fp32/fp16 rows per kv head below which flash beats blocked
 constexpr int64_t kMinPart = 256;           // fewest context keys of a part when the context is split
 constexpr int64_t kSparseSlots = 32;        // mean tree slots seen per row up to which the tree is folded in
@@ -110,8 +111,8 @@ at::Tensor tree_bias(const int32_t* mask, int64_t T, int64_t W, int64_t n) {
 
 // One task of the blocked path: q [M, d], k and v [S, d] of one kv head (input dtype); the context keys
 // [begin, end) and, when bias [T, n + 1] is defined, the tree slots 0..n at ctx..ctx + n. Writes the
-// normalised out [M, d] (input dtype) and, when lse is not null, each row's log-sum-exp (-inf for a row
-// that saw no key).
+// normalised out [M, d] (input dtype) and each row's log-sum-exp to lse [M] (-inf for a row that saw no
+// key).
 void attend_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                   int64_t begin, int64_t end, int64_t ctx, int64_t n, double scale, const at::Tensor& out,
                   float* lse) {
@@ -145,11 +146,9 @@ void attend_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     lg.view({M / T, T, n + 1}).add_(bias);
     state.absorb(lg, keys(v, vf, ctx, n + 1));
   }
-  if (lse != nullptr) {
-    const float* mx = state.row_max.const_data_ptr<float>();
-    const float* sum = state.row_sum.const_data_ptr<float>();
-    for (int64_t r = 0; r < M; ++r) lse[r] = sum[r] > 0.0f ? mx[r] + std::log(sum[r]) : kNegInf;
-  }
+  const float* mx = state.row_max.const_data_ptr<float>();
+  const float* sum = state.row_sum.const_data_ptr<float>();
+  for (int64_t r = 0; r < M; ++r) lse[r] = sum[r] > 0.0f ? mx[r] + std::log(sum[r]) : kNegInf;
   out.copy_(state.result());
 }
 
