@@ -301,10 +301,7 @@ void merge_rows(const std::vector<const scalar_t*>& outs, const std::vector<cons
   }
 }
 
-// The end of kv heads [h0, h0 + H) of one request: merges their context partials (each [H, M, d] / [H, M])
-// and the tree into out [H, M, d]. sparse: fold the tree's seen slots in (TreeSlots); otherwise the
-// tree is one more partial, dense under the mask (through flash attention, or the blocked path when
-// flash is false).
+// One request's inputs and its tree, as the units of work read them.
 struct Request {
   at::Tensor q, k, v;       // [Hkv, M, d], [Hkv, S, d], [Hkv, S, d]
   at::Tensor bias;          // [T, n + 1] fp32, 0 / -inf
@@ -315,6 +312,9 @@ struct Request {
   bool sparse;
 };
 
+// The end of kv heads [h0, h0 + H) of one request: merges their context partials (each [H, M, d] / [H, M])
+// and the tree into out [H, M, d]. A sparse tree's seen slots are folded in (TreeSlots); a dense one is one
+// more partial under the mask (through flash attention, or the blocked path when flash is false).
 void finish(const Request& req, int64_t h0, int64_t H, std::vector<Partial> parts, int64_t T, int64_t W,
             bool flash, double scale, const at::Tensor& out) {
   const at::Tensor q = req.q.narrow(0, h0, H), k = req.k.narrow(0, h0, H), v = req.v.narrow(0, h0, H);
