@@ -225,3 +225,68 @@ def test_large_context_invisible_positions_do_not_leak(dtype, threads):
         v[b, :, end:] = float("nan")
     with torch_threads(threads):
         run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), "cpu")
+
+
+def dense_mask_bits(B: int, T: int, num_nodes: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+    """Packed ``[B, T, ceil(T / 32)]`` masks with each bit set with probability ``density`` (not ancestor
+    closures: rows that see most of the tree, which the CPU kernel attends to as a dense masked block),
+    bits past num_nodes set too (they must be ignored)."""
+    W = (T + 31) // 32
+    bits = torch.rand(B, T, W * 32, generator=gen) < density
+    weights = 2 ** torch.arange(32, dtype=torch.int64)
+    words = (bits.view(B, T, W, 32).long() * weights).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+# The CPU kernel's parallel split, against the reference: units of work (request x kv head x part of the
+# context, merged by log-sum-exp) at 1, 2 and 4 threads. B = 3 requests of contexts 0, 1 and 1300 (parts
+# of a short context are empty); GQA groups 1, 2 and 8, so request x kv head counts of 24, 9 and 3, of
+# which 9 and 3 do not divide among 2 or 4 threads and split the context into parts; head dims 64 and
+# 128; draft trees (each row sees its ancestors: folded in slot by slot) and dense random masks (most
+# slots seen: one masked block). The calls' sizes put them on the small path (serial), the blocked path
+# (fp32/fp16 with 128 rows or more per kv head) and flash attention.
+SPLIT_HEADS = ((8, 8), (6, 3), (8, 1))
+
+
+@pytest.mark.parametrize("threads", (1, 2, 4))
+@pytest.mark.parametrize("tree_kind", ("draft", "dense"))
+@pytest.mark.parametrize("heads", SPLIT_HEADS, ids=str)
+@pytest.mark.parametrize("d", (64, 128))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parallel_split_cpu(dtype, d, heads, tree_kind, threads):
+    Hq, Hkv = heads
+    gen = torch.Generator().manual_seed(seed_of(dtype, d, heads, tree_kind))
+    B = 3
+    ctx = torch.tensor([0, 1, 1300])
+    if tree_kind == "draft":
+        T = 17
+        tree = make_tree(B, T, gen, ctx, shrink=True)
+        mask, num_nodes = tree.tree_mask, tree.num_nodes
+    else:
+        T = 80
+        num_nodes = torch.tensor([79, 50, 79], dtype=torch.int32)
+        mask = dense_mask_bits(B, T, num_nodes, 0.9, gen)
+        mask[0, 3] = 0  # context 0 and no bit: this row sees nothing
+    q, k, v = make_qkv(B, Hq, Hkv, T, d, 1300 + T + 7, dtype, gen)
+    with torch_threads(threads):
+        out, _ = run_and_compare(q, k, v, ctx, mask, num_nodes, 1 / math.sqrt(d), "cpu")
+    if tree_kind == "dense":
+        assert (out[0, :, 3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_results_across_thread_counts_cpu(dtype):
+    """The same call at 1, 2 and 3 threads (different splits of the context): each within the contract's
+    tolerance of the reference, so within twice that of each other."""
+    gen = torch.Generator().manual_seed(31)
+    B, T, d, Hq, Hkv = 1, 33, 128, 4, 1
+    ctx = torch.tensor([3000])
+    tree = make_tree(B, T, gen, ctx)
+    q, k, v = make_qkv(B, Hq, Hkv, T, d, 3000 + T, dtype, gen)
+    outs = []
+    for threads in (1, 2, 3):
+        with torch_threads(threads):
+            outs.append(run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 0.09, "cpu")[0])
+    vmax = float(v.double().abs().max())
+    for other in outs[1:]:
+        assert ((other - outs[0]).abs() <= 2 * tolerance(dtype) * (vmax + outs[0].abs())).all()
