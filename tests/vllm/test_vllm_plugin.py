@@ -97,18 +97,8 @@ def test_shipped_cuts_mid_round(shipped):
 
 
 def test_shipped_greedy_equals_ddtree_generate(shipped):
-    from transformers import AutoTokenizer
-
-    from ddtree.decode import generate
-    from ddtree.drafter import DFlashDrafter
-    from ddtree.target import load_target
-
-    tok = AutoTokenizer.from_pretrained(SHIPPED_TARGET)
-    target = load_target(SHIPPED_TARGET, dtype=torch.float32)
-    drafter = DFlashDrafter.from_pretrained(SHIPPED_DRAFTER, dtype=torch.float32)
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    out = generate(target, drafter, prompts, method="ddtree", max_new_tokens=GREEDY["max_tokens"], max_nodes=16)
-    assert out.tokens == shipped["ddtree"]["batches"][1]["token_ids"]
+    assert ddtree_generate(SHIPPED_TARGET, SHIPPED_DRAFTER, PROMPTS, 16) == shipped["ddtree"]["batches"][1]["token_ids"]
+    assert ddtree_generate(SHIPPED_TARGET, SHIPPED_DRAFTER, PROMPTS[:1], 16) == shipped["ddtree"]["batches"][0]["token_ids"]
 
 
 def test_shipped_tree_accepts_more_than_dflash(shipped):
@@ -130,6 +120,22 @@ def test_caddtree_drafts_at_most_the_cap(shipped):
 # ---- random Qwen3 and Llama pairs --------------------------------------------------------------------
 
 
+def ddtree_generate(target_dir, drafter_dir, prompts, max_nodes: int) -> list[list[int]]:
+    """ddtree.decode.generate (method ddtree) on the same prompts, tokenised as vLLM does here."""
+    from transformers import AutoTokenizer
+
+    from ddtree.decode import generate
+    from ddtree.drafter import DFlashDrafter
+    from ddtree.target import load_target
+
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    target = load_target(target_dir, dtype=torch.float32)
+    drafter = DFlashDrafter.from_pretrained(drafter_dir, dtype=torch.float32)
+    return generate(target, drafter, ids, method="ddtree", max_new_tokens=GREEDY["max_tokens"],
+                    max_nodes=max_nodes).tokens
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_random_pair_greedy_equals_vllm_without_speculation(arch, tmp_path):
     target, drafter = tiny.make_pair(tmp_path / arch, arch=arch, seed=3, block_size=6, hidden_size=64,
@@ -140,6 +146,7 @@ def test_random_pair_greedy_equals_vllm_without_speculation(arch, tmp_path):
     assert tree["batches"][0]["token_ids"] == plain["batches"][0]["token_ids"]
     assert tree["batches"][1]["token_ids"] == plain["batches"][1]["token_ids"]
     assert tree["metrics"]["vllm:spec_decode_num_drafts"] > 0
+    assert ddtree_generate(str(target), str(drafter), PROMPTS, 12) == tree["batches"][1]["token_ids"]
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallel 2 needs two cores to bind its workers to")
