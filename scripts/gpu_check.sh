@@ -10,7 +10,7 @@
 #   verify    bench/bench_e2e.py --verify-only
 #   e2e       bench/bench_e2e.py, the full run with plots
 #   profile   a random Qwen3-8B-shaped checkpoint in a scratch folder, then `ddtree profile` on it
-#   vllm      tests/vllm (the vLLM plugin in real engines) when vLLM 0.32 is installed on the machine
+#   vllm      tests/vllm_plugin (the vLLM plugin in real engines) when vLLM 0.32 is installed on the machine
 #
 # Every stage has its own time limit, so a slow one cannot eat the call. $OUT receives summary.txt,
 # results.tgz (all logs, JSON and plots) and the built _C*.so: three files (a device call returns at most 8).
@@ -66,7 +66,7 @@ for stage in "${stages[@]}"; do
         --max-nodes 512 --contexts 128,1024,2048,4096,8192 --repeats 10 --out "$WORK/qwen3_8b_cost.json" ;;
     vllm)
       if python3 -c "import vllm, sys; sys.exit(not vllm.__version__.startswith('0.32.'))" 2>/dev/null; then
-        run vllm 540 python3 -m pytest -q tests/vllm -p no:cacheprovider
+        run vllm 540 python3 -m pytest -q tests/vllm_plugin -p no:cacheprovider
       else
         summary+=("vllm         skipped (no vLLM 0.32 on this machine)")
       fi ;;

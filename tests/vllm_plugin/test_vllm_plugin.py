@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.v1")  # the real vLLM (a namespace "vllm" would not have it)
 
 import torch  # noqa: E402
 

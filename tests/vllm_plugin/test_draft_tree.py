@@ -1,7 +1,7 @@
 """The plugin's per-request tree: a prefix of build_tree's slots is a tree, and a foreign draft is a chain."""
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.v1")  # the real vLLM (a namespace "vllm" would not have it)
 
 import torch  # noqa: E402
 
