@@ -17,6 +17,7 @@ import sys
 
 def run(job: dict) -> dict:
     from vllm import LLM, SamplingParams
+    from vllm.exceptions import VLLMError
     from vllm.inputs import TokensPrompt
 
     spec = None
@@ -36,7 +37,13 @@ def run(job: dict) -> dict:
             prompts = [TokensPrompt(prompt_token_ids=ids) for ids in batch["prompt_token_ids"]]
         else:
             prompts = batch["prompts"]
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        except (ValueError, VLLMError) as e:  # a refused request
+            if not job.get("refusals_ok"):
+                raise
+            batches.append({"refused": str(e)})
+            continue
         batches.append({"token_ids": [list(o.outputs[0].token_ids) for o in outs],
                         "texts": [o.outputs[0].text for o in outs],
                         "finish_reasons": [o.outputs[0].finish_reason for o in outs]})

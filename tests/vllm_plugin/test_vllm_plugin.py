@@ -274,6 +274,15 @@ def test_refuses_an_unknown_tree_mode(tmp_path):
     assert "DDTREE_VLLM_TREE='beam'; choose one of ddtree, caddtree" in out
 
 
+def test_refuses_unsupported_sampling_per_request(tmp_path):
+    # The request is refused where vLLM validates it; the engine stays up and serves the next batch.
+    bad = {"prompts": PROMPTS[:1], "sampling": {**GREEDY, "presence_penalty": 0.5}}
+    j = job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 8, batches=[bad, GREEDY_BATCHES[0]], refusals_ok=True)
+    result = run_job(j, "ddtree", tmp_path)
+    assert "presence_penalty not supported with tree verification" in result["batches"][0]["refused"]
+    assert len(result["batches"][1]["token_ids"][0]) == GREEDY["max_tokens"]
+
+
 def test_refuses_another_speculative_method(tmp_path):
     j = job(SHIPPED_TARGET, None, "ngram", 4)
     j["method"] = "ngram"

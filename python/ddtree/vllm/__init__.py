@@ -8,8 +8,9 @@ workers). It does nothing unless ``DDTREE_VLLM_TREE`` is set, so vLLM behaves ex
   by the cost model in ``DDTREE_VLLM_COST_MODEL`` (a ``ddtree profile`` JSON) or by the roofline default.
 
 with ``speculative_config={"method": "dflash", "model": DRAFTER, "num_speculative_tokens": N}``.
-Supported: vLLM 0.32.x, V1 model runner, synchronous scheduling, decoder-only targets without M-RoPE,
-no structured output or logprobs on tree-verified requests. Anything else is refused with one line.
+Supported: vLLM 0.32.x, V1 model runner, synchronous scheduling, decoder-only targets without M-RoPE;
+requests with sampling options beyond temperature/top-k/top-p/seed are refused one by one
+(:mod:`ddtree.vllm.admission`). Anything else is refused with one line.
 """
 from __future__ import annotations
 
@@ -63,9 +64,10 @@ def register() -> None:
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from . import attention, runner
+    from . import admission, attention, runner
 
     slot = "CPU_ATTN" if current_platform.is_cpu() else "FLASH_ATTN"
     attention.DDTreeAttentionBackend._slot_name = slot
     register_backend(AttentionBackendEnum[slot], "ddtree.vllm.attention.DDTreeAttentionBackend")
     runner.patch()
+    admission.patch()  # in the serving process: unsupported sampling options refused per request
