@@ -1,7 +1,6 @@
 """tree_attention against a dense-mask float64 reference, with a tolerance from the dtype."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 
@@ -10,6 +9,7 @@ import torch
 
 import ddtree
 import reference as ref
+from ddtree.threads import cpu_threads  # the CPU kernel's path depends on the thread count
 from conftest import devices
 from inputs import context_lens, make_logits, random_cost, seed_of
 
@@ -158,17 +158,6 @@ def test_invisible_positions_do_not_leak(dtype, device):
         assert torch.equal(out[b, :, : n + 1], clean[b, :, : n + 1].double())
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """torch's intra-op thread count set to n for the block (the CPU kernel's path depends on it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # Shapes of real size, where the CPU kernel chooses between its blocked path and torch's flash attention
 # by dtype, rows per kv head and thread count: ragged contexts including 0, GQA groups 1, 2 and 4, trees
 # that stop early, head dims 64 and 128.
@@ -188,7 +177,7 @@ def test_large_context_cpu(dtype, heads, T, d, threads):
     ctx = torch.tensor([0, 1500, 777])
     tree = make_tree(B, T, gen, ctx, shrink=True)
     q, k, v = make_qkv(B, Hq, Hkv, T, d, 1500 + T + 3, dtype, gen)
-    with torch_threads(threads):
+    with cpu_threads(threads):
         run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), "cpu")
 
 
@@ -206,7 +195,7 @@ def test_large_context_arbitrary_mask_bits(dtype, threads):
     mask[1, 7] = 0
     mask[2, :10] = 0
     q, k, v = make_qkv(B, Hq, Hkv, T, d, 2000 + T, dtype, gen)
-    with torch_threads(threads):
+    with cpu_threads(threads):
         out, _ = run_and_compare(q, k, v, ctx, mask, num_nodes, 0.6, "cpu")
     assert (out[0, :, 5] == 0).all()
 
@@ -223,7 +212,7 @@ def test_large_context_invisible_positions_do_not_leak(dtype, threads):
         end = int(ctx[b]) + int(tree.num_nodes[b]) + 1
         k[b, :, end:] = float("nan")
         v[b, :, end:] = float("nan")
-    with torch_threads(threads):
+    with cpu_threads(threads):
         run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d), "cpu")
 
 
@@ -268,7 +257,7 @@ def test_parallel_split_cpu(dtype, d, heads, tree_kind, threads):
         mask = dense_mask_bits(B, T, num_nodes, 0.9, gen)
         mask[0, 3] = 0  # context 0 and no bit: this row sees nothing
     q, k, v = make_qkv(B, Hq, Hkv, T, d, 1300 + T + 7, dtype, gen)
-    with torch_threads(threads):
+    with cpu_threads(threads):
         out, _ = run_and_compare(q, k, v, ctx, mask, num_nodes, 1 / math.sqrt(d), "cpu")
     if tree_kind == "dense":
         assert (out[0, :, 3] == 0).all()
@@ -285,7 +274,7 @@ def test_results_across_thread_counts_cpu(dtype):
     q, k, v = make_qkv(B, Hq, Hkv, T, d, 3000 + T, dtype, gen)
     outs = []
     for threads in (1, 2, 3):
-        with torch_threads(threads):
+        with cpu_threads(threads):
             outs.append(run_and_compare(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 0.09, "cpu")[0])
     vmax = float(v.double().abs().max())
     for other in outs[1:]:
