@@ -98,7 +98,8 @@ class DDTreeAttentionMetadata:
     causal: bool  # False when any request attends non-causally (vLLM's DFlash drafter checks it)
 
 
-def _chain_mask(T: int, device) -> torch.Tensor:
+def chain_mask(T: int, device) -> torch.Tensor:
+    """Packed ancestor mask of a chain of T slots: row i sees slots 0..i."""
     return ops.pack_mask(torch.ones(T, T, dtype=torch.bool, device=device).tril())
 
 
@@ -131,7 +132,7 @@ class DDTreeMetadataBuilder(AttentionMetadataBuilder[DDTreeAttentionMetadata]):
         device = block_table.device
         T = max(q_lens[b] for b in reqs)
         W = (T + 31) // 32
-        chain = _chain_mask(T, device)
+        chain = chain_mask(T, device)
         rows = torch.full((len(reqs), T), -1, dtype=torch.long)
         mask = torch.zeros(len(reqs), T, W, dtype=torch.int32, device=device)
         for i, b in enumerate(reqs):
@@ -153,7 +154,7 @@ class DDTreeMetadataBuilder(AttentionMetadataBuilder[DDTreeAttentionMetadata]):
         return _Call(rows.to(device), table.contiguous(), ctx, mask, num_nodes)
 
 
-def _kv_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kv_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V as ``[num_blocks, block_size, Hkv, d]`` views of vLLM's per-layer cache."""
     return kv_cache.transpose(1, 2).split(head_size, dim=-1)
 
@@ -178,7 +179,7 @@ class DDTreeAttentionImpl(AttentionImpl):
         self.attn_type = attn_type
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        key_cache, value_cache = _kv_views(kv_cache, self.head_size)
+        key_cache, value_cache = kv_views(kv_cache, self.head_size)
         n = slot_mapping.shape[0]
         slots = slot_mapping.long()
         keep = slots >= 0
@@ -192,7 +193,7 @@ class DDTreeAttentionImpl(AttentionImpl):
             raise NotImplementedError("ddtree attention: fused output quantization not supported")
         if attn_metadata is None:  # profiling run
             return output
-        key_cache, value_cache = _kv_views(kv_cache, self.head_size)
+        key_cache, value_cache = kv_views(kv_cache, self.head_size)
         out = output.view(output.shape[0], self.num_heads, self.head_size)
         for call in attn_metadata.calls:
             valid = call.rows >= 0

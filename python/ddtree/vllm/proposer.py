@@ -18,6 +18,7 @@ import torch
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from .. import ops
+from .attention import chain_mask
 
 
 @dataclass
@@ -44,8 +45,7 @@ class DraftTree:
         """A draft the tree builder did not make (kept for safety): verified as the chain it is."""
         n = len(draft)
         idx = torch.arange(n + 1, device=device)
-        return DraftTree([root, *draft], (idx - 1).to(torch.int32), idx,
-                         ops.pack_mask(torch.ones(n + 1, n + 1, dtype=torch.bool, device=device).tril()))
+        return DraftTree([root, *draft], (idx - 1).to(torch.int32), idx, chain_mask(n + 1, device))
 
 
 class DDTreeProposer(DFlashProposer):

@@ -36,7 +36,7 @@ from vllm.v1.worker import gpu_model_runner as gmr
 
 from .. import ops
 from . import check_config
-from .attention import set_verify_masks
+from .attention import kv_views, set_verify_masks
 from .proposer import DDTreeProposer, DraftTree
 
 _SAMPLING_EPS = 1e-5  # vLLM's: a temperature below this is greedy
@@ -237,7 +237,6 @@ def _target_caches(self):
     DFlash rewrites its context KV from the target's hidden states each round."""
     drafter_layers = set(getattr(self.drafter, "_draft_attn_layer_names", ()) or ())
     context = self.compilation_config.static_forward_context
-    head_size = None
     for group_id, group in enumerate(self.kv_cache_config.kv_cache_groups):
         seen, caches = set(), []
         for name in group.layer_names:
@@ -247,8 +246,7 @@ def _target_caches(self):
             if not isinstance(kv, torch.Tensor) or kv.data_ptr() in seen:
                 continue
             seen.add(kv.data_ptr())
-            head_size = group.kv_cache_spec.head_size
-            caches.extend(kv.transpose(1, 2).split(head_size, dim=-1))
+            caches.extend(kv_views(kv, group.kv_cache_spec.head_size))
         if caches:
             yield group_id, caches
 
