@@ -128,6 +128,39 @@ def test_round_stats():
     assert len(ar.rounds) == 4  # the first token comes from the prefill
 
 
+class _CountingDrafter:
+    """The drafter, counting its forwards."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.block_size, self.target_layer_ids = inner.block_size, inner.target_layer_ids
+
+    def reset(self, batch_size, max_len):
+        self.inner.reset(batch_size, max_len)
+
+    def draft(self, *args):
+        self.calls += 1
+        return self.inner.draft(*args)
+
+
+@pytest.mark.parametrize("method", ["dflash", "ddtree", "caddtree"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_no_draft_after_the_last_round(method, batch):
+    """A request ended by max_new_tokens costs one drafter forward per round, none after the last one;
+    a stop token that ends the batch costs at most one unused draft."""
+    s = setup("qwen3")
+    for new in (2, MAX_NEW, 3 * MAX_NEW):
+        drafter = _CountingDrafter(s.drafter)
+        out = decode.generate(s.target, drafter, s.prompts[:batch], method=method, max_new_tokens=new, max_nodes=8)
+        assert all(len(t) == new for t in out.tokens)
+        assert drafter.calls == len(out.rounds), (new, drafter.calls, len(out.rounds))
+    drafter = _CountingDrafter(s.drafter)
+    out = decode.generate(s.target, drafter, s.prompts[4:4 + batch], method=method, max_new_tokens=MAX_NEW,
+                          max_nodes=8, stop_token_ids=s.stops)
+    assert out.tokens == s.refs_stop[4:4 + batch]
+    assert len(out.rounds) <= drafter.calls <= len(out.rounds) + 1
+
+
 def test_streaming_and_hf_model_input():
     """A bare transformers model is wrapped automatically; on_tokens streams exactly the output."""
     s = setup("qwen3")

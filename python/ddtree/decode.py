@@ -10,7 +10,8 @@ cache, as ``generate`` runs it:
     _stop_rule       on the device: which new tokens each request emits, which requests are done
 
 Between the drafter forward and the target forward only ``ddtree`` ops run; there is no Python loop over
-tree nodes, and the host synchronises once per round. Methods: ``ar`` (root-only tree, no
+tree nodes, and the host synchronises once per round (twice in the last round or two, when the round may
+reach ``max_new_tokens``: so no drafter forward runs after the last round). Methods: ``ar`` (root-only tree, no
 drafter), ``dflash`` (a single chain of the drafter's top-1 tokens, ``K = 1``), ``ddtree`` (best-first
 tree of ``max_nodes`` nodes) and ``caddtree`` (the cost-aware budget from ``cost_model``).
 
@@ -194,12 +195,14 @@ class _HostRead(NamedTuple):
     done: list[bool]
 
     @classmethod
-    def take(cls, tree: DraftTree, prev: Optional[_Round], clock: Clock) -> "_HostRead":
-        size = tree.num_nodes.max()[None].long()
+    def take(cls, tree: Optional[DraftTree], prev: Optional[_Round], clock: Clock) -> "_HostRead":
+        """Read ``tree``'s size (``None``: no tree yet, ``slots`` 0) and ``prev``'s results in one sync."""
+        size = tree.num_nodes.max()[None].long() if tree is not None else None
         if prev is None:
             return cls(int(size.item()) + 1, [], None, [])
         # One row per request: this round's tree size, then the previous round's keep, accept_len,
         # tree size, done flag and new tokens.
+        size = size if size is not None else torch.full((1,), -1, dtype=torch.long, device=prev.keep.device)
         columns = (size.expand(prev.keep.shape[0]), prev.keep, prev.accept_len, prev.tree_size, prev.done)
         rows = torch.cat([torch.stack([c.long() for c in columns], 1), prev.new_tokens], 1).tolist()  # host sync
         m = prev.marks
@@ -350,23 +353,27 @@ def generate(
 
     clock, rounds = Clock(dev), []
     prev: Optional[_Round] = None  # the last round's results, read at this round's host synchronisation
+
+    def emit(read: _HostRead) -> list[bool]:
+        """Take in one round's results as read by the host: statistics, streamed tokens, done flags."""
+        rounds.append(read.stats)
+        for b, new in enumerate(read.new_tokens):
+            if new:
+                out[b] += new
+                if on_tokens is not None:
+                    on_tokens(b, new)
+        return read.done
+
     while not all(done_host):
         tree, (t_start, t_drafted, t_built) = _draft_tree(target, drafter, x, feats, feat_lens, done, plan, clock)
         # The one host synchronisation of a round: this round's tree size (the verify forward's shape is a
         # host decision) with the previous round's tokens, statistics and stop flags. Reading the previous
-        # round here, not at its end, costs one unused draft after the last round instead of a second
-        # synchronisation in every round.
+        # round here, not at its end, saves a second synchronisation in every round.
         read = _HostRead.take(tree, prev, clock)
         if prev is not None:
-            rounds.append(read.stats)
-            for b, new in enumerate(read.new_tokens):
-                if new:
-                    out[b] += new
-                    if on_tokens is not None:
-                        on_tokens(b, new)
-            done_host = read.done
+            done_host = emit(read)
             if all(done_host):
-                break
+                break  # ended by a stop token: this round's draft goes unused
         if plan.trims:
             tree = tree.trim(read.slots)
         new_tokens, accept_len, x, feats, t_verified = _verify_commit(target, tree, x, done, plan, clock)
@@ -375,4 +382,9 @@ def generate(
         marks = _Marks(t_start, t_drafted, t_built, t_verified, clock.mark())
         prev = _Round(new_tokens, keep, accept_len, tree.num_nodes, next_done, marks)
         done = next_done
+        # When this round may have brought every live request to max_new_tokens (the host knows the
+        # counts up to the last round; a round adds at most D + 1), read it now: one more synchronisation
+        # in the last round or two instead of a whole drafter forward whose tree nobody verifies.
+        if plan.drafts and all(d or len(o) + plan.depth + 1 >= max_new_tokens for d, o in zip(done_host, out)):
+            done_host, prev = emit(_HostRead.take(None, prev, clock)), None
     return GenerateOutput(out, rounds, prefill_s, time.perf_counter() - start)
