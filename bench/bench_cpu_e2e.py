@@ -3,8 +3,10 @@ every method through ``ddtree.decode.generate`` side by side with transformers' 
 
 COSTS ARE REAL, ACCEPTANCE IS SIMULATED, exactly as in ``bench_e2e.py`` (whose calibrated oracle and
 oracle wrappers this reuses): the target (hidden 1024, 28 layers, 16/8 heads, head dim 128, vocab 151936,
-tied embeddings, float32 unless --dtype says otherwise) and the drafter run their real forwards on the CPU; the drafter's marginals and
-the target's choices then follow the oracle calibrated to the published DFlash/DDTree acceptance.
+tied embeddings) and the drafter run their real forwards on the CPU; the drafter's marginals and the target's
+choices then follow the oracle calibrated to the published DFlash/DDTree acceptance. Each dtype gets its own
+section (default: bfloat16, Qwen3's own dtype, and float32 where this CPU has bf16 matrix units; float32
+alone elsewhere), transformers running in the same dtype.
 
 One run: the cost model measured here by ``ddtree.cost.profile`` (a coarse grid), then AR (ours, the
 fast runner), transformers ``generate`` (greedy, static cache if it works on CPU, else dynamic; the
@@ -12,7 +14,7 @@ faster one is reported), DFlash, DDTree at budgets 4..256 and CaDDTree (cap 256)
 exclude the prefill for every method. Goals: CaDDTree >= 0.95x the best fixed budget in hindsight and
 >= 2x transformers ``generate``.
 
-    python3 bench/bench_cpu_e2e.py --out out/cpu_e2e      # the full run, about 10-15 minutes on 2 cores
+    python3 bench/bench_cpu_e2e.py --out out/cpu_e2e      # the full run, about 15 minutes on 2 cores
     python3 bench/bench_cpu_e2e.py --quick                # a tiny model, seconds (smoke test)
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ from bench_e2e import Oracle, OracleDrafter, OracleTarget, calibrate, run_method
 from ddtree.cost import profile  # noqa: E402  (bench_e2e put python/ on the path)
 from ddtree.drafter import DFlashConfig, DFlashDrafter  # noqa: E402
 from ddtree.fast_target import FastTarget  # noqa: E402
-from ddtree.timing import device_name  # noqa: E402
+from ddtree.timing import device_name, measure_rates  # noqa: E402
 
 BUDGETS = (4, 8, 16, 32, 64, 128, 256)
 DRAFT_LAYERS = 5  # the published DFlash drafters' depth
@@ -95,31 +97,65 @@ def hf_generate(hf, prompt: torch.Tensor, new_tokens: int, cache: str) -> dict:
             "tokens_per_s": tokens / (times[-1] - times[0]), "acceptance": 1.0, "budgets": [0], "rounds": tokens}
 
 
+def default_dtypes() -> list[str]:
+    """bfloat16 (Qwen3's own dtype) and float32 where this CPU multiplies bf16 at least as fast as fp32
+    (matrix units: AMX, AVX512-BF16; measured, not guessed from flags), else float32 alone: a bf16 run
+    on a CPU that emulates bf16 would take long and say nothing new."""
+    bf16 = measure_rates("cpu", torch.bfloat16)["matmul_tflops"]
+    fp32 = measure_rates("cpu", torch.float32)["matmul_tflops"]
+    return ["bfloat16", "float32"] if bf16 >= fp32 else ["float32"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tiny model, seconds: a smoke test of the whole run")
     ap.add_argument("--out", type=Path, help="folder for results.json and tokens_per_s_vs_budget.png")
     ap.add_argument("--context", type=int, default=None, help="prompt length (default 128; 32 with --quick)")
-    ap.add_argument("--new-tokens", type=int, default=None, help="tokens per method and pass (default 32)")
+    ap.add_argument("--new-tokens", type=int, default=None,
+                    help="tokens per method and pass (default 128: long enough that a few more or fewer tokens "
+                         "in one round do not decide the round count)")
     ap.add_argument("--repeats", type=int, default=3, help="profile repeats per grid point")
     ap.add_argument("--passes", type=int, default=2, help="timed passes over every method (medians reported)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                    help="weights and activations (float32: what `ddtree generate` uses on CPU)")
+    ap.add_argument("--dtype", default="auto",
+                    help="weights and activations, one or a comma list of float32, bfloat16 (default auto: "
+                         "both where this CPU has bf16 matrix units, else float32); each gets its own section")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    dtypes = default_dtypes() if args.dtype == "auto" else args.dtype.split(",")
+    if not dtypes or any(d not in ("float32", "bfloat16") for d in dtypes):
+        ap.error(f"argument --dtype: expected auto or a comma list of float32, bfloat16, got {args.dtype!r}")
     context = args.context or (32 if args.quick else 128)
-    new_tokens = args.new_tokens or 32
+    new_tokens = args.new_tokens or 128
     t_start = time.perf_counter()
-    loads = [os.getloadavg()[0]]
+    results = {"device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "quick": args.quick,
+               "context": context, "new_tokens": new_tokens, "torch": torch.__version__, "dtypes": {}}
+    for name in dtypes:
+        print(f"\n== {name} ==")
+        results["dtypes"][name] = bench_dtype(args, getattr(torch, name), context, new_tokens)
+    results["wall_s"] = time.perf_counter() - t_start
+    print(f"\nACCEPTANCE IS SIMULATED (calibrated oracle); COSTS ARE REAL ({results['device']}, "
+          f"{results['threads']} threads).")
+    for name, sec in results["dtypes"].items():
+        summary, loads = sec["summary"], sec["load_average"]
+        print(f"{name}: CaDDTree vs best fixed budget in hindsight (DDTree-{summary['best_fixed_budget']}): "
+              f"{summary['caddtree_over_best_fixed']:.2f}x (goal >= 0.95x); CaDDTree vs {summary['transformers_cache']}: "
+              f"{summary['caddtree_over_transformers']:.2f}x (goal >= 2x); AR (ours) vs it: "
+              f"{summary['ar_over_transformers']:.2f}x; CaDDTree vs AR (ours): {summary['caddtree_over_ar']:.2f}x; "
+              f"load average (1 min) min {min(loads):.2f} median {statistics.median(loads):.2f} max {max(loads):.2f}")
+    print(f"wall time {results['wall_s']:.0f} s")
+    _save(results, args.out)
+    return results
 
-    dtype = getattr(torch, args.dtype)
+
+def bench_dtype(args, dtype, context: int, new_tokens: int) -> dict:
+    """One dtype's section: the models, the oracle, the cost profile, every method side by side."""
+    loads = [os.getloadavg()[0]]
     hf, fast, drafter = make_models(args.quick, args.seed, dtype)
     print(f"{device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"target {fast.num_hidden_layers} layers, hidden {fast.hidden_size}, vocab {fast.vocab_size}, "
-          f"{sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M parameters, {args.dtype}; drafter "
+          f"{sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M parameters, {dtype}; drafter "
           f"{len(drafter.layers)} layers, block {drafter.block_size}; context {context}, {new_tokens} new tokens")
-    results = {"device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "quick": args.quick, "dtype": args.dtype,
-               "context": context, "new_tokens": new_tokens, "torch": torch.__version__}
+    results = {}
 
     oracle = Oracle(depth=drafter.block_size - 1)
     results["oracle"] = calibrate(oracle, R=256 if args.quick else 1024)
@@ -145,7 +181,6 @@ def main(argv=None):
     results["cost"] = {"fast": {"node_grid": cost.node_grid, "contexts": cost.contexts,
                                 "verify_ms": cost.verify_ms.tolist(), "measured": cost.measured,
                                 "draft_ms": cost.draft_cost}}
-
     # Every method once as a warm-up, then --passes passes over all of them in turn: on a shared machine
     # the speed drifts by minutes, and interleaving lets the drift hit every method alike (medians reported).
     prompt_ids = prompt[0].tolist()
@@ -173,7 +208,7 @@ def main(argv=None):
         for name, once in methods.items():
             samples[name].append(once(new_tokens))
             loads.append(os.getloadavg()[0])
-        print(f"pass {p + 1}/{args.passes} done at {time.perf_counter() - t_start:.0f} s")
+        print(f"pass {p + 1}/{args.passes} done at {time.perf_counter() - t:.0f} s")
     runs = []
     for name, rs in samples.items():
         speeds = [r["tokens_per_s"] for r in rs]
@@ -189,18 +224,8 @@ def main(argv=None):
     summary = {"caddtree_over_best_fixed": cad["tokens_per_s"] / best["tokens_per_s"], "best_fixed_budget": best["budget"],
                "caddtree_over_transformers": cad["tokens_per_s"] / hf_best["tokens_per_s"],
                "transformers_cache": hf_best["method"], "ar_over_transformers": ar["tokens_per_s"] / hf_best["tokens_per_s"],
-               "caddtree_over_ar": cad["tokens_per_s"] / ar["tokens_per_s"],
-               "wall_s": time.perf_counter() - t_start}
+               "caddtree_over_ar": cad["tokens_per_s"] / ar["tokens_per_s"]}
     results["summary"] = summary
-    print(f"\nACCEPTANCE IS SIMULATED (calibrated oracle); COSTS ARE REAL ({results['device']}, "
-          f"{results['threads']} threads). Load average (1 min) during the run: "
-          f"min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}")
-    print(f"CaDDTree vs best fixed budget in hindsight (DDTree-{best['budget']}): "
-          f"{summary['caddtree_over_best_fixed']:.2f}x (goal >= 0.95x)")
-    print(f"CaDDTree vs {hf_best['method']}: {summary['caddtree_over_transformers']:.2f}x (goal >= 2x); "
-          f"AR (ours) vs it: {summary['ar_over_transformers']:.2f}x; CaDDTree vs AR (ours): {summary['caddtree_over_ar']:.2f}x")
-    print(f"wall time {summary['wall_s']:.0f} s")
-    _save(results, args.out)
     return results
 
 
@@ -212,26 +237,30 @@ def _print_run(r):
 
 
 def plot(results: dict, path: Path) -> Path:
+    """Tokens/s against the node budget, one panel per dtype, CaDDTree and the chain methods marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = results["runs"]
-    tree = sorted((r for r in runs if r["method"] == "ddtree"), key=lambda r: r["budget"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot([r["budget"] for r in tree], [r["tokens_per_s"] for r in tree], "o-", label="DDTree, fixed budget")
-    cad = next(r for r in runs if r["method"] == "caddtree")
-    ax.axhline(cad["tokens_per_s"], color="C3", lw=1)
-    ax.plot([statistics.mean(cad["budgets"])], [cad["tokens_per_s"]], "*", color="C3", ms=14,
-            label=f"CaDDTree (at its mean tree size {statistics.mean(cad['budgets']):.0f})")
-    for i, r in enumerate(r for r in runs if r["method"] not in ("ddtree", "caddtree")):
-        ax.axhline(r["tokens_per_s"], ls=":", color=f"C{4 + i}", label=r["method"])
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("node budget")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"Qwen3-0.6B shape, random weights, oracle acceptance ({results['threads']} CPU threads)", fontsize=9)
-    ax.legend(fontsize=7)
+    sections = results["dtypes"]
+    fig, axes = plt.subplots(1, len(sections), figsize=(6.4 * len(sections), 4.2), squeeze=False)
+    for ax, (name, sec) in zip(axes[0], sections.items()):
+        runs = sec["runs"]
+        tree = sorted((r for r in runs if r["method"] == "ddtree"), key=lambda r: r["budget"])
+        ax.plot([r["budget"] for r in tree], [r["tokens_per_s"] for r in tree], "o-", label="DDTree, fixed budget")
+        cad = next(r for r in runs if r["method"] == "caddtree")
+        ax.axhline(cad["tokens_per_s"], color="C3", lw=1)
+        ax.plot([statistics.mean(cad["budgets"])], [cad["tokens_per_s"]], "*", color="C3", ms=14,
+                label=f"CaDDTree (at its mean tree size {statistics.mean(cad['budgets']):.0f})")
+        for i, r in enumerate(r for r in runs if r["method"] not in ("ddtree", "caddtree")):
+            ax.axhline(r["tokens_per_s"], ls=":", color=f"C{4 + i}", label=r["method"])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("node budget")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"Qwen3-0.6B shape, random weights, {name}, oracle acceptance "
+                     f"({results['threads']} CPU threads)", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -7,6 +7,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_cpu_e2e.py"
 
 
@@ -20,8 +22,16 @@ def load_bench():
 
 def test_quick_run_reports_every_method(tmp_path):
     bench = load_bench()
-    res = bench.main(["--quick", "--new-tokens", "24", "--repeats", "1", "--passes", "1", "--out", str(tmp_path)])
-    runs = {(r["method"], r["budget"]): r for r in res["runs"]}
+    res = bench.main(["--quick", "--new-tokens", "24", "--repeats", "1", "--passes", "1", "--dtype", "float32,bfloat16",
+                      "--out", str(tmp_path)])
+    assert list(res["dtypes"]) == ["float32", "bfloat16"]
+    for section in res["dtypes"].values():
+        check_section(bench, section)
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "tokens_per_s_vs_budget.png").is_file()
+
+
+def check_section(bench, section):
+    runs = {(r["method"], r["budget"]): r for r in section["runs"]}
     assert ("ar", None) in runs and ("dflash", None) in runs and ("caddtree", None) in runs
     assert {b for m, b in runs if m == "ddtree"} == set(bench.BUDGETS)
     assert any(m.startswith("transformers") for m, _ in runs)
@@ -35,4 +45,12 @@ def test_quick_run_reports_every_method(tmp_path):
             assert statistics.mean(r["budgets"]) == budget  # a fixed budget is always filled (K^D >> 256)
         if method == "caddtree":
             assert max(r["budgets"]) <= max(bench.BUDGETS)
-    assert (tmp_path / "results.json").is_file() and (tmp_path / "tokens_per_s_vs_budget.png").is_file()
+    summary = section["summary"]
+    assert summary["best_fixed_budget"] in bench.BUDGETS and summary["caddtree_over_best_fixed"] > 0
+
+
+def test_bad_dtype_is_refused_by_name(capsys):
+    bench = load_bench()
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--dtype", "float16"])
+    assert "--dtype" in capsys.readouterr().err
