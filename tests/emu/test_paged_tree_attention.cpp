@@ -30,17 +30,16 @@ static Cache<T> make_cache(int NB, int bs, int H, int D, Layout layout, bool val
   Cache<T> c;
   switch (layout) {
     case kContig:
-      c.stride[0] = int64_t{bs} * H * D, c.stride[1] = int64_t{H} * D, c.stride[2] = D;
+      c.strides_in(bs, H, D);
       break;
     case kPadded:  // [NB, bs + 1, H, D + 8] storage, the view [:, :bs, :, :D]
-      c.stride[0] = int64_t{bs + 1} * H * (D + 8), c.stride[1] = int64_t{H} * (D + 8), c.stride[2] = D + 8;
+      c.strides_in(bs + 1, H, D + 8);
       break;
     case kKvPair:  // vLLM's [2, NB, bs, H, D] allocation: K is [0], V is [1]
-      c.stride[0] = int64_t{bs} * H * D, c.stride[1] = int64_t{H} * D, c.stride[2] = D;
-      c.offset = value ? c.stride[0] * NB : 0;
+      c.strides_in(bs, H, D), c.offset = value ? c.stride[0] * NB : 0;
       break;
     case kMisaligned:  // contiguous, one element into its storage
-      c.stride[0] = int64_t{bs} * H * D, c.stride[1] = int64_t{H} * D, c.stride[2] = D, c.offset = 1;
+      c.strides_in(bs, H, D), c.offset = 1;
       break;
     default:
       break;

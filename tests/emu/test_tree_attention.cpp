@@ -26,16 +26,16 @@ static Cache<T> make_cache(int B, int H, int S, int D, Layout layout, emu_test::
   Cache<T> c;
   switch (layout) {
     case kContig:
-      c.stride[0] = int64_t{H} * S * D, c.stride[1] = int64_t{S} * D, c.stride[2] = D;
+      c.strides_in(H, S, D);
       break;
     case kPadded:  // [B, H, S + 5, D + 8] storage, the view [:, :, :S, :D]
-      c.stride[0] = int64_t{H} * (S + 5) * (D + 8), c.stride[1] = int64_t{S + 5} * (D + 8), c.stride[2] = D + 8;
+      c.strides_in(H, S + 5, D + 8);
       break;
     case kHeadsInner:  // [B, S, H, D].permute(0, 2, 1, 3)
       c.stride[0] = int64_t{S} * H * D, c.stride[1] = D, c.stride[2] = int64_t{H} * D;
       break;
     case kMisaligned:  // contiguous, one element into its storage
-      c.stride[0] = int64_t{H} * S * D, c.stride[1] = int64_t{S} * D, c.stride[2] = D, c.offset = 1;
+      c.strides_in(H, S, D), c.offset = 1;
       break;
     default:
       break;

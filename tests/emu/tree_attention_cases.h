@@ -36,6 +36,8 @@ struct Cache {
   const T& at(int64_t i0, int64_t i1, int64_t i2, int64_t i3) const {
     return buf[offset + i0 * stride[0] + i1 * stride[1] + i2 * stride[2] + i3 * stride[3]];
   }
+  // The strides of a view into contiguous [*, n1, n2, n3] storage.
+  void strides_in(int64_t n1, int64_t n2, int64_t n3) { stride[0] = n1 * n2 * n3, stride[1] = n2 * n3, stride[2] = n3; }
   // Storage for `n0` slices of dim 0 after the offset (and 16 elements more), every element random.
   void fill(int64_t n0, Rng& rng, float sigma) {
     buf.resize(offset + stride[0] * n0 + 16);
@@ -58,7 +60,7 @@ Cache<T> kv_operand(const Cache<T>& c, int n0, int n1, int n2, int n3, Stats& st
   if (kv_layout_ok(c.data(), stride)) return c;
   ++st.copied_operands;
   Cache<T> o;
-  o.stride[0] = int64_t{n1} * n2 * n3, o.stride[1] = int64_t{n2} * n3, o.stride[2] = n3;
+  o.strides_in(n1, n2, n3);
   o.buf.resize(o.stride[0] * n0);
   for (int i0 = 0; i0 < n0; ++i0)
     for (int i1 = 0; i1 < n1; ++i1)
