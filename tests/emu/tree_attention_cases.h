@@ -107,7 +107,8 @@ struct Call {
 
   // Request b's mask rows, random bits to start with (past num_nodes too, where the kernel must not
   // look), then per `mk`: a random tree's ancestor rows, or half the rows empty, or all ones.
-  // `thin_garbage` clears about 3 in 4 of the bits around an ancestor row first.
+  // `thin_garbage` first clears about 3 in 4 of an ancestor row's random bits (only those past the
+  // tree survive the tree's bits being written).
   void draw_mask(int b, MaskKind mk, bool thin_garbage, Rng& rng) {
     std::vector<int> par(Tn, -1);
     for (int t = 1; t < Tn; ++t) par[t] = static_cast<int>(rng(0, t - 1));
