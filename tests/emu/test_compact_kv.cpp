@@ -1,88 +1,45 @@
 // compact_kv_kernel under the emulator, launched as csrc/cuda/compact_kv.cu's host wrapper does (caches
 // grouped by copy unit, at most kMaxCaches per launch, one 256-thread CTA per (cache, request, head)),
-// against a port of
-// csrc/cpu/compact_kv.cpp (gather every accepted row, then scatter). The caches are views carved out of
-// one random-filled buffer (padded strides, heads-inner layout, K/V interleaved, misaligned bases), and
-// the whole buffer is compared byte for byte, so a write outside the destination rows shows up too.
+// against a port of csrc/cpu/compact_kv.cpp (gather every accepted row, then scatter). The caches are
+// views carved out of one random-filled buffer (padded strides, heads-inner layout, K/V interleaved,
+// misaligned bases), and the whole buffer is compared byte for byte, so a write outside the destination
+// rows shows up too. What this test shares with test_paged_compact_kv.cpp is in compact_kv_cases.h.
 #include "cuemu.h"
 // clang-format off
 #include "cuda/compact_kv_kernel.cuh"
+#include "compact_kv_cases.h"
 // clang-format on
 
 #include <array>
 #include <cstring>
-#include <map>
 #include <random>
 #include <string>
 
-using namespace ddtree::cuda::compact;
+using namespace emu_test::compact_kv;
 
-struct View {  // an at::Tensor [B, H, S, d], contiguous in d; strides in elements
-  char* data;
-  int64_t es, size[4], stride[4];
-  int64_t numel() const { return size[0] * size[1] * size[2] * size[3]; }
-};
-
-// ---- the host wrapper (csrc/cuda/compact_kv.cu), ATen cut out ----
-static int copy_unit(const View& t) {
-  const int64_t byte_strides[3] = {t.stride[0] * t.es, t.stride[1] * t.es, t.stride[2] * t.es};
-  return ddtree::cuda::compact::copy_unit(t.data, byte_strides, t.size[3] * t.es);
-}
-static int g_launches = 0, g_ctas = 0;
-static std::map<int, int> g_unit_launches;
+// ---- the host wrapper (csrc/cuda/compact_kv.cu), ATen cut out; caches are views [B, H, S, d] ----
+static Launches g_launched;
 static void cuda_compact_kv(const std::vector<View>& caches, const int64_t* ctx, const int64_t* slots,
                             const int32_t* len, int64_t B, int64_t width) {
   if (caches.empty() || B == 0 || width == 0) return;
-  std::map<int, std::vector<CacheDesc>> groups;
-  for (const View& t : caches) {
-    if (t.numel() == 0) continue;
-    const int64_t row_bytes = t.size[3] * t.es;
-    if (row_bytes > kStageBytes) {
-      std::printf("test error: row of %ld bytes\n", (long)row_bytes);
+  const auto groups = group_by_unit<CacheDesc>(caches, [](const View& t) {
+    if (t.row_bytes() > kStageBytes) {
+      std::printf("test error: row of %ld bytes\n", (long)t.row_bytes());
       std::exit(2);
     }
-    groups[copy_unit(t)].push_back(CacheDesc{t.data, t.stride[0] * t.es, t.stride[1] * t.es, t.stride[2] * t.es,
-                                             static_cast<int32_t>(t.size[1]), static_cast<int32_t>(t.size[2]),
-                                             static_cast<int32_t>(row_bytes), 0});
-  }
-  for (auto& [unit, descs] : groups) {
-    for (size_t first = 0; first < descs.size(); first += kMaxCaches) {
-      Batch batch{};
-      batch.context_lens = ctx;
-      batch.accepted_slots = slots;
-      batch.accept_len = len;
-      batch.B = static_cast<int32_t>(B);
-      batch.width = static_cast<int32_t>(width);
-      int64_t ctas = 0;
-      for (size_t i = first; i < descs.size() && i < first + kMaxCaches; ++i) {
-        CacheDesc d = descs[i];
-        d.cta_begin = static_cast<int32_t>(ctas);
-        ctas += B * d.H;
-        batch.caches[batch.count++] = d;
-      }
-      const dim3 grid(static_cast<unsigned>(ctas)), block(kThreads);
-      switch (unit) {
-        case 16:
-          cuemu::launch(compact_kv_kernel<uint4>, grid, block, 0, batch);
-          break;
-        case 8:
-          cuemu::launch(compact_kv_kernel<uint2>, grid, block, 0, batch);
-          break;
-        case 4:
-          cuemu::launch(compact_kv_kernel<uint32_t>, grid, block, 0, batch);
-          break;
-        case 2:
-          cuemu::launch(compact_kv_kernel<uint16_t>, grid, block, 0, batch);
-          break;
-        default:
-          cuemu::launch(compact_kv_kernel<uint8_t>, grid, block, 0, batch);
-          break;
-      }
-      ++g_launches;
-      g_ctas += static_cast<int>(ctas);
-      ++g_unit_launches[unit];
-    }
-  }
+    return CacheDesc{t.data, t.byte_stride(0), t.byte_stride(1), t.byte_stride(2), static_cast<int32_t>(t.size[1]),
+                     static_cast<int32_t>(t.size[2]), static_cast<int32_t>(t.row_bytes()), 0};
+  });
+  Batch args{};
+  args.context_lens = ctx;
+  args.accepted_slots = slots;
+  args.accept_len = len;
+  args.B = static_cast<int32_t>(B);
+  args.width = static_cast<int32_t>(width);
+  launch_by_unit(
+      groups, B, args,
+      []<class U>(dim3 grid, const Batch& batch) { cuemu::launch(compact_kv_kernel<U>, grid, dim3(kThreads), 0, batch); },
+      g_launched);
 }
 
 // ---- references ----
@@ -151,17 +108,7 @@ struct CacheSpec {
 };
 static const char* kLayoutName[] = {"contiguous", "padded", "heads-inner", "kv-interleaved"};
 
-struct Stats {
-  int calls = 0, slices = 0, chunked_slices = 0, bad = 0;
-};
-
-static uint64_t g_fill = 0x9E3779B97F4A7C15ull;
-static uint64_t splitmix() {
-  uint64_t z = (g_fill += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
+static SplitMix64 g_bytes;  // what the buffers start as
 
 // Builds the caches (a K/V pair per spec), runs the emulated op and the reference, compares the buffers.
 static void run_call(const char* what, int64_t B, const std::vector<CacheSpec>& specs, const std::vector<int64_t>& ctx,
@@ -196,7 +143,7 @@ static void run_call(const char* what, int64_t B, const std::vector<CacheSpec>& 
   unsigned char* buf = static_cast<unsigned char*>(std::aligned_alloc(256, (bytes + 255) / 256 * 256));
   unsigned char* ref = static_cast<unsigned char*>(std::aligned_alloc(256, (bytes + 255) / 256 * 256));
   for (int64_t i = 0; i < bytes; i += 8) {
-    const uint64_t r = splitmix();
+    const uint64_t r = g_bytes();
     std::memcpy(buf + i, &r, std::min<int64_t>(8, bytes - i));
   }
   std::memcpy(ref, buf, bytes);
@@ -229,11 +176,7 @@ static void run_call(const char* what, int64_t B, const std::vector<CacheSpec>& 
   cuda_compact_kv(vb, ctx.data(), slots.data(), len.data(), B, A);
   (invalid ? ref_skip_invalid : ref_compact_kv)(vr, ctx.data(), slots.data(), len.data(), B, A);
   ++st.calls;
-  for (const View& v : vb) {
-    st.slices += static_cast<int>(v.size[0] * v.size[1]);
-    for (int64_t b = 0; b < B; ++b)
-      st.chunked_slices += len[b] * v.size[3] * v.es > kStageBytes ? static_cast<int>(v.size[1]) : 0;
-  }
+  for (const View& v : vb) st.count_slices(v.size[0], v.size[1], v.row_bytes(), len);
   if (std::memcmp(buf, ref, bytes) != 0) {
     int64_t off = 0;
     while (buf[off] == ref[off]) ++off;
@@ -248,18 +191,14 @@ static void run_call(const char* what, int64_t B, const std::vector<CacheSpec>& 
             if (p >= r && p < r + v.size[3] * v.es)
               where = "cache " + std::to_string(i) + " (" + kLayoutName[placed[i].s.layout] + ", es " +
                       std::to_string(v.es) + ", d " + std::to_string(v.size[3]) + ", unit " +
-                      std::to_string(copy_unit(v)) + ") b " + std::to_string(b) + " h " + std::to_string(h) + " pos " +
+                      std::to_string(v.copy_unit()) + ") b " + std::to_string(b) + " h " + std::to_string(h) + " pos " +
                       std::to_string(q) + " byte " + std::to_string(p - r);
           }
     }
     if (st.bad < 5) {
       std::printf("  MISMATCH in %s call (B=%ld, width=%ld, %zu caches): first differing byte %ld: %s\n", what, (long)B,
                   (long)A, placed.size(), (long)off, where.c_str());
-      for (int64_t b = 0; b < B; ++b) {
-        std::printf("    b %ld: ctx %ld len %d slots", (long)b, (long)ctx[b], len[b]);
-        for (int64_t i = 0; i < std::min<int64_t>(A, 12); ++i) std::printf(" %ld", (long)slots[b * A + i]);
-        std::printf("%s\n", A > 12 ? " ..." : "");
-      }
+      print_requests(ctx, len, slots, B, A);
     }
     ++st.bad;
   }
@@ -416,9 +355,5 @@ int main() {
   run_call("no-caches", 2, {}, {0, 0}, {0, 0}, {1, 1}, 1, false, st);
   run_call("width-0", 2, {{2, 8, 64, 2, kContig, 0}}, {0, 1}, {}, {0, 0}, 0, false, st);
 
-  std::printf("compact_kv: %d calls, %d launches (%d CTAs; by unit:", st.calls, g_launches, g_ctas);
-  for (auto [u, n] : g_unit_launches) std::printf(" %d B x%d", u, n);
-  std::printf("), %d (cache, request, head) slices, %d of them chunked, %d mismatches\n", st.slices, st.chunked_slices,
-              st.bad);
-  return st.bad != 0;
+  return finish("compact_kv", st, g_launched);
 }

@@ -5,27 +5,22 @@
 // carved out of one random-filled buffer (contiguous, padded strides, vLLM's K/V pair of one
 // [2, num_blocks, ...] allocation, misaligned bases); the block tables are random permutations with spare
 // blocks; the whole buffer is compared byte for byte, so a write outside the destination rows shows up.
+// What this test shares with test_compact_kv.cpp is in compact_kv_cases.h.
 #include "cuemu.h"
 // clang-format off
 #include "cuda/paged_compact_kv_kernel.cuh"
+#include "compact_kv_cases.h"
 // clang-format on
 
 #include <algorithm>
 #include <array>
 #include <cstring>
-#include <map>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
-using namespace ddtree::cuda::compact;
-
-struct View {  // an at::Tensor [num_blocks, block_size, H, d], contiguous in d; strides in elements
-  char* data;
-  int64_t es, size[4], stride[4];
-  int64_t numel() const { return size[0] * size[1] * size[2] * size[3]; }
-};
+using namespace emu_test::compact_kv;
 
 struct Call {  // the op's other arguments
   std::vector<int32_t> table;  // [B, max_blocks]
@@ -34,61 +29,30 @@ struct Call {  // the op's other arguments
   int64_t B, max_blocks, block_size, A;
 };
 
-// ---- the host wrapper (csrc/cuda/paged_compact_kv.cu), ATen cut out ----
-static int g_launches = 0, g_ctas = 0;
-static std::map<int, int> g_unit_launches;
+// ---- the host wrapper (csrc/cuda/paged_compact_kv.cu), ATen cut out; caches are views
+// [num_blocks, block_size, H, d] ----
+static Launches g_launched;
 static void cuda_paged_compact_kv(const std::vector<View>& caches, const Call& c) {
   if (caches.empty() || c.B == 0 || c.A == 0) return;
-  std::map<int, std::vector<PagedCacheDesc>> groups;
-  for (const View& t : caches) {
-    if (t.numel() == 0) continue;
-    const int64_t row_bytes = t.size[3] * t.es;
-    const int64_t byte_strides[3] = {t.stride[0] * t.es, t.stride[1] * t.es, t.stride[2] * t.es};
-    groups[copy_unit(t.data, byte_strides, row_bytes)].push_back(
-        PagedCacheDesc{t.data, byte_strides[0], byte_strides[1], byte_strides[2], static_cast<int32_t>(t.size[2]),
-                       static_cast<int32_t>(t.size[0]), static_cast<int32_t>(row_bytes), 0});
-  }
-  for (auto& [unit, descs] : groups) {
-    for (size_t first = 0; first < descs.size(); first += kMaxCaches) {
-      PagedBatch batch{};
-      batch.block_table = c.table.data();
-      batch.context_lens = c.ctx.data();
-      batch.accepted_slots = c.slots.data();
-      batch.accept_len = c.len.data();
-      batch.max_blocks = c.max_blocks;
-      batch.block_size = static_cast<int32_t>(c.block_size);
-      batch.B = static_cast<int32_t>(c.B);
-      batch.width = static_cast<int32_t>(c.A);
-      int64_t ctas = 0;
-      for (size_t i = first; i < descs.size() && i < first + kMaxCaches; ++i) {
-        PagedCacheDesc d = descs[i];
-        d.cta_begin = static_cast<int32_t>(ctas);
-        ctas += c.B * d.H;
-        batch.caches[batch.count++] = d;
-      }
-      const dim3 grid(static_cast<unsigned>(ctas)), block(kThreads);
-      switch (unit) {
-        case 16:
-          cuemu::launch(paged_compact_kv_kernel<uint4>, grid, block, 0, batch);
-          break;
-        case 8:
-          cuemu::launch(paged_compact_kv_kernel<uint2>, grid, block, 0, batch);
-          break;
-        case 4:
-          cuemu::launch(paged_compact_kv_kernel<uint32_t>, grid, block, 0, batch);
-          break;
-        case 2:
-          cuemu::launch(paged_compact_kv_kernel<uint16_t>, grid, block, 0, batch);
-          break;
-        default:
-          cuemu::launch(paged_compact_kv_kernel<uint8_t>, grid, block, 0, batch);
-          break;
-      }
-      ++g_launches;
-      g_ctas += static_cast<int>(ctas);
-      ++g_unit_launches[unit];
-    }
-  }
+  const auto groups = group_by_unit<PagedCacheDesc>(caches, [](const View& t) {
+    return PagedCacheDesc{t.data, t.byte_stride(0), t.byte_stride(1), t.byte_stride(2), static_cast<int32_t>(t.size[2]),
+                          static_cast<int32_t>(t.size[0]), static_cast<int32_t>(t.row_bytes()), 0};
+  });
+  PagedBatch args{};
+  args.block_table = c.table.data();
+  args.context_lens = c.ctx.data();
+  args.accepted_slots = c.slots.data();
+  args.accept_len = c.len.data();
+  args.max_blocks = c.max_blocks;
+  args.block_size = static_cast<int32_t>(c.block_size);
+  args.B = static_cast<int32_t>(c.B);
+  args.width = static_cast<int32_t>(c.A);
+  launch_by_unit(
+      groups, c.B, args,
+      []<class U>(dim3 grid, const PagedBatch& batch) {
+        cuemu::launch(paged_compact_kv_kernel<U>, grid, dim3(kThreads), 0, batch);
+      },
+      g_launched);
 }
 
 // ---- references ----
@@ -155,17 +119,7 @@ struct CacheSpec {
   int64_t misalign;  // bytes added to the base (0 keeps it 256-aligned)
 };
 
-struct Stats {
-  int calls = 0, slices = 0, chunked_slices = 0, bad = 0;
-};
-
-static uint64_t g_fill = 0x9E3779B97F4A7C15ull;
-static uint64_t splitmix() {
-  uint64_t z = (g_fill += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
+static SplitMix64 g_bytes;  // what the buffers start as
 
 // Lays out the caches (a K/V pair per spec) in `buf`; returns their views. Byte sizes only: a dry run
 // with buf = nullptr returns the buffer size needed in `bytes`.
@@ -200,18 +154,14 @@ static void run_call(const char* what, const std::vector<CacheSpec>& specs, cons
   place(nullptr, specs, c.block_size, bytes);
   char* buf = static_cast<char*>(std::malloc(bytes));
   char* ref = static_cast<char*>(std::malloc(bytes));
-  for (int64_t i = 0; i < bytes; ++i) buf[i] = static_cast<char>(splitmix());
+  for (int64_t i = 0; i < bytes; ++i) buf[i] = static_cast<char>(g_bytes());
   std::memcpy(ref, buf, bytes);
   const std::vector<View> vb = place(buf, specs, c.block_size, bytes), vr = place(ref, specs, c.block_size, bytes);
   cuemu::set_case(std::string(what) + " call " + std::to_string(st.calls));
   cuda_paged_compact_kv(vb, c);
   (invalid ? ref_skip_invalid : ref_paged_compact_kv)(vr, c);
   ++st.calls;
-  for (const View& v : vb) {
-    st.slices += static_cast<int>(c.B * v.size[2]);
-    for (int64_t b = 0; b < c.B; ++b)
-      st.chunked_slices += c.len[b] * v.size[3] * v.es > kStageBytes ? static_cast<int>(v.size[2]) : 0;
-  }
+  for (const View& v : vb) st.count_slices(c.B, v.size[2], v.row_bytes(), c.len);
   if (std::memcmp(buf, ref, bytes) != 0) {
     int64_t off = 0;
     while (buf[off] == ref[off]) ++off;
@@ -221,11 +171,7 @@ static void run_call(const char* what, const std::vector<CacheSpec>& specs, cons
       std::printf("    layouts:");
       for (const CacheSpec& s : specs) std::printf(" %s", kLayoutName[s.layout]);
       std::printf("\n");
-      for (int64_t b = 0; b < c.B; ++b) {
-        std::printf("    b %ld: ctx %ld len %d slots", (long)b, (long)c.ctx[b], c.len[b]);
-        for (int64_t i = 0; i < std::min<int64_t>(c.A, 12); ++i) std::printf(" %ld", (long)c.slots[b * c.A + i]);
-        std::printf("%s\n", c.A > 12 ? " ..." : "");
-      }
+      print_requests(c.ctx, c.len, c.slots, c.B, c.A);
     }
     ++st.bad;
   }
@@ -355,9 +301,5 @@ int main() {
   empty.A = 0, empty.slots.clear(), empty.len.assign(2, 0);
   run_call("width-0", {{NB, 2, 64, 2, kContig, 0}}, empty, false, st);
 
-  std::printf("paged_compact_kv: %d calls, %d launches (%d CTAs; by unit:", st.calls, g_launches, g_ctas);
-  for (auto [u, n] : g_unit_launches) std::printf(" %d B x%d", u, n);
-  std::printf("), %d (cache, request, head) slices, %d of them chunked, %d mismatches\n", st.slices, st.chunked_slices,
-              st.bad);
-  return st.bad != 0;
+  return finish("paged_compact_kv", st, g_launched);
 }
