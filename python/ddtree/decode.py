@@ -63,6 +63,8 @@ class GenerateOutput:
     rounds: list[RoundStats] = field(default_factory=list)
     prefill_s: float = 0.0
     total_s: float = 0.0
+    host_syncs: int = 0  # host synchronisations of the decode loop: one a round, plus one in each round read
+    # at its end (only where the round may reach max_new_tokens), plus one when a stop token ends the batch
 
     @property
     def acceptance_length(self) -> float:
@@ -354,6 +356,8 @@ def generate(
     clock, rounds = Clock(dev), []
     prev: Optional[_Round] = None  # the last round's results, read at this round's host synchronisation
 
+    syncs = 0
+
     def emit(read: _HostRead) -> list[bool]:
         """Take in one round's results as read by the host: statistics, streamed tokens, done flags."""
         rounds.append(read.stats)
@@ -369,7 +373,7 @@ def generate(
         # The one host synchronisation of a round: this round's tree size (the verify forward's shape is a
         # host decision) with the previous round's tokens, statistics and stop flags. Reading the previous
         # round here, not at its end, saves a second synchronisation in every round.
-        read = _HostRead.take(tree, prev, clock)
+        read, syncs = _HostRead.take(tree, prev, clock), syncs + 1
         if prev is not None:
             done_host = emit(read)
             if all(done_host):
@@ -386,5 +390,5 @@ def generate(
         # counts up to the last round; a round adds at most D + 1), read it now: one more synchronisation
         # in the last round or two instead of a whole drafter forward whose tree nobody verifies.
         if plan.drafts and all(d or len(o) + plan.depth + 1 >= max_new_tokens for d, o in zip(done_host, out)):
-            done_host, prev = emit(_HostRead.take(None, prev, clock)), None
-    return GenerateOutput(out, rounds, prefill_s, time.perf_counter() - start)
+            done_host, prev, syncs = emit(_HostRead.take(None, prev, clock)), None, syncs + 1
+    return GenerateOutput(out, rounds, prefill_s, time.perf_counter() - start, syncs)
