@@ -2,7 +2,6 @@
 // (paged_tree_attention_kernel.cuh, attention_launch.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "cuda/attention_launch.h"
 #include "cuda/paged_tree_attention_kernel.cuh"
@@ -34,45 +33,19 @@ at::Tensor paged_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, 
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous
   if (B == 0 || Hq == 0) return out;
 
-  at::Tensor qc = q.contiguous();
-  if (reinterpret_cast<uintptr_t>(qc.data_ptr()) % 16 != 0) qc = qc.clone();
-  // A cache the kernel cannot read with 16-byte copies is copied whole: correct, but slow; vLLM's caches
-  // (views of one contiguous [2, num_blocks, block_size, Hkv, d] allocation) never are.
-  const at::Tensor kc = kv_operand(k_cache), vc = kv_operand(v_cache);
-  const at::Tensor table = block_table.contiguous(), ctx = context_lens.contiguous();
-  const at::Tensor mask = tree_mask.contiguous(), nn = num_nodes.contiguous();
-
-  Params p{};
-  p.q = qc.data_ptr();
-  p.k = kc.data_ptr();
-  p.v = vc.data_ptr();
-  p.out = out.data_ptr();
-  p.context_lens = ctx.data_ptr<int64_t>();
-  p.tree_mask = mask.data_ptr<int32_t>();
-  p.num_nodes = nn.data_ptr<int32_t>();
-  p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv);
-  p.G = static_cast<int>(Hq / Hkv), p.T = static_cast<int>(T), p.S = static_cast<int>(span);
-  p.W = static_cast<int>(mask_words(T));
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  // A cache the kernel cannot read with 16-byte copies is copied whole (kv_operand): correct, but slow;
+  // vLLM's caches (views of one contiguous [2, num_blocks, block_size, Hkv, d] allocation) never are.
+  const Operands x = prepare_operands(q, k_cache, v_cache, context_lens, tree_mask, num_nodes);
+  const at::Tensor table = block_table.contiguous();
+  const Params p = common_params(x, out, Hkv, span, scale);
   const auto rows_of = [&](const at::Tensor& c) {
     return PagedRows{table.data_ptr<int32_t>(), max_blocks, static_cast<int>(block_size), static_cast<int>(num_blocks),
                      c.stride(0), c.stride(1), c.stride(2)};
   };
-  const PagedRows k_rows = rows_of(kc), v_rows = rows_of(vc);
-
-  const int64_t tiles = (T * (Hq / Hkv) + kBM - 1) / kBM;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
-  if (D == 64) {
-    bf16 ? launch_attention<__nv_bfloat16, 64>(paged_tree_attention_kernel<__nv_bfloat16, 64>, p, tiles, out, stream,
-                                               k_rows, v_rows)
-         : launch_attention<__half, 64>(paged_tree_attention_kernel<__half, 64>, p, tiles, out, stream, k_rows, v_rows);
-  } else {
-    bf16 ? launch_attention<__nv_bfloat16, 128>(paged_tree_attention_kernel<__nv_bfloat16, 128>, p, tiles, out, stream,
-                                                k_rows, v_rows)
-         : launch_attention<__half, 128>(paged_tree_attention_kernel<__half, 128>, p, tiles, out, stream, k_rows,
-                                         v_rows);
-  }
+  launch_for_dtype_and_dim(
+      p, out,
+      [](auto t, auto d) { return paged_tree_attention_kernel<typename decltype(t)::type, decltype(d)::value>; },
+      rows_of(x.k), rows_of(x.v));
   return out;
 }
 
