@@ -78,6 +78,23 @@ void launch_attention(Kernel kernel, Params p, int64_t tiles, const at::Tensor& 
   }
 }
 
+// The limits of the kernel body both ops share (tree_attention_kernel.cuh), checked alike by both
+// wrappers: first what q must be, before the wrapper's own cache checks ...
+inline void check_kernel_q(const char* op, const at::Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), op, ": the CUDA kernel needs CUDA tensors, q is on ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": the CUDA kernel supports float16 and bfloat16, got ", q.scalar_type(),
+              " (the CPU kernel also takes float32)");
+  const int64_t D = q.size(3);
+  TORCH_CHECK(D == 64 || D == 128, op, ": the CUDA kernel supports head dims 64 and 128, got ", D);
+}
+// ... then, after them, the sizes of the launch grid (launch_attention).
+inline void check_kernel_grid(const char* op, const at::Tensor& q, int64_t Hkv) {
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2);
+  TORCH_CHECK(T * Hq < (int64_t{1} << 30), op, ": tree slots * query heads (", T * Hq, ") must be below 2^30");
+  TORCH_CHECK(B * Hkv <= 65535, op, ": batch * key/value heads (", B * Hkv, ") must be at most 65535");
+}
+
 // The operands of both kernels, prepared alike by both wrappers: q contiguous and 16-byte aligned (a copy
 // where it is not), K/V as kv_operand gives them, the per-request tensors contiguous. The wrapper keeps
 // them alive over the launch: Params points into them.

@@ -16,18 +16,13 @@ at::Tensor paged_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, 
                                 const at::Tensor& tree_mask, const at::Tensor& num_nodes, double scale) {
   const char* op = "paged_tree_attention";
   check_paged_tree_attention(q, k_cache, v_cache, block_table, context_lens, tree_mask, num_nodes, scale);
-  TORCH_CHECK(q.is_cuda(), op, ": the CUDA kernel needs CUDA tensors, q is on ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
-              ": the CUDA kernel supports float16 and bfloat16, got ", q.scalar_type(),
-              " (the CPU kernel also takes float32)");
-  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
+  check_kernel_q(op, q);
+  const int64_t B = q.size(0), Hq = q.size(1);
   const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t max_blocks = block_table.size(1), span = max_blocks * block_size;
-  TORCH_CHECK(D == 64 || D == 128, op, ": the CUDA kernel supports head dims 64 and 128, got ", D);
   TORCH_CHECK(span < (int64_t{1} << 30), op, ": block_table.size(1) * block_size (", span, ") must be below 2^30");
   TORCH_CHECK(num_blocks < (int64_t{1} << 31), op, ": k_cache.size(0) (", num_blocks, ") must be below 2^31");
-  TORCH_CHECK(T * Hq < (int64_t{1} << 30), op, ": tree slots * query heads (", T * Hq, ") must be below 2^30");
-  TORCH_CHECK(B * Hkv <= 65535, op, ": batch * key/value heads (", B * Hkv, ") must be at most 65535");
+  check_kernel_grid(op, q, Hkv);
 
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous

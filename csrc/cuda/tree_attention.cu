@@ -13,18 +13,13 @@ using namespace attention;
 at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& context_lens, const at::Tensor& tree_mask,
                           const at::Tensor& num_nodes, double scale) {
+  const char* op = "tree_attention";
   check_tree_attention(q, k_cache, v_cache, context_lens, tree_mask, num_nodes, scale);
-  TORCH_CHECK(q.is_cuda(), "tree_attention: the CUDA kernel needs CUDA tensors, q is on ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "tree_attention: the CUDA kernel supports float16 and bfloat16, got ", q.scalar_type(),
-              " (the CPU kernel also takes float32)");
-  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
+  check_kernel_q(op, q);
+  const int64_t B = q.size(0), Hq = q.size(1);
   const int64_t Hkv = k_cache.size(1), S = k_cache.size(2);
-  TORCH_CHECK(D == 64 || D == 128, "tree_attention: the CUDA kernel supports head dims 64 and 128, got ", D);
-  TORCH_CHECK(S < (int64_t{1} << 30), "tree_attention: k_cache.size(2) (", S, ") must be below 2^30");
-  TORCH_CHECK(T * Hq < (int64_t{1} << 30), "tree_attention: tree slots * query heads (", T * Hq,
-              ") must be below 2^30");
-  TORCH_CHECK(B * Hkv <= 65535, "tree_attention: batch * key/value heads (", B * Hkv, ") must be at most 65535");
+  TORCH_CHECK(S < (int64_t{1} << 30), op, ": k_cache.size(2) (", S, ") must be below 2^30");
+  check_kernel_grid(op, q, Hkv);
 
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous
