@@ -24,6 +24,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 namespace ddtree::cuda::compact {
 
@@ -78,21 +80,43 @@ __device__ __forceinline__ void move_rows(U* stage, const int64_t* slots, int a,
   }
 }
 
-template <typename U>
-__global__ void __launch_bounds__(kThreads) compact_kv_kernel(const __grid_constant__ Batch batch) {
-  __shared__ U stage[kStageBytes / sizeof(U)];
+// The (cache, request b, head h) of this CTA. Shared with paged_compact_kv_kernel.cuh because both ops lay
+// out their CTAs the same way (launch_batches below): cache i owns the B * H CTAs from caches[i].cta_begin
+// on, request-major.
+template <class Desc>
+struct CtaWork {
+  const Desc& c;
+  int b, h;
+};
+template <class BatchT>
+__device__ __forceinline__ auto cta_work(const BatchT& batch) {
   const int cta = blockIdx.x;
   int ci = 0;
   while (ci + 1 < batch.count && batch.caches[ci + 1].cta_begin <= cta) ++ci;
-  const CacheDesc& c = batch.caches[ci];
+  const auto& c = batch.caches[ci];
   const int local = cta - c.cta_begin;
-  const int b = local / c.H, h = local % c.H;
+  return CtaWork<std::remove_cvref_t<decltype(c)>>{c, local / c.H, local % c.H};
+}
+
+// accept_len[b] clamped to [0, width]; shared with paged_compact_kv_kernel.cuh (same Batch fields).
+template <class BatchT>
+__device__ __forceinline__ int accepted_rows(const BatchT& batch, int b) {
+  int a = batch.accept_len[b];
+  a = a < 0 ? 0 : (a > batch.width ? batch.width : a);
+  return a;
+}
+
+template <typename U>
+__global__ void __launch_bounds__(kThreads) compact_kv_kernel(const __grid_constant__ Batch batch) {
+  __shared__ U stage[kStageBytes / sizeof(U)];
+  const auto work = cta_work(batch);
+  const CacheDesc& c = work.c;
+  const int b = work.b, h = work.h;
 
   // Uniform across the CTA, so returning here keeps the __syncthreads in move_rows safe.
   const int64_t ctx = batch.context_lens[b];
   if (ctx < 0 || ctx >= c.S) return;
-  int a = batch.accept_len[b];
-  a = a < 0 ? 0 : (a > batch.width ? batch.width : a);
+  const int a = accepted_rows(batch, b);
 
   char* slice = c.base + b * c.sb + h * c.sh;
   move_rows(stage, batch.accepted_slots + static_cast<int64_t>(b) * batch.width, a, c.row_bytes,
@@ -107,6 +131,41 @@ __host__ inline int copy_unit(const void* base, const int64_t (&byte_strides)[3]
     if (bits % unit == 0) return unit;
   }
   return 1;
+}
+
+// Calls f(U{}) with U the unsigned type of `unit` bytes (a copy_unit answer), which picks the kernel
+// instance; shared by the compact_kv and paged_compact_kv host wrappers.
+template <class F>
+__host__ void with_unit_type(int unit, const F& f) {
+  switch (unit) {
+    case 16: f(uint4{}); break;
+    case 8: f(uint2{}); break;
+    case 4: f(uint32_t{}); break;
+    case 2: f(uint16_t{}); break;
+    default: f(uint8_t{}); break;
+  }
+}
+
+// The host side of cta_work's layout, shared by the compact_kv and paged_compact_kv host wrappers (and
+// free of ATen, as this header is): the caches of one copy unit, kMaxCaches at a time, each into a copy of
+// `per_call` (a Batch or PagedBatch with every field but caches and count set), cache i's B * H CTAs
+// following those of the cache before it; launch(batch, ctas) once per batch. Returns false, launching
+// nothing more, before a batch that would need 2^31 CTAs or more.
+template <class BatchT, class Desc, class Launch>
+__host__ bool launch_batches(const std::vector<Desc>& descs, const BatchT& per_call, int64_t B, const Launch& launch) {
+  for (size_t first = 0; first < descs.size(); first += kMaxCaches) {
+    BatchT batch = per_call;
+    int64_t ctas = 0;
+    for (size_t i = first; i < descs.size() && i < first + kMaxCaches; ++i) {
+      Desc d = descs[i];
+      if (ctas + B * d.H >= (int64_t{1} << 31)) return false;
+      d.cta_begin = static_cast<int32_t>(ctas);
+      ctas += B * d.H;
+      batch.caches[batch.count++] = d;
+    }
+    launch(batch, ctas);
+  }
+  return true;
 }
 
 }  // namespace ddtree::cuda::compact

@@ -1,10 +1,10 @@
 // paged_compact_kv on CUDA, the kernel: compact_kv (compact_kv_kernel.cuh) over paged caches
 // [num_blocks, block_size, H, d] (ops.h), every layer's K and V caches in one launch.
 //
-// One CTA per (cache, request b, head h), as compact_kv, and the same staged moves (move_rows): position
-// ctx + i receives position ctx + accepted_slots[b, i] for i < accept_len[b], reads staged in shared
-// memory before any write, in chunks of kStageBytes (the same exactness rule: any slots within one
-// chunk, slots[b, i] >= i beyond).
+// One CTA per (cache, request b, head h), laid out as compact_kv's (cta_work, launch_batches), and the
+// same staged moves (move_rows): position ctx + i receives position ctx + accepted_slots[b, i] for
+// i < accept_len[b], reads staged in shared memory before any write, in chunks of kStageBytes (the same
+// exactness rule: any slots within one chunk, slots[b, i] >= i beyond).
 // A position's row of head h is found through the block table: block block_table[b, pos / block_size],
 // offset pos % block_size. The heads of a position are distinct rows, so the CTAs never touch the same
 // bytes (requests included, given ops.h's rule that requests touch distinct rows).
@@ -47,19 +47,15 @@ struct PagedBatch {
 template <typename U>
 __global__ void __launch_bounds__(kThreads) paged_compact_kv_kernel(const __grid_constant__ PagedBatch batch) {
   __shared__ U stage[kStageBytes / sizeof(U)];
-  const int cta = blockIdx.x;
-  int ci = 0;
-  while (ci + 1 < batch.count && batch.caches[ci + 1].cta_begin <= cta) ++ci;
-  const PagedCacheDesc& c = batch.caches[ci];
-  const int local = cta - c.cta_begin;
-  const int b = local / c.H, h = local % c.H;
+  const auto work = cta_work(batch);
+  const PagedCacheDesc& c = work.c;
+  const int b = work.b, h = work.h;
 
   // Uniform across the CTA, so returning here keeps the __syncthreads in move_rows safe.
   const int64_t span = batch.max_blocks * batch.block_size;
   const int64_t ctx = batch.context_lens[b];
   if (ctx < 0 || ctx >= span) return;
-  int a = batch.accept_len[b];
-  a = a < 0 ? 0 : (a > batch.width ? batch.width : a);
+  const int a = accepted_rows(batch, b);
 
   const int32_t* table = batch.block_table + static_cast<int64_t>(b) * batch.max_blocks;
   // Head h's row of position ctx + off, or nullptr where the position or its block id is out of range.

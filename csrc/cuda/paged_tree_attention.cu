@@ -2,7 +2,6 @@
 // (paged_tree_attention_kernel.cuh, attention_launch.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "cuda/attention_launch.h"
 #include "cuda/paged_tree_attention_kernel.cuh"
@@ -17,62 +16,31 @@ at::Tensor paged_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, 
                                 const at::Tensor& tree_mask, const at::Tensor& num_nodes, double scale) {
   const char* op = "paged_tree_attention";
   check_paged_tree_attention(q, k_cache, v_cache, block_table, context_lens, tree_mask, num_nodes, scale);
-  TORCH_CHECK(q.is_cuda(), op, ": the CUDA kernel needs CUDA tensors, q is on ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
-              ": the CUDA kernel supports float16 and bfloat16, got ", q.scalar_type(),
-              " (the CPU kernel also takes float32)");
-  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
+  check_kernel_q(op, q);
+  const int64_t B = q.size(0), Hq = q.size(1);
   const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t max_blocks = block_table.size(1), span = max_blocks * block_size;
-  TORCH_CHECK(D == 64 || D == 128, op, ": the CUDA kernel supports head dims 64 and 128, got ", D);
   TORCH_CHECK(span < (int64_t{1} << 30), op, ": block_table.size(1) * block_size (", span, ") must be below 2^30");
   TORCH_CHECK(num_blocks < (int64_t{1} << 31), op, ": k_cache.size(0) (", num_blocks, ") must be below 2^31");
-  TORCH_CHECK(T * Hq < (int64_t{1} << 30), op, ": tree slots * query heads (", T * Hq, ") must be below 2^30");
-  TORCH_CHECK(B * Hkv <= 65535, op, ": batch * key/value heads (", B * Hkv, ") must be at most 65535");
+  check_kernel_grid(op, q, Hkv);
 
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous
   if (B == 0 || Hq == 0) return out;
 
-  at::Tensor qc = q.contiguous();
-  if (reinterpret_cast<uintptr_t>(qc.data_ptr()) % 16 != 0) qc = qc.clone();
-  // A cache the kernel cannot read with 16-byte copies is copied whole: correct, but slow; vLLM's caches
-  // (views of one contiguous [2, num_blocks, block_size, Hkv, d] allocation) never are.
-  const at::Tensor kc = kv_operand(k_cache), vc = kv_operand(v_cache);
-  const at::Tensor table = block_table.contiguous(), ctx = context_lens.contiguous();
-  const at::Tensor mask = tree_mask.contiguous(), nn = num_nodes.contiguous();
-
-  Params p{};
-  p.q = qc.data_ptr();
-  p.k = kc.data_ptr();
-  p.v = vc.data_ptr();
-  p.out = out.data_ptr();
-  p.context_lens = ctx.data_ptr<int64_t>();
-  p.tree_mask = mask.data_ptr<int32_t>();
-  p.num_nodes = nn.data_ptr<int32_t>();
-  p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv);
-  p.G = static_cast<int>(Hq / Hkv), p.T = static_cast<int>(T), p.S = static_cast<int>(span);
-  p.W = static_cast<int>(mask_words(T));
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  // A cache the kernel cannot read with 16-byte copies is copied whole (kv_operand): correct, but slow;
+  // vLLM's caches (views of one contiguous [2, num_blocks, block_size, Hkv, d] allocation) never are.
+  const Operands x = prepare_operands(q, k_cache, v_cache, context_lens, tree_mask, num_nodes);
+  const at::Tensor table = block_table.contiguous();
+  const Params p = common_params(x, out, Hkv, span, scale);
   const auto rows_of = [&](const at::Tensor& c) {
     return PagedRows{table.data_ptr<int32_t>(), max_blocks, static_cast<int>(block_size), static_cast<int>(num_blocks),
                      c.stride(0), c.stride(1), c.stride(2)};
   };
-  const PagedRows k_rows = rows_of(kc), v_rows = rows_of(vc);
-
-  const int64_t tiles = (T * (Hq / Hkv) + kBM - 1) / kBM;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
-  if (D == 64) {
-    bf16 ? launch_attention<__nv_bfloat16, 64>(paged_tree_attention_kernel<__nv_bfloat16, 64>, p, tiles, out, stream,
-                                               k_rows, v_rows)
-         : launch_attention<__half, 64>(paged_tree_attention_kernel<__half, 64>, p, tiles, out, stream, k_rows, v_rows);
-  } else {
-    bf16 ? launch_attention<__nv_bfloat16, 128>(paged_tree_attention_kernel<__nv_bfloat16, 128>, p, tiles, out, stream,
-                                                k_rows, v_rows)
-         : launch_attention<__half, 128>(paged_tree_attention_kernel<__half, 128>, p, tiles, out, stream, k_rows,
-                                         v_rows);
-  }
+  launch_for_dtype_and_dim(
+      p, out,
+      [](auto t, auto d) { return paged_tree_attention_kernel<typename decltype(t)::type, decltype(d)::value>; },
+      rows_of(x.k), rows_of(x.v));
   return out;
 }
 
