@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <vector>
 
@@ -42,43 +43,24 @@ std::map<int, std::vector<Desc>> group_by_unit(const std::vector<View>& caches, 
   return groups;
 }
 
-// The host wrappers' launches: per copy unit, batches of at most kMaxCaches caches, cache i owning the
-// B * H CTAs from its cta_begin; `args` holds the call's other arguments (no caches yet).
+// The host wrappers' launches, through the wrappers' own packing (launch_batches, with_unit_type in
+// compact_kv_kernel.cuh): per copy unit, batches of at most kMaxCaches caches, cache i owning the B * H CTAs
+// from its cta_begin; `args` holds the call's other arguments (no caches yet).
 // launch.operator()<U>(grid, batch) launches the kernel that moves rows in units of type U.
 template <class Desc, class Batch, class Launch>
 void launch_by_unit(const std::map<int, std::vector<Desc>>& groups, int64_t B, const Batch& args, Launch&& launch,
                     Launches& n) {
   for (const auto& [unit, descs] : groups) {
-    for (size_t first = 0; first < descs.size(); first += kMaxCaches) {
-      Batch batch = args;
-      int64_t ctas = 0;
-      for (size_t i = first; i < descs.size() && i < first + kMaxCaches; ++i) {
-        Desc d = descs[i];
-        d.cta_begin = static_cast<int32_t>(ctas);
-        ctas += B * d.H;
-        batch.caches[batch.count++] = d;
-      }
+    const bool fits = launch_batches(descs, args, B, [&](const Batch& batch, int64_t ctas) {
       const dim3 grid(static_cast<unsigned>(ctas));
-      switch (unit) {
-        case 16:
-          launch.template operator()<uint4>(grid, batch);
-          break;
-        case 8:
-          launch.template operator()<uint2>(grid, batch);
-          break;
-        case 4:
-          launch.template operator()<uint32_t>(grid, batch);
-          break;
-        case 2:
-          launch.template operator()<uint16_t>(grid, batch);
-          break;
-        default:
-          launch.template operator()<uint8_t>(grid, batch);
-          break;
-      }
+      with_unit_type(unit, [&](auto u) { launch.template operator()<decltype(u)>(grid, batch); });
       ++n.launches;
       n.ctas += static_cast<int>(ctas);
       ++n.by_unit[unit];
+    });
+    if (!fits) {  // the wrappers raise here; no test case comes near 2^31 CTAs
+      std::printf("launch_by_unit: too many (cache, request, head) triples\n");
+      std::exit(1);
     }
   }
 }
