@@ -16,26 +16,29 @@
 //   * A NaN log-prob counts as -inf, and so does a NaN score (only -inf + +inf, from a +inf
 //     log-prob). Scores are fp32, s(child) = s(parent) + logprob.
 //   * The best-first heap order is (larger score, then lexicographically smaller rank sequence).
-//   * Cost-aware stop: phi and theta are computed in double; phi(n) = sum_{k<=n} exp(double(s_k)),
-//     theta(n) = (1 + phi(n)) / (double(draft_cost) + double(verify_cost[b, n])); node n+1 is taken
-//     only while theta(n+1) > theta(n). CPU raises unless draft_cost + verify_cost[b, n] is finite
-//     and > 0 for every n <= max_nodes.
+//   * Cost-aware size: phi and theta are computed in double; phi(n) = sum_{k<=n} exp(double(s_k)),
+//     theta(n) = (1 + phi(n)) / (double(draft_cost) + double(verify_cost[b, n])), phi summed in slot
+//     order; the tree keeps its first n* nodes, n* the smallest n in 0..built maximising theta (built =
+//     the fixed-budget tree's node count), i.e. a later n replaces the best so far only when its theta is
+//     strictly greater. (For a convex verify_cost and non-increasing node probabilities theta is
+//     unimodal and n* is where it first stops growing; measured CPU costs need not be convex.) CPU raises
+//     unless draft_cost + verify_cost[b, n] is finite and > 0 for every n <= max_nodes.
 //   * Unused slots: tokens 0, parents -1, depths 0, positions context_len, scores -inf, mask 0.
 //     expected_tokens = float(1 + phi(num_nodes)).
 //   * budget_mode chooses how verify_cost prices the tree; p_b(i) = exp(double(score)) of request b's
 //     i-th node in its own (fixed-budget) order, S_b(n) = sum_{i<=n} p_b(i), built_b = the node count
 //     of its fixed-budget tree with max_nodes = N:
-//     - "request" (CaDDTree): verify_cost [B, >= N+1], each request stops on its own as above.
+//     - "request" (CaDDTree): verify_cost [B, >= N+1], each request sized on its own as above.
 //     - "batch" (one padded verify for the batch): verify_cost [1, >= N+1], cost of verifying every
-//       request with n nodes. One n for all: the smallest n in 0..N-1 with Theta(n+1) <= Theta(n),
-//       else N, Theta(n) = (B + sum_b S_b(min(n, built_b))) / (draft_cost + verify_cost[0, n]); each
-//       request keeps its first min(n, built_b) nodes.
+//       request with n nodes. One n for all: the smallest n in 0..N maximising
+//       Theta(n) = (B + sum_b S_b(min(n, built_b))) / (draft_cost + verify_cost[0, n]); each request
+//       keeps its first min(n, built_b) nodes.
 //     - "ragged" (one varlen verify): verify_cost [1, >= B*N+1], cost of B roots plus t nodes in all.
 //       The requests' node sequences are merged by descending score, ties to the smaller request index
 //       (for log-probs <= 0 this is "all nodes by descending p"; the merge keeps each request's share a
-//       prefix of its own order otherwise); t is the smallest with Theta(t+1) <= Theta(t), else the
-//       total, Theta(t) = (B + sum of the first t p's) / (draft_cost + verify_cost[0, t]); each request
-//       keeps its nodes among the first t.
+//       prefix of its own order otherwise); t is the smallest in 0..total maximising
+//       Theta(t) = (B + sum of the first t p's) / (draft_cost + verify_cost[0, t]); each request keeps
+//       its nodes among the first t.
 //     Both are evaluated in double by budget_rule.h, the same code on CPU and CUDA; the batch numerator
 //     adds the requests' p's step by step, so a rounding difference can only flip a near-tie.
 //

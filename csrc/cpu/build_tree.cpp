@@ -1,4 +1,4 @@
-// CPU build_tree: the best-first draft tree of DDTree (fixed budget) and CaDDTree (cost-aware stop).
+// CPU build_tree: the best-first draft tree of DDTree (fixed budget) and CaDDTree (cost-aware size).
 //
 // This is the oracle for the CUDA kernel, so it runs the heap of docs/DESIGN.md literally. Candidates are
 // rank sequences (r1..rd); the heap starts from (0), and each pop of (..., r) pushes its next sibling
@@ -7,7 +7,7 @@
 // pushed candidate keeps its rank sequence in a flat pool, so ties compare the full sequences.
 // Scores are fp32 in depth order, s(child) = s(parent) + logprob; a NaN logprob counts as -inf, and so
 // does a NaN sum (only -inf + +inf, from a +inf logprob), so the heap never compares a NaN.
-// The cost-aware rule (ops.h) is evaluated in double: node n+1 is taken only while theta(n+1) > theta(n).
+// The cost-aware rule (ops.h) is evaluated in double: the tree keeps the first n maximising theta(n).
 // Requests are independent and each builds its tree serially; the batch is split with at::parallel_for.
 // The batch-coupled budget modes build every request's fixed-budget tree first, then cut each tree to
 // the prefix the batch rule of budget_rule.h grants it (a prefix of the selection order is a tree).
@@ -45,6 +45,10 @@ struct RequestView {
   const float* vcost;   // [max_nodes + 1] or nullptr
   int64_t D, K;
 };
+
+void cut_tree(int64_t b, int32_t cut, int64_t T, int64_t W, int32_t* num_nodes, int64_t* tokens,
+              int32_t* parents, int32_t* depths, int64_t* positions, float* scores, int32_t* mask,
+              float* expected);
 
 // Builds one request's tree into the output rows (already filled with the unused-slot values).
 void build_one(const RequestView& in, int64_t root_token, int64_t ctx, int64_t max_nodes, double draft_cost,
@@ -89,19 +93,23 @@ void build_one(const RequestView& in, int64_t root_token, int64_t ctx, int64_t m
   push(0.0f, 0, 1, 0, 0);
 
   double phi = 0.0;
-  double theta = in.vcost ? 1.0 / (draft_cost + static_cast<double>(in.vcost[0])) : 0.0;
+  // Cost-aware: the first n maximising theta(n) (ops.h), so the whole fixed-budget tree is built and then
+  // cut back to it: a verify cost that is not convex can make theta fall and rise again.
+  double best_theta = in.vcost ? 1.0 / (draft_cost + static_cast<double>(in.vcost[0])) : 0.0;
+  int64_t best_n = 0;
   int64_t n = 0;
   while (n < max_nodes && !heap.empty()) {
     const Candidate c = pool[heap.top()];
-    const double phi_next = phi + std::exp(static_cast<double>(c.score));
-    if (in.vcost) {
-      const double theta_next = (1.0 + phi_next) / (draft_cost + static_cast<double>(in.vcost[n + 1]));
-      if (!(theta_next > theta)) break;
-      theta = theta_next;
-    }
     heap.pop();
-    phi = phi_next;
+    phi = phi + std::exp(static_cast<double>(c.score));
     const int64_t slot = ++n;
+    if (in.vcost) {
+      const double theta = (1.0 + phi) / (draft_cost + static_cast<double>(in.vcost[n]));
+      if (theta > best_theta) {
+        best_theta = theta;
+        best_n = n;
+      }
+    }
     tokens[slot] = in.ids[(c.depth - 1) * in.K + c.rank];
     parents[slot] = c.parent_slot;
     depths[slot] = c.depth;
@@ -115,6 +123,10 @@ void build_one(const RequestView& in, int64_t root_token, int64_t ctx, int64_t m
   }
   *num_nodes = static_cast<int32_t>(n);
   *expected = static_cast<float>(1.0 + phi);
+  if (in.vcost && best_n < n) {
+    cut_tree(0, static_cast<int32_t>(best_n), max_nodes + 1, W, num_nodes, tokens, parents, depths, positions,
+             scores, mask, expected);
+  }
 }
 
 // Cuts request b's tree (built[b] nodes) to its first cut[b] nodes: the slots past the cut get the

@@ -1,9 +1,9 @@
 // CUDA kernels of build_tree's batch-coupled budget modes ("batch", "ragged"), run after the
 // fixed-budget build of every request's tree (max_nodes = N):
 //   1. batch_budget_kernel: one thread takes the decision of budget_rule.h (the CPU op's very code)
-//      and writes each request's node count. The rule stops at the first node that does not pay for
-//      itself, so it usually touches a few nodes per request; it is serial because each step depends
-//      on the previous one, and it reads device memory only, so nothing waits on the host.
+//      and writes each request's node count. The rule walks every built node once (the best prefix of a
+//      cost curve that need not be convex); it is serial because each step depends on the previous
+//      one, and it reads device memory only, so nothing waits on the host.
 //   2. cut_tree_kernel: one CTA per request resets the slots past its cut to the unused-slot values of
 //      ops.h and recomputes expected_tokens in the CPU's summation order (slot 1 first).
 // ATen-free: included by build_tree.cu and by the emulated-kernel tests.
