@@ -55,6 +55,18 @@ def convex_cost(B: int, n: int, gen: torch.Generator) -> torch.Tensor:
     return (a + b * i + c * i * i).float()
 
 
+def concave_cost(B: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``[B, n]`` f32 verify-cost tables shaped like a CPU's fp32 verify: a step from one row to a few (a
+    small-M matrix product's extra cost), then slopes that fall before they grow again. Increasing, not
+    convex: theta can fall and rise again along the best-first order."""
+    i = torch.arange(n, dtype=torch.float64)
+    a = 0.2 + 0.3 * torch.rand(B, 1, generator=gen, dtype=torch.float64)
+    step = a * (0.5 + 2 * torch.rand(B, 1, generator=gen, dtype=torch.float64))
+    knee = 1.0 + 8.0 * torch.rand(B, 1, generator=gen, dtype=torch.float64)
+    late = 0.02 * torch.rand(B, 1, generator=gen, dtype=torch.float64)
+    return (a + step * torch.minimum(i, knee) / knee + late * i).float()
+
+
 def random_cost(B: int, n: int, gen: torch.Generator) -> torch.Tensor:
     """``[B, n]`` f32 positive costs with no shape at all (not monotone, not convex)."""
     return 0.01 + torch.rand(B, n, generator=gen)

@@ -96,9 +96,10 @@ def select_nodes(logprobs: torch.Tensor, max_nodes: int, verify_cost: Optional[S
     logprobs ``[D, K]`` f32. The best-first heap of docs/DESIGN.md: it starts from ``(0,)`` and each pop
     of ``(..., r)`` pushes ``(..., r + 1)`` and ``(..., r, 0)``; the key ``(-score, rank_sequence)`` pops
     the larger score first and equal scores by the lexicographically smaller rank sequence (a prefix
-    first). With ``verify_cost`` (``max_nodes + 1`` values) node ``n + 1`` is taken only while
-    ``theta(n + 1) > theta(n)``. With ``fp32=False`` scores are summed in double, as a plain Python heap
-    over float log-probs does: the benchmarks time it that way as the reference pipeline's heap.
+    first). With ``verify_cost`` (``max_nodes + 1`` values) the first ``n`` nodes are kept, ``n`` the
+    smallest maximising ``theta(n)`` over every prefix of the fixed-budget selection. With ``fp32=False``
+    scores are summed in double, as a plain Python heap over float log-probs does: the benchmarks time it
+    that way as the reference pipeline's heap.
     """
     add = (lambda a, b: _f32(a + b)) if fp32 else float.__add__
     lp = torch.where(logprobs.isnan(), NEG_INF, logprobs.float()).tolist()  # fp32 values, NaN as -inf
@@ -106,24 +107,21 @@ def select_nodes(logprobs: torch.Tensor, max_nodes: int, verify_cost: Optional[S
     heap = [(-lp[0][0], (0,), 0.0)]  # (-score, ranks, parent score)
     chosen: list[tuple[tuple[int, ...], float]] = []
     phi = 0.0
+    best_theta, best_n = (_theta(0.0, draft_cost, verify_cost[0]), 0) if verify_cost is not None else (None, None)
     while heap and len(chosen) < max_nodes:
         neg_score, ranks, parent_score = heap[0]
         score = -neg_score
-        if verify_cost is not None:
-            n = len(chosen)
-            theta_now = _theta(phi, draft_cost, verify_cost[n])
-            theta_next = _theta(phi + _exp(score), draft_cost, verify_cost[n + 1])
-            if not theta_next > theta_now:
-                break
         heapq.heappop(heap)
         chosen.append((ranks, score))
         phi += _exp(score)
+        if verify_cost is not None and _theta(phi, draft_cost, verify_cost[len(chosen)]) > best_theta:
+            best_theta, best_n = _theta(phi, draft_cost, verify_cost[len(chosen)]), len(chosen)
         d, r = len(ranks), ranks[-1]
         if r + 1 < K:  # next sibling: same parent, next rank at this depth
             heapq.heappush(heap, (-add(parent_score, lp[d - 1][r + 1]), ranks[:-1] + (r + 1,), parent_score))
         if d < D:  # first child
             heapq.heappush(heap, (-add(score, lp[d][0]), ranks + (0,), score))
-    return chosen
+    return chosen if verify_cost is None else chosen[:best_n]
 
 
 def build_tree(logprobs: torch.Tensor, token_ids: torch.Tensor, root_tokens: torch.Tensor,
@@ -304,7 +302,7 @@ def batch_budget_cuts(scores: Sequence[Sequence[float]], verify_cost: Sequence[f
         def theta(n):
             return _theta(math.fsum(q for row in p for q in row[:n]) + B - 1, draft_cost, verify_cost[n])
 
-        n = next((n for n in range(N) if not theta(n + 1) > theta(n)), N)
+        n = _first_argmax(theta, N)
         return [min(n, len(row)) for row in p]
     # ragged: merge the requests' sequences by descending score, ties to the smaller request index.
     order, cursor = [], [0] * B
@@ -319,5 +317,11 @@ def batch_budget_cuts(scores: Sequence[Sequence[float]], verify_cost: Sequence[f
             taken[b] += 1
         return _theta(math.fsum(q for b in range(B) for q in p[b][: taken[b]]) + B - 1, draft_cost, verify_cost[t])
 
-    t = next((t for t in range(len(order)) if not theta(t + 1) > theta(t)), len(order))
+    t = _first_argmax(theta, len(order))
     return [order[:t].count(b) for b in range(B)]
+
+
+def _first_argmax(theta, last: int) -> int:
+    """The smallest of 0..last with the largest theta."""
+    values = [theta(i) for i in range(last + 1)]
+    return values.index(max(values))

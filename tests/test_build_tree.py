@@ -14,11 +14,12 @@ from hypothesis import given, strategies as st
 import ddtree
 import reference as ref
 from conftest import devices
-from inputs import (LOGIT_KINDS, a800_cost, context_lens, convex_cost, make_logits, random_cost, seed_of)
+from inputs import (LOGIT_KINDS, a800_cost, concave_cost, context_lens, convex_cost, make_logits, random_cost,
+                    seed_of)
 
 EPS32 = torch.finfo(torch.float32).eps
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-COST_MODES = ("fixed", "convex", "random", "a800")
+COST_MODES = ("fixed", "convex", "concave", "random", "a800")
 
 
 def make_case(B, D, K, max_nodes, mode, kind, dtype, gen):
@@ -32,6 +33,8 @@ def make_case(B, D, K, max_nodes, mode, kind, dtype, gen):
         cost = None
     elif mode == "convex":
         cost = convex_cost(B, max_nodes + 1, gen)
+    elif mode == "concave":
+        cost = concave_cost(B, max_nodes + 1, gen)
     elif mode == "random":
         cost = random_cost(B, max_nodes + 1, gen)
     else:
@@ -207,15 +210,17 @@ def test_brute_force_fixed_budget(B, D, K, extra, frac, kind, seed):
 
 @given(
     B=st.integers(1, 3), D=st.integers(1, 3), K=st.integers(1, 4), frac=st.floats(0, 1),
-    kind=st.sampled_from(LOGIT_KINDS), seed=st.integers(0, 2**31 - 1),
+    kind=st.sampled_from(LOGIT_KINDS), cost_mode=st.sampled_from(("convex", "concave", "random")),
+    seed=st.integers(0, 2**31 - 1),
 )
-def test_brute_force_cost_aware(B, D, K, frac, kind, seed):
-    """With a convex increasing cost curve theta is unimodal over the sorted candidates, so the greedy
-    stop is the first maximiser of theta(n) over n <= min(max_nodes, #candidates)."""
+def test_brute_force_cost_aware(B, D, K, frac, kind, cost_mode, seed):
+    """The cost-aware tree is the first maximiser of theta(n) over n <= min(max_nodes, #candidates),
+    brute force over every prefix of the sorted candidates, for any cost curve (convex, concave at small n
+    like a CPU's fp32 verify, or shapeless)."""
     gen = torch.Generator().manual_seed(seed)
     n_cand = sum(K**d for d in range(1, D + 1))
     max_nodes = int(frac * (n_cand + 2))
-    case = make_case(B, D, K, max_nodes, "convex", kind, torch.float32, gen)
+    case = make_case(B, D, K, max_nodes, cost_mode, kind, torch.float32, gen)
     logprobs, cost, draft = case[0], case[5], case[6]
     got = run_kernel("cpu", *case)
     for b in range(B):
@@ -227,6 +232,27 @@ def test_brute_force_cost_aware(B, D, K, frac, kind, seed):
         best_n = thetas.index(max(thetas))
         assert int(got.num_nodes[b]) == best_n, f"theta = {thetas}"
         assert rank_sequences(got, case[1], b)[1:] == [seq for _, seq in cands[:best_n]]
+
+
+def test_cost_aware_looks_past_a_first_node_that_does_not_pay():
+    """A verify cost that jumps from one row to two and is flat after (the shape of small-M matrix
+    products on a CPU): one node does not pay for the jump, a certain chain of 15 does. The first
+    maximiser of theta takes the chain; stopping where theta first stops growing would verify the root
+    alone."""
+    D, K = 15, 2
+    logprobs = torch.full((1, D, K), -30.0)
+    logprobs[:, :, 0] = 0.0  # a certain chain, then candidates of probability ~1e-13
+    ids = torch.arange(K).repeat(1, D, 1)
+    draft = 100.0
+    cost = torch.tensor([[10.0] + [150.0 + 0.01 * n for n in range(1, 31)]])  # [1, 31]
+    theta = lambda n: (1.0 + n) / (draft + float(cost[0, n]))  # noqa: E731  n chain nodes, each p = 1
+    assert theta(1) < theta(0) < theta(D), "the case needs theta to fall, then rise past its start"
+    tree = ddtree.build_tree(logprobs, ids, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                             30, cost, draft)
+    assert int(tree.num_nodes[0]) == D
+    assert tree.depths[0, 1:D + 1].tolist() == list(range(1, D + 1))
+    assert_same_tree(tree, ref.build_tree(logprobs, ids, torch.zeros(1, dtype=torch.long),
+                                          torch.zeros(1, dtype=torch.long), 30, cost, draft))
 
 
 def test_a800_budget_is_used():

@@ -19,23 +19,16 @@ import torch
 import ddtree
 from ddtree.cost import (CostModel, DRAFT_FRACTION, OVERHEAD_MS, OVERHEAD_MS_PER_LAYER, VERSION, default_node_grid,
                          profile)
-from ddtree.cost_fit import eval_curves, fit_monotone_convex
+from ddtree.cost_fit import eval_curves, fit_monotone
 
 DATA = Path(__file__).parent / "data" / "caddtree_cost_curves_a800.json"
-# float64 rounding of sums of O(100) ms values: far below any real violation of convexity.
+# float64 rounding of sums of O(100) ms values: far below any real violation of monotonicity.
 TOL64 = 1e-12
 
 
-def _slope_diffs(n, v):
-    """First slopes and slope increments of the piecewise-linear curve through (n, v), last axis."""
+def _assert_monotone(n, v, tol):
     slopes = np.diff(v, axis=-1) / np.diff(np.asarray(n, dtype=np.float64))
-    return slopes, np.diff(slopes, axis=-1)
-
-
-def _assert_monotone_convex(n, v, tol):
-    slopes, incs = _slope_diffs(n, v)
     assert slopes.min() >= -tol, f"decreasing: min slope {slopes.min()}"
-    assert incs.min() >= -tol, f"not convex: min slope increment {incs.min()}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,38 +50,42 @@ def _a800(model: str) -> tuple[CostModel, np.ndarray]:
 # Fitting
 
 
-def test_fit_recovers_noisy_convex_curve():
+def test_fit_recovers_noisy_increasing_curve():
     rng = np.random.default_rng(0)
     n = np.array(default_node_grid(512), dtype=np.float64)
     truth = 30.0 + 0.004 * n + 0.05 * np.maximum(n - 128, 0) + 2e-5 * n**2  # ms, convex, increasing
     sigma = 0.3
     y = truth + rng.normal(0.0, sigma, n.shape)
     y[1] = y[0] - 1.0  # a dip at the start, as noisy small-n timings often have
-    fit = fit_monotone_convex(n, y)
+    fit = fit_monotone(n, y)
 
-    _assert_monotone_convex(n, fit, TOL64 * fit.max())
+    _assert_monotone(n, fit, TOL64 * fit.max())
     # Least squares over a set containing the truth: never worse than the truth itself.
     assert np.sum((fit - y) ** 2) <= np.sum((truth - y) ** 2) * (1 + 1e-9)
     assert np.sqrt(np.mean((fit - truth) ** 2)) < sigma
     # Exact data is recovered exactly.
-    np.testing.assert_allclose(fit_monotone_convex(n, truth), truth, rtol=1e-9)
+    np.testing.assert_allclose(fit_monotone(n, truth), truth, rtol=1e-9)
 
-    # Past the grid (and below it) the curve stays non-decreasing and convex: integers 0..2048.
+    # Past the grid (and below it) the curve stays non-decreasing: integers 0..2048.
     x = np.arange(0, 2049)
     vals = eval_curves(n, fit, x)
     assert np.all(np.diff(vals) >= 0)
-    assert np.diff(vals, 2).min() >= -TOL64 * vals.max()
     np.testing.assert_array_equal(eval_curves(n, fit, n), fit)  # exact at the knots
 
 
-def test_fit_concave_data_gives_best_convex_line():
-    # Concave samples: the best monotone convex fit of a concave curve is affine (no slope increase fits).
-    n = np.arange(0, 33, dtype=np.float64)
-    y = np.sqrt(n)
-    fit = fit_monotone_convex(n, y)
-    _assert_monotone_convex(n, fit, 1e-12)
-    ls_line = np.polyval(np.polyfit(n, y, 1), n)
-    np.testing.assert_allclose(fit, ls_line, atol=1e-9)
+def test_fit_keeps_concave_data_and_pools_dips():
+    # A CPU's fp32 verify (this project's 2-core machine, ms at n = 0..256): steep over the first rows,
+    # then slow. Increasing data is its own best non-decreasing fit, concave or not.
+    n = np.array([0, 4, 8, 16, 32, 64, 128, 256], dtype=np.float64)
+    cpu = np.array([103.0, 205.0, 274.0, 303.0, 331.0, 470.0, 698.0, 1368.0])
+    np.testing.assert_allclose(fit_monotone(n, cpu), cpu, rtol=1e-12)
+    np.testing.assert_allclose(fit_monotone(np.arange(33.0), np.sqrt(np.arange(33.0))), np.sqrt(np.arange(33.0)),
+                               atol=1e-12)
+    # A dip is pooled with its neighbour (the least-squares non-decreasing answer: their mean), weights
+    # shift the pooled value towards the heavier sample.
+    np.testing.assert_allclose(fit_monotone([0, 1, 2, 3], [1.0, 3.0, 2.0, 4.0]), [1.0, 2.5, 2.5, 4.0], atol=1e-12)
+    np.testing.assert_allclose(fit_monotone([0, 1, 2, 3], [1.0, 3.0, 2.0, 4.0], weights=[1, 3, 1, 1]),
+                               [1.0, 2.75, 2.75, 4.0], atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,7 +95,7 @@ def test_fit_concave_data_gives_best_convex_line():
 @pytest.mark.parametrize("name", ["Qwen3-4B", "Qwen3-8B"])
 def test_a800_curves_survive_fit_save_load(name, tmp_path):
     model, med = _a800(name)
-    # The published curves are already monotone convex fits (rounded to 6 digits): the refit stays on them.
+    # The published curves are already monotone (convex) fits (rounded to 6 digits): the refit stays on them.
     assert np.abs(model.verify_ms - med).max() < 1e-3  # ms
     path = tmp_path / "m.json"
     model.save(path)
@@ -114,13 +111,12 @@ def test_a800_curves_survive_fit_save_load(name, tmp_path):
     rel = np.abs(eval_curves(grid, sparse.verify_ms, np.arange(513)) / med - 1)
     assert rel.max() < 0.025 and rel.mean() < 0.005
 
-    # The device table: exact within a bucket's centre, monotone in float32, convex up to float32 rounding.
+    # The device table: exact within a bucket's centre, monotone in float32.
     ctx = torch.tensor([1, 1000, 4000, 4500, 8000, 12000])
     table = loaded.table(ctx, 600)
     assert table.shape == (6, 601) and table.dtype == torch.float32 and table.device == ctx.device
     t = table.double().numpy()
     assert np.all(np.diff(t, axis=1) >= 0)
-    assert np.diff(t, 2, axis=1).min() >= -4 * np.finfo(np.float32).eps * t.max()
     between = sorted([loaded.verify_cost(np.arange(601), 4000), loaded.verify_cost(np.arange(601), 5000)], key=sum)
     assert np.all(between[0] <= t[3] + 1e-4) and np.all(t[3] <= between[1] + 1e-4)  # 4500: interpolated in l
     np.testing.assert_allclose(t[2, :513], med[4], rtol=2e-4)  # 4000 is a bucket centre (62 * 64 + 32)
@@ -183,8 +179,7 @@ def _valid_dict():
         (lambda d: d.update(format="something-else"), r"not a ddtree cost model"),
         (lambda d: d.pop("verify_ms"), r"missing 'verify_ms'"),
         (lambda d: d.update(verify_ms=[[1.0, 2.0, 3.0]]), r"verify_ms must have shape"),
-        (lambda d: d.update(verify_ms=[[1.0, 3.0, 4.0], [1.0, 2.0, 3.0]]), r"context 0: .*not convex"),
-        (lambda d: d.update(verify_ms=[[2.0, 1.0, 1.0], [1.0, 2.0, 3.0]]), r"decreasing"),
+        (lambda d: d.update(verify_ms=[[2.0, 1.0, 1.0], [1.0, 2.0, 3.0]]), r"context 0: .*decreasing at n"),
         (lambda d: d.update(verify_ms=[[0.0, 1.0, 2.0], [1.0, 2.0, 3.0]]), r"finite and positive"),
         (lambda d: d.update(node_grid=[0, 2, 1]), r"node_grid must be .*strictly increasing"),
         (lambda d: d.update(contexts=[0.5, 100]), r"'contexts' must be a list of integers"),
@@ -323,7 +318,7 @@ def test_profile_end_to_end_on_fake_runner(tmp_path):
     assert np.array(model.measured["verify_median_ms"]).shape == (2, len(grid))
     assert np.all(np.array(model.measured["verify_iqr_ms"]) >= 0)
     assert model.meta["model"]["name_or_path"] == "fake/tiny" and model.meta["device"]["name"]
-    _assert_monotone_convex(grid, model.verify_ms, TOL64 * model.verify_ms.max())
+    _assert_monotone(grid, model.verify_ms, TOL64 * model.verify_ms.max())
 
     path = tmp_path / "profile.json"
     model.save(path)
@@ -353,7 +348,7 @@ def test_profile_medians_and_fit_with_a_fake_clock(monkeypatch):
     expect = np.array([[truth(l, n + 1) for n in grid] for l in (0, 300, 1000)])
     np.testing.assert_allclose(model.measured["verify_median_ms"], expect, rtol=1e-12)
     np.testing.assert_allclose(model.measured["verify_iqr_ms"], 1.0, rtol=1e-12)
-    np.testing.assert_allclose(model.verify_ms, expect, rtol=1e-9)  # already convex: fitted exactly
+    np.testing.assert_allclose(model.verify_ms, expect, rtol=1e-9)  # already increasing: fitted exactly
     assert model.draft_cost == pytest.approx(DRAFT_FRACTION * truth(0, 1))  # no drafter: estimated
     assert model.meta["profile"]["draft_cost"] == "estimated"
     # Between profiled contexts the table interpolates linearly (truth is linear in l).
@@ -402,13 +397,13 @@ def _centre(l, bucket=64):
     return l // bucket * bucket + bucket / 2
 
 
-def test_batch_fit_is_monotone_convex_per_batch_size():
+def test_batch_fit_is_monotone_per_batch_size():
     rng = np.random.default_rng(3)
     grid = default_node_grid(64)
     n = np.asarray(grid, np.float64)
     contexts = [0, 512]
     # Per batch size a convex increasing truth (slot cost plus a quadratic term once the batch is compute
-    # bound), measured with noise that makes the raw medians neither monotone nor convex.
+    # bound), measured with noise that makes the raw medians not monotone.
     truth = np.array([[[5 + 2 * B + 0.01 * l + 0.05 * B * (x + 1) + 1e-4 * (B * (x + 1)) ** 2 for x in n]
                        for l in contexts] for B in SIZES])
     med = truth + rng.normal(0, 0.5, truth.shape)
@@ -416,10 +411,13 @@ def test_batch_fit_is_monotone_convex_per_batch_size():
     assert model.batch_sizes == SIZES and model.has_batch_curves
     assert model.batch_verify_ms.shape == (len(SIZES) - 1, len(contexts), len(grid))
     curves = np.concatenate([model.verify_ms[None], model.batch_verify_ms])
-    for per_context, per_truth in zip(curves, truth):
-        for row, true_row in zip(per_context, per_truth):
-            _assert_monotone_convex(grid, row, TOL64 * row.max())
-            assert np.sqrt(np.mean((row - true_row) ** 2)) < 0.5  # closer to the truth than the noise
+    for per_context, per_truth, per_med in zip(curves, truth, med):
+        for row, true_row, med_row in zip(per_context, per_truth, per_med):
+            _assert_monotone(grid, row, TOL64 * row.max())
+            # Least squares over the non-decreasing curves, a set holding the truth: never further from
+            # the medians than the truth is (and so within the noise of it).
+            assert np.sum((row - med_row) ** 2) <= np.sum((true_row - med_row) ** 2) * (1 + 1e-9)
+            assert np.sqrt(np.mean((row - true_row) ** 2)) < 2 * 0.5
     assert model.measured["batch_sizes"] == SIZES and np.array(model.measured["verify_median_ms"]).shape == med.shape
 
 
@@ -465,7 +463,7 @@ def test_table_shapes_and_values_per_mode(B):
     np.testing.assert_allclose(ragged[0].double().numpy(), model.padded_cost(B, t / B, _centre(mean)), rtol=f32)
     # Within the profiled batch sizes and past them (truth's form is what the extrapolation assumes): the truth.
     np.testing.assert_allclose(batch[0].double().numpy(), _truth(B, n, _centre(mean)), rtol=f32)
-    # What build_tree's stop relies on: non-decreasing and convex rows.
+    # Non-decreasing rows (what a cost is; this truth is convex too and the tables keep it so).
     for row in (batch[0], ragged[0]):
         v = row.double().numpy()
         assert np.all(np.diff(v) >= 0) and np.diff(v, 2).min() >= -f32 * v.max()
@@ -546,8 +544,8 @@ def test_version_1_file_still_loads(tmp_path):
         (dict(batch_sizes=[1, 2.5]), r"batch_sizes must be integers"),
         (dict(batch_sizes=[1, 4], batch_verify_ms=np.ones((2, 2, 3))),
          r"batch_verify_ms must have shape .* = \[1, 2, 3\], got \[2, 2, 3\]"),
-        (dict(batch_sizes=[1, 4], batch_verify_ms=[[[1.0, 3.0, 4.0], [1.0, 2.0, 3.0]]]),
-         r"batch size 4, context 0: .*not convex"),
+        (dict(batch_sizes=[1, 4], batch_verify_ms=[[[1.0, 3.0, 2.0], [1.0, 2.0, 3.0]]]),
+         r"batch size 4, context 0: .*decreasing at n"),
         (dict(batch_sizes=[1, 4], batch_verify_ms=[[[1.0, 2.0, 3.0], [1.0, 2.0, math.nan]]]), r"finite and positive"),
         (dict(batch_sizes=[1, 4], batch_verify_ms=np.ones((1, 2, 3)), batch_draft_ms=[1.0, 2.0]),
          r"batch_draft_ms must hold 1"),

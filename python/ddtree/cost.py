@@ -2,8 +2,9 @@
 
 ``Cv(n; l)`` is the time of one target verify forward over a tree of ``n`` nodes (``n + 1`` slots with the
 root) at context length ``l``; ``Cd`` the time of one drafter round. CaDDTree picks the node budget per
-round by maximising ``theta(n) = (1 + phi(n)) / (Cd + Cv(n; l))`` (see ``build_tree``), so ``Cv`` must be
-non-decreasing and convex in ``n``.
+round by maximising ``theta(n) = (1 + phi(n)) / (Cd + Cv(n; l))`` over every ``n`` (see ``build_tree``);
+``Cv`` is kept non-decreasing in ``n``, and need not be convex (a CPU's is not: its first few extra rows
+cost the most).
 
 * :func:`profile` measures both through the same runner generation uses and fits a :class:`CostModel`.
 * :meth:`CostModel.default` estimates them from the model's shape and the device's measured bandwidth and
@@ -18,7 +19,7 @@ Representation: one curve per profiled context ``l_c``, its fitted values at a s
 (piecewise linear between grid points, see :mod:`ddtree.cost_fit`). Across contexts: linear interpolation
 between profiled contexts, flat below the first, and past the last the last curve scaled by
 ``1 + r (l - l_last)`` with ``r >= 0`` the relative growth per token between the last two contexts (a
-positive scale keeps it positive, non-decreasing and convex in ``n``).
+positive scale keeps it positive and non-decreasing in ``n``).
 
 Batches. ``verify_ms`` is the batch-1 curve (what ``"request"`` mode prices each request by). A profile
 with ``batch_sizes = [1, B_1, ...]`` adds the padded curves ``Cv(B_s, n; l)``: one forward over ``B_s``
@@ -27,8 +28,8 @@ requests of ``n + 1`` slots each, all at context ``l``. Between profiled batch s
 per extra row, ``Cv(B, n) = Cv(B_S, B (n + 1) / B_S - 1) + (B - B_S) r(l)``, where ``r >= 0`` is what a
 row costs at equal total slots between the last two profiled sizes,
 ``r = (Cv(B_S, 0) - Cv(B_{S-1}, B_S / B_{S-1} - 1)) / (B_S - B_{S-1})`` (per-request KV reads and
-overheads). That is a linear change of ``n`` plus a constant, so still non-decreasing and convex in
-``n``, and exact for a cost ``a + b B + c B (n + 1)``. A model without batch curves (``B_S = 1``: a
+overheads). That is a linear change of ``n`` plus a constant, so still non-decreasing in ``n``, and
+exact for a cost ``a + b B + c B (n + 1)``. A model without batch curves (``B_S = 1``: a
 version-1 file, :meth:`CostModel.default`) has no ``r``: the batch-1 curve at the same total slots. The
 ragged cost of ``B`` roots plus ``t`` nodes in one varlen forward is *modelled, not
 measured*: no ddtree runner has a varlen verify, so it is the padded cost at the same total slots,
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 
 from . import timing
-from .cost_fit import check_monotone_convex, eval_curves, fit_monotone_convex
+from .cost_fit import check_monotone, eval_curves, fit_monotone
 from .timing import device_name, device_rates, median_iqr
 
 FORMAT = "ddtree-cost-model"
@@ -86,14 +87,14 @@ class CostModel:
     """``Cd`` and ``Cv(n; l)`` in milliseconds.
 
     node_grid ``[G]`` strictly increasing node counts; contexts ``[C]`` strictly increasing context
-    lengths (tokens); verify_ms ``[C, G]`` fitted ``Cv`` at those points, each row non-decreasing and
-    convex; draft_cost ``Cd`` (ms). These are batch 1. ``meta`` (device, versions, model identity, how
+    lengths (tokens); verify_ms ``[C, G]`` fitted ``Cv`` at those points, each row non-decreasing;
+    draft_cost ``Cd`` (ms). These are batch 1. ``meta`` (device, versions, model identity, how
     it was made) and ``measured`` (raw medians and IQRs of a profile) are carried into the JSON untouched.
     ``bucket`` and ``max_context`` shape :meth:`table`'s cache (runtime settings, not saved).
 
     Batch curves (optional): batch_sizes ``[S]`` strictly increasing, starting at 1; batch_verify_ms
     ``[S-1, C, G]`` the padded ``Cv(B, n; l)`` for ``batch_sizes[1:]`` (batch 1 is ``verify_ms``), each row
-    non-decreasing and convex; batch_draft_ms ``[S-1]`` the drafter round at those batch sizes (``None``:
+    non-decreasing; batch_draft_ms ``[S-1]`` the drafter round at those batch sizes (``None``:
     ``Cd`` at every batch size). See the module docstring for how other batch sizes are read.
     """
 
@@ -133,7 +134,7 @@ class CostModel:
             raise ValueError(f"draft_cost must be finite and non-negative, got {self.draft_cost}")
         for c, row in zip(self.contexts, self.verify_ms):
             try:
-                check_monotone_convex(self.node_grid, row)
+                check_monotone(self.node_grid, row)
             except ValueError as e:
                 raise ValueError(f"verify_ms at context {c}: {e}") from None
         self._check_batches()
@@ -160,7 +161,7 @@ class CostModel:
         for B, per_context in zip(sizes[1:], curves):
             for c, row in zip(self.contexts, per_context):
                 try:
-                    check_monotone_convex(self.node_grid, row)
+                    check_monotone(self.node_grid, row)
                 except ValueError as e:
                     raise ValueError(f"batch_verify_ms at batch size {B}, context {c}: {e}") from None
         self.batch_verify_ms = curves
@@ -318,7 +319,7 @@ class CostModel:
         batch_sizes: Optional[Sequence[int]] = None,
         batch_draft_ms: Optional[Sequence[float]] = None,
     ) -> "CostModel":
-        """Fit a monotone convex curve per context (and per batch size) to measured medians.
+        """Fit a non-decreasing curve per context (and per batch size) to measured medians.
 
         verify_median_ms / verify_iqr_ms: ``[C, G]`` ms at ``contexts [C]`` x ``node_grid [G]``, or with
         ``batch_sizes [S]`` (starting at 1) ``[S, C, G]``; draft_cost: measured ``Cd`` median (ms) at
@@ -331,7 +332,7 @@ class CostModel:
             shape = (len(batch_sizes),) + shape
         if med.shape != shape:
             raise ValueError(f"medians must have shape {list(shape)}, got {list(med.shape)}")
-        fitted = np.stack([fit_monotone_convex(node_grid, row) for row in med.reshape(-1, shape[-1])]).reshape(shape)
+        fitted = np.stack([fit_monotone(node_grid, row) for row in med.reshape(-1, shape[-1])]).reshape(shape)
         measured = {"verify_median_ms": med.tolist(), "draft_median_ms": float(draft_cost)}
         if verify_iqr_ms is not None:
             measured["verify_iqr_ms"] = np.asarray(verify_iqr_ms, dtype=np.float64).tolist()
@@ -353,7 +354,7 @@ class CostModel:
         ``Cv(n; l) = overhead + max(W / bw, (n+1) F / rate) + max(l K / bw, (n+1) l A / rate)`` with
         ``W`` the bytes of the weights one forward reads (decoder layers + LM head), ``F`` the matmul
         FLOPs per token, ``K`` the KV bytes per context token and ``A`` the attention FLOPs per
-        (query, context token). Each max of affine functions of ``n`` is convex and non-decreasing,
+        (query, context token). Each max of affine functions of ``n`` is non-decreasing (and convex),
         so ``Cv`` is too. ``bw`` and ``rate`` are measured once per device and cached
         (:func:`ddtree.timing.device_rates`). ``Cd``: the same roofline over the drafter's layers (plus the shared
         LM head) for ``block_size`` tokens if ``drafter_config`` is given, else ``DRAFT_FRACTION *

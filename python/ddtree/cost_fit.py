@@ -1,11 +1,12 @@
-"""Monotone convex curves over the node budget: the least-squares fit and its evaluation.
+"""Non-decreasing curves over the node budget: the least-squares fit and its evaluation.
 
 A verification-cost curve ``Cv(n)`` for one context length is kept as its values at a grid of node
 counts ``n_0 < n_1 < ... < n_{G-1}`` and read as the piecewise-linear function through them. That
-function is non-decreasing and convex exactly when its first slope is ``>= 0`` and its slopes do not
-decrease, which is what :func:`fit_monotone_convex` enforces (as bounds, so the constraints hold
-exactly, not as a penalty). CaDDTree's greedy stop relies on it: with ``Cv`` convex and node
-probabilities non-increasing, ``theta(n) = (1 + phi(n)) / (Cd + Cv(n))`` is unimodal.
+function is non-decreasing exactly when its values are, which is what :func:`fit_monotone` enforces (as
+bounds, so the constraint holds exactly, not as a penalty). Nothing asks for convexity: CaDDTree
+(``build_tree``) keeps the first maximiser of ``theta(n) = (1 + phi(n)) / (Cd + Cv(n))`` over every
+``n``, so a curve that is concave at small ``n`` (a CPU's fp32 verify: the first few extra rows cost the
+most) is priced as measured instead of by its best convex approximation.
 
 Pure numpy/scipy, float64 throughout; costs are in milliseconds by convention but nothing here cares.
 """
@@ -24,18 +25,18 @@ def _as_grid(n) -> np.ndarray:
     return grid
 
 
-def fit_monotone_convex(n, y, weights=None) -> np.ndarray:
-    """Least-squares non-decreasing convex fit of samples ``y`` taken at grid points ``n``.
+def fit_monotone(n, y, weights=None) -> np.ndarray:
+    """Least-squares non-decreasing fit of samples ``y`` taken at grid points ``n``.
 
     n: ``[G]`` strictly increasing node counts; y: ``[G]`` measured costs (e.g. median ms);
     weights: optional ``[G]`` non-negative weights (e.g. ``1 / iqr``). Returns the fitted values at the
     grid points, ``[G]`` float64.
 
-    Reparametrisation (slope increments): ``c(n_j) = a + sum_{k=1..j} d_k * (n_j - n_{k-1})`` where
-    ``a = c(n_0)`` is free, ``d_1`` is the first slope and ``d_k`` (k >= 2) the slope increase at knot
-    ``n_{k-1}``. Non-decreasing and convex <=> ``d >= 0``: a bounded linear least-squares problem,
-    solved by ``scipy.optimize.lsq_linear`` (BVLS). The values are then rebuilt by cumulative sums of
-    non-negative terms so that slopes come out non-decreasing in float64 too.
+    Reparametrisation (increments): ``c(n_j) = a + sum_{k=1..j} e_k`` where ``a = c(n_0)`` is free and
+    ``e_k`` the rise from ``n_{k-1}`` to ``n_k``. Non-decreasing <=> ``e >= 0``: a bounded linear
+    least-squares problem (isotonic regression), solved by ``scipy.optimize.lsq_linear`` (BVLS). The
+    values are then rebuilt by cumulative sums of non-negative terms, so they are non-decreasing in float64
+    too. Not convex on purpose: a CPU's verify cost rises steeply over the first few rows and then slowly.
     """
     grid = _as_grid(n)
     y = np.asarray(y, dtype=np.float64)
@@ -46,27 +47,20 @@ def fit_monotone_convex(n, y, weights=None) -> np.ndarray:
     G = grid.size
     if G == 1:
         return y.copy()
-    # A[j, 0] = 1; A[j, k] = max(n_j - n_{k-1}, 0) for k = 1..G-1.
-    A = np.ones((G, G))
-    A[:, 1:] = np.maximum(grid[:, None] - grid[None, :-1], 0.0)
+    A = np.tril(np.ones((G, G)))  # A[j, 0] = 1; A[j, k] = 1 for 1 <= k <= j
     if weights is not None:
         w = np.sqrt(np.asarray(weights, dtype=np.float64))
         if w.shape != grid.shape or not np.all(np.isfinite(w)):
             raise ValueError("weights must be finite, non-negative and match the node grid")
         A, y = A * w[:, None], y * w
-    # Scale columns to unit max so the solver sees a well-conditioned problem (slopes are tiny in ms/node).
-    scale = np.abs(A).max(axis=0)
-    scale[scale == 0] = 1.0
     lower = np.r_[-np.inf, np.zeros(G - 1)]
-    res = lsq_linear(A / scale, y, bounds=(lower, np.full(G, np.inf)), method="bvls")
-    coef = res.x / scale
-    a, d = coef[0], np.maximum(coef[1:], 0.0)
-    slopes = np.cumsum(d)  # [G-1] non-decreasing, >= 0
-    return np.r_[a, a + np.cumsum(slopes * np.diff(grid))]
+    res = lsq_linear(A, y, bounds=(lower, np.full(G, np.inf)), method="bvls")
+    a, e = res.x[0], np.maximum(res.x[1:], 0.0)
+    return np.r_[a, a + np.cumsum(e)]
 
 
-def check_monotone_convex(n, values, rtol: float = 1e-9) -> None:
-    """Raise ``ValueError`` unless ``values [G]`` at grid ``n [G]`` are non-decreasing and convex.
+def check_monotone(n, values, rtol: float = 1e-9) -> None:
+    """Raise ``ValueError`` unless ``values [G]`` at grid ``n [G]`` are finite and non-decreasing.
 
     ``rtol`` (relative to the largest |value|) absorbs float64 rounding of values written to JSON.
     """
@@ -77,12 +71,9 @@ def check_monotone_convex(n, values, rtol: float = 1e-9) -> None:
     if grid.size < 2:
         return
     tol = rtol * max(1.0, float(np.abs(v).max()))
-    slopes = np.diff(v) / np.diff(grid)
-    if slopes[0] * (grid[1] - grid[0]) < -tol:
-        raise ValueError("cost curve is decreasing at the start of the node grid")
-    if np.any(np.diff(slopes) * np.diff(grid)[1:] < -tol):
-        j = int(np.argmin(np.diff(slopes))) + 1
-        raise ValueError(f"cost curve is not convex: its slope decreases at n = {grid[j]:g}")
+    if np.any(np.diff(v) < -tol):
+        j = int(np.argmin(np.diff(v))) + 1
+        raise ValueError(f"cost curve is decreasing at n = {grid[j]:g}")
 
 
 def eval_curves(n_grid, values, n) -> np.ndarray:
@@ -90,7 +81,7 @@ def eval_curves(n_grid, values, n) -> np.ndarray:
 
     n_grid: ``[G]``; values: ``[..., G]`` (one curve per leading index, sharing the grid); n: ``[M]``.
     Returns ``[..., M]`` float64. Below ``n_grid[0]`` a curve is flat; past ``n_grid[-1]`` it continues
-    with its last slope. Both keep a non-decreasing convex curve non-decreasing and convex everywhere.
+    with its last slope. Both keep a non-decreasing curve non-decreasing everywhere.
     The result is linear in ``values``, so interpolating curves and evaluating them commute.
     """
     grid = np.asarray(n_grid, dtype=np.float64)
