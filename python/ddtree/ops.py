@@ -124,11 +124,12 @@ def build_tree(
 
     logprobs ``[B, D, K]`` f32 and token_ids ``[B, D, K]`` i64 (as from :func:`topk_marginals`),
     root_tokens ``[B]`` i64, context_lens ``[B]`` i64. Without ``verify_cost`` (DDTree) it takes
-    ``min(max_nodes, #candidates)`` nodes. With ``verify_cost`` f32 it stops where adding a node no
-    longer raises the surrogate throughput; ``budget_mode`` says what the table prices:
+    ``min(max_nodes, #candidates)`` nodes. With ``verify_cost`` f32 it keeps the prefix of those nodes with
+    the largest surrogate throughput (the first on ties; the cost need not be convex); ``budget_mode``
+    says what the table prices:
 
-    * ``"request"`` (CaDDTree), ``verify_cost [B, >= N+1]``: each request on its own, stopping at the
-      first ``n`` where ``theta(n+1) <= theta(n)``, ``theta(n) = (1 + sum_{k<=n} p_k) / (draft_cost + verify_cost[b, n])``.
+    * ``"request"`` (CaDDTree), ``verify_cost [B, >= N+1]``: each request on its own, the first ``n``
+      maximising ``theta(n) = (1 + sum_{k<=n} p_k) / (draft_cost + verify_cost[b, n])``.
     * ``"batch"`` (padded verify), ``verify_cost [1, >= N+1]``: the cost of verifying every request with
       ``n`` nodes; one ``n`` for the whole batch, maximising ``(B + sum_b S_b(n)) / (draft_cost + verify_cost[0, n])``.
     * ``"ragged"`` (varlen verify), ``verify_cost [1, >= B*N+1]``: the cost of ``B`` roots plus ``t``
