@@ -453,10 +453,12 @@ static void run_batch_case(int B, int D, int K, int N, Src src, int mode, BatchC
   if (cut != want) {
     // Accepted only if the kernel's cut is one of the allocations and its Theta ties the largest within the
     // rounding of the rule's double sums: up to (steps + 1) adds and one divide, each within a double ulp.
+    // An exact tie is no excuse: it comes from adding p's that are exactly 0 at an equal cost, which the
+    // double sums see exactly too, so the first of the tied allocations is the only answer.
     const long double tol = 4.0L * static_cast<long double>(al.theta.size() + 2) * DBL_EPSILON * al.theta[best];
     bool near_tie = false;
     for (size_t i = 0; i < al.cut.size() && !near_tie; ++i)
-      near_tie = al.cut[i] == cut && al.theta[best] - al.theta[i] <= tol;
+      near_tie = al.cut[i] == cut && al.theta[i] < al.theta[best] && al.theta[best] - al.theta[i] <= tol;
     if (!near_tie) why = "cut differs (not a near-tie of the largest Theta)";
     want = cut;  // a near-tie: check the trees the kernel chose
   }
