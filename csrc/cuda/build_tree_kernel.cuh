@@ -1,17 +1,20 @@
-// CUDA build_tree, the kernel: the best-first draft tree (DDTree fixed budget / CaDDTree cost-aware stop) for the
+// CUDA build_tree, the kernel: the best-first draft tree (DDTree fixed budget / CaDDTree cost-aware size) for the
 // whole batch in one launch, one CTA per request.
 //
 // The pop sequence is inherently serial, so thread 0 of each CTA runs the heap of DESIGN.md literally
-// (the same candidates, pushes and stopping rule as the CPU op, so the output is identical bit for bit),
-// while the whole CTA stages the inputs into shared memory before and writes the outputs after:
+// (the same candidates and pushes as the CPU op, so the output is identical bit for bit), while the
+// whole CTA stages the inputs into shared memory before and writes the outputs after:
 //   * the heap is 4-ary (half the levels of a binary heap: each pop is a chain of dependent
 //     shared-memory loads, so fewer levels is what makes it fast); entries are 16 bytes
 //     {score, parent score, parent slot, depth << 20 | rank}, moved with one vector load/store;
 //   * equal scores compare rank sequences lexicographically: the sequences are not stored, they are
 //     read back through the parent chain of the already placed nodes (walk the deeper one up to the
 //     common depth, then both up until they share a parent; the shallowest difference decides);
-//   * the log-probs a pop can touch (ranks < min(K, max_nodes + 1) per depth, NaN -> -inf) and the
-//     cost row are copied to shared memory first, so the serial loop never waits on global memory;
+//   * the log-probs a pop can touch (ranks < min(K, max_nodes + 1) per depth, NaN -> -inf) are copied
+//     to shared memory first, so the serial loop never waits on global memory;
+//   * the heap loop always builds the fixed-budget tree (max_nodes nodes, or every candidate); phi and,
+//     cost-aware, theta(n) are computed after it (the exps in parallel, then one serial scan of adds and
+//     divides over the staged cost row) and the tree is cut to the first n maximising theta (ops.h);
 //   * the heap never holds more than max_nodes + 1 entries (each pop adds at most one net entry and
 //     the last pop pushes nothing), so it and the per-slot node arrays fit in shared memory up to a
 //     few thousand nodes; beyond the device's shared-memory limit the same kernel runs on a
@@ -19,8 +22,8 @@
 // Arithmetic is the CPU's sequence of IEEE operations: scores are fp32 adds (__fadd_rn, nothing to
 // contract), phi and theta double adds and divides (__dadd_rn / __ddiv_rn, no FMA contraction).
 // exp(double) on the GPU and in glibc may differ in the last ulp; phi inherits that, so the
-// cost-aware stop can differ from the CPU only when theta(n+1) and theta(n) tie to within an ulp, and
-// expected_tokens (rounded to fp32) practically never.
+// cost-aware size can differ from the CPU only when the largest theta(n) ties another to within an ulp,
+// and expected_tokens (rounded to fp32) practically never.
 // No value checks that need the data (negative context lengths, non-positive costs): ops.h lets the
 // CUDA kernel skip them, and it never indexes with input values.
 //
@@ -210,19 +213,9 @@ __global__ void __launch_bounds__(kThreads)
     const int cap = max_nodes + 2;
     w.heap[0] = Cand{sanitize(__fadd_rn(0.0f, w.lp[0])), 0.0f, 0, (1u << kRankBits) | 0u};
     int size = 1;
-    double phi = 0.0;
-    double theta = cost ? __ddiv_rn(1.0, __dadd_rn(draft_cost, static_cast<double>(w.vc[0]))) : 0.0;
     int n = 0;
     while (n < max_nodes && size > 0) {
       const Cand c = w.heap[0];
-      if (cost) {
-        const double phi_next = __dadd_rn(phi, exp(static_cast<double>(c.score)));
-        const double theta_next =
-            __ddiv_rn(__dadd_rn(1.0, phi_next), __dadd_rn(draft_cost, static_cast<double>(w.vc[n + 1])));
-        if (!(theta_next > theta)) break;
-        theta = theta_next;
-        phi = phi_next;
-      }
       const int slot = ++n;
       w.parent[slot] = c.pslot;
       w.dr[slot] = c.dr;
@@ -255,23 +248,42 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     s_n = n;
-    s_phi = phi;  // cost-aware: phi(n), summed as the nodes were taken; fixed budget: below
   }
   __syncthreads();
-  const int n = s_n;
-  if (!cost) {
-    // phi(n) of the fixed budget, off the serial loop: the exps in parallel into the heap's space (free
-    // now: 16 (max_nodes + 2) bytes >= 8 n), then one thread adds them in the CPU's order (slot 1 first),
-    // so the double sum is the CPU's bit for bit.
-    double* e = reinterpret_cast<double*>(w.heap);
-    for (int k = threadIdx.x; k < n; k += kThreads) e[k] = exp(static_cast<double>(w.score[k + 1]));
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      double phi = 0.0;
-      for (int k = 0; k < n; ++k) phi = __dadd_rn(phi, e[k]);
+  const int built = s_n;
+  // phi off the serial heap loop: the exps in parallel into the heap's space (free now: 16 (max_nodes + 2)
+  // bytes >= 8 built), then one thread adds them in the CPU's order (slot 1 first), so every phi(n) is the
+  // CPU's bit for bit. Cost-aware, the same thread walks theta(n) over the whole fixed-budget tree and
+  // keeps the first n with the largest theta (a later n only when strictly greater): a verify cost that
+  // is not convex can make theta fall and rise again. The nodes past it are dropped below as unused slots.
+  double* e = reinterpret_cast<double*>(w.heap);
+  for (int k = threadIdx.x; k < built; k += kThreads) e[k] = exp(static_cast<double>(w.score[k + 1]));
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double phi = 0.0;
+    if (cost) {
+      double best_theta = __ddiv_rn(1.0, __dadd_rn(draft_cost, static_cast<double>(w.vc[0])));
+      double best_phi = 0.0;
+      int best_n = 0;
+      for (int k = 0; k < built; ++k) {
+        phi = __dadd_rn(phi, e[k]);
+        const double theta =
+            __ddiv_rn(__dadd_rn(1.0, phi), __dadd_rn(draft_cost, static_cast<double>(w.vc[k + 1])));
+        if (theta > best_theta) {
+          best_theta = theta;
+          best_phi = phi;
+          best_n = k + 1;
+        }
+      }
+      s_n = best_n;
+      s_phi = best_phi;
+    } else {
+      for (int k = 0; k < built; ++k) phi = __dadd_rn(phi, e[k]);
       s_phi = phi;
     }
   }
+  __syncthreads();
+  const int n = s_n;  // the nodes kept: slots past it get the unused-slot values
 
   // Per-slot outputs; unused slots get the values of ops.h.
   const int64_t ctx = context_lens[b];

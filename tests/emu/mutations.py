@@ -27,7 +27,7 @@ class Mutation:
     name: str  # short id
     kind: str  # what kind of bug
     op: str  # the emulated test that must catch it
-    file: str  # under csrc/cuda
+    file: str  # relative to csrc/cuda
     old: str  # text to replace (must occur exactly once)
     new: str
 
@@ -39,6 +39,8 @@ MUTATIONS = [
       "  }\n  __syncthreads();\n\n  if (threadIdx.x == 0) {", "  }\n\n  if (threadIdx.x == 0) {"),
     M("bt-sync-mask", "dropped __syncthreads", "build_tree", "build_tree_kernel.cuh",
       "mask_b[i] = 0;\n  __syncthreads();", "mask_b[i] = 0;"),
+    M("bt-sync-size", "dropped __syncthreads", "build_tree", "build_tree_kernel.cuh",
+      "      s_phi = phi;\n    }\n  }\n  __syncthreads();\n", "      s_phi = phi;\n    }\n  }\n"),
     M("topk-sync-bitonic-end", "dropped __syncthreads", "topk_marginals", "topk_marginals_kernel.cuh",
       "    }\n  }\n  __syncthreads();\n\n  const float m = s_max;", "    }\n  }\n\n  const float m = s_max;"),
     M("radix-sync-hist", "dropped __syncthreads", "topk_marginals", "tree_common.cuh",
@@ -86,8 +88,16 @@ MUTATIONS = [
     # a flipped comparison
     M("bt-score-order", "flipped comparison", "build_tree", "build_tree_kernel.cuh",
       "if (a.score != b.score) return a.score > b.score;", "if (a.score != b.score) return a.score < b.score;"),
-    M("bt-cost-stop", "flipped comparison", "build_tree", "build_tree_kernel.cuh",
-      "if (!(theta_next > theta)) break;", "if (!(theta_next >= theta)) break;"),
+    M("bt-cost-argmax", "flipped comparison", "build_tree", "build_tree_kernel.cuh",
+      "if (theta > best_theta) {", "if (theta >= best_theta) {"),
+    M("bt-cost-first-stop", "old rule (first stop of growth)", "build_tree", "build_tree_kernel.cuh",
+      "if (theta > best_theta) {", "if (!(theta > best_theta)) break;\n        {"),
+    M("bt-batch-argmax", "flipped comparison", "build_tree", "../budget_rule.h",
+      "    if (theta > best_theta) {\n      best_theta = theta;\n      best = n + 1;",
+      "    if (theta >= best_theta) {\n      best_theta = theta;\n      best = n + 1;"),
+    M("bt-ragged-argmax", "flipped comparison", "build_tree", "../budget_rule.h",
+      "        if (theta > best_theta) {\n          best_theta = theta;\n          best_t = t + 1;",
+      "        if (theta >= best_theta) {\n          best_theta = theta;\n          best_t = t + 1;"),
     M("topk-bitonic-dir", "flipped comparison", "topk_marginals", "topk_marginals_kernel.cuh",
       "if ((a < b) == desc && a != b) {", "if ((a > b) == desc && a != b) {"),
     M("attn-combine-skip", "flipped comparison", "tree_attention", "tree_attention_kernel.cuh",

@@ -10,6 +10,8 @@
 // clang-format on
 
 #include <array>
+#include <cfloat>
+#include <cmath>
 #include <cstring>
 #include <queue>
 #include <random>
@@ -63,19 +65,21 @@ static void ref_build_one(const float* lp_in, const int64_t* ids, const float* v
   mask[0] = 1;
   push(0.0f, 0, 1, 0, 0);
   double phi = 0.0;
-  double theta = vcost ? 1.0 / (draft_cost + static_cast<double>(vcost[0])) : 0.0;
+  double best_theta = vcost ? 1.0 / (draft_cost + static_cast<double>(vcost[0])) : 0.0;
+  int64_t best_n = 0;
   int64_t n = 0;
   while (n < max_nodes && !heap.empty()) {
     const Cand c = pool[heap.top()];
-    const double phi_next = phi + std::exp(static_cast<double>(c.score));
-    if (vcost) {
-      const double theta_next = (1.0 + phi_next) / (draft_cost + static_cast<double>(vcost[n + 1]));
-      if (!(theta_next > theta)) break;
-      theta = theta_next;
-    }
     heap.pop();
-    phi = phi_next;
+    phi = phi + std::exp(static_cast<double>(c.score));
     const int64_t slot = ++n;
+    if (vcost) {
+      const double theta = (1.0 + phi) / (draft_cost + static_cast<double>(vcost[n]));
+      if (theta > best_theta) {
+        best_theta = theta;
+        best_n = n;
+      }
+    }
     tokens[slot] = ids[(c.depth - 1) * K + c.rank];
     parents[slot] = c.parent_slot;
     depths[slot] = c.depth;
@@ -88,6 +92,20 @@ static void ref_build_one(const float* lp_in, const int64_t* ids, const float* v
   }
   *num_nodes = static_cast<int32_t>(n);
   *expected = static_cast<float>(1.0 + phi);
+  if (vcost && best_n < n) {  // cut_tree: the slots past best_n back to the unused-slot values
+    for (int64_t s = best_n + 1; s <= n; ++s) {
+      tokens[s] = 0;
+      parents[s] = -1;
+      depths[s] = 0;
+      positions[s] = ctx;
+      scores[s] = -INFINITY;
+      for (int64_t w = 0; w < W; ++w) mask[s * W + w] = 0;
+    }
+    double cut_phi = 0.0;
+    for (int64_t s = 1; s <= best_n; ++s) cut_phi += std::exp(static_cast<double>(scores[s]));
+    *num_nodes = static_cast<int32_t>(best_n);
+    *expected = static_cast<float>(1.0 + cut_phi);
+  }
 }
 
 // Log-prob sources: sorted like topk_marginals' output, few exact (dyadic) values so that scores tie
@@ -95,12 +113,29 @@ static void ref_build_one(const float* lp_in, const int64_t* ids, const float* v
 enum Src { kSorted, kDyadicSorted, kAllEqual, kUnsorted, kSpecial, kDyadicUnsorted, kNumSrc };
 static const char* kSrcName[] = {"sorted", "dyadic-sorted", "all-equal", "unsorted", "special", "dyadic-unsorted"};
 // Cost tables: convex a + b n + c n^2, tile steps, constant (theta grows until exp(score) is 0),
-// shapeless random, and decreasing.
-enum Cost { kFixed, kConvex, kSteps, kConst, kRandom, kDecreasing, kNumCost };
+// shapeless random, decreasing, and concave at small n like a CPU's (a big step from 0 to 1 node, then
+// almost flat: theta falls at the first node and may rise above theta(0) again, where the first maximum
+// of theta and the first stop of its growth differ).
+enum Cost { kFixed, kConvex, kSteps, kConst, kRandom, kDecreasing, kConcave, kNumCost };
 
 struct Stats {
-  int launches = 0, requests = 0, cost_requests = 0, stopped_early = 0, scratch = 0, bad = 0;
+  int launches = 0, requests = 0, cost_requests = 0, cut_below_built = 0, scratch = 0, bad = 0;
+  int old_rule_differs = 0;  // cost-aware decisions where the old rule (stop where theta stops growing) differs
+  int old_by_kind[8] = {};   // the same, by cost kind (request mode: Cost; batch modes: BatchCost)
 };
+
+// The size the old cost-aware rule gave (the first n with theta(n+1) <= theta(n)), from the scores of the
+// fixed-budget tree (slots 1..built), for counting the cases where the first maximum is somewhere else.
+static int64_t first_stop_of_growth(const float* scores, int64_t built, const float* vcost, double draft_cost) {
+  double phi = 0.0, theta = 1.0 / (draft_cost + static_cast<double>(vcost[0]));
+  for (int64_t n = 0; n < built; ++n) {
+    phi += std::exp(static_cast<double>(scores[n + 1]));
+    const double next = (1.0 + phi) / (draft_cost + static_cast<double>(vcost[n + 1]));
+    if (!(next > theta)) return n;
+    theta = next;
+  }
+  return built;
+}
 
 // Random inputs of one launch: log-probs of source `src`, token ids, roots and ragged contexts.
 static void make_inputs(int B, int D, int K, Src src, std::mt19937& rng, std::vector<float>& lp,
@@ -176,7 +211,7 @@ static void run_case(int B, int D, int K, int max_nodes, Src src, Cost cm, int o
   if (cost) {
     draft_cost = rng() % 4 == 0 ? 0.0 : 0.05 * ud(rng);
     for (int b = 0; b < B; ++b) {
-      const double a = 0.5 + ud(rng), bb = 0.05 * ud(rng), c2 = 0.002 * ud(rng);
+      const double a = 0.5 + ud(rng), bb = 0.05 * ud(rng), c2 = 0.002 * ud(rng), step = a * 2.0 * ud(rng);
       for (int64_t i = 0; i < vc_cols; ++i) {
         double v = 1.0;
         switch (cm) {
@@ -194,6 +229,9 @@ static void run_case(int B, int D, int K, int max_nodes, Src src, Cost cm, int o
             break;
           case kDecreasing:
             v = a + 1.0 / (1.0 + i);
+            break;
+          case kConcave:
+            v = i == 0 ? a : a + step + bb * std::sqrt(static_cast<double>(i));
             break;
           default:
             break;
@@ -236,7 +274,18 @@ static void run_case(int B, int D, int K, int max_nodes, Src src, Cost cm, int o
     ++st.requests;
     if (cost) {
       ++st.cost_requests;
-      st.stopped_early += rn < max_nodes;
+      std::vector<int64_t> ftok(T, 0), fpos(T, ctx[b]);
+      std::vector<int32_t> fpar(T, -1), fdep(T, 0), fmask(T * W, 0);
+      std::vector<float> fsc(T, -INFINITY);
+      int32_t built = 0;
+      float fex = 0;
+      ref_build_one(&lp[static_cast<size_t>(b) * D * K], &ids[static_cast<size_t>(b) * D * K], nullptr, D, K,
+                    roots[b], ctx[b], max_nodes, draft_cost, W, &built, ftok.data(), fpar.data(), fdep.data(),
+                    fpos.data(), fsc.data(), fmask.data(), &fex);
+      st.cut_below_built += rn < built;
+      const bool differs = first_stop_of_growth(fsc.data(), built, &vc[b * vc_cols], draft_cost) != rn;
+      st.old_rule_differs += differs;
+      st.old_by_kind[cm] += differs;
     }
     std::string why;
     auto chk = [&](const char* f, int64_t i, auto got, auto want) {
@@ -266,60 +315,63 @@ static void run_case(int B, int D, int K, int max_nodes, Src src, Cost cm, int o
 // ---- budget_mode "batch" / "ragged": build_tree.cu's three launches (the fixed-budget build, the one-thread
 // decision of budget_rule.h, the per-request cut) against the reference fixed-budget trees cut as ops.h says.
 
-// Theta of an allocation, summed from scratch in long double (an order unlike the kernel's running sum, so a
-// different decision is accepted only where the contract allows it: a near-tie of Theta).
-static long double theta_of(const std::vector<std::vector<float>>& sc, const std::vector<int32_t>& cut,
-                            const float* vc, double draft_cost, int mode) {
-  long double mass = static_cast<long double>(sc.size());
-  int64_t size = 0;
-  for (size_t b = 0; b < sc.size(); ++b) {
-    for (int32_t i = 0; i < cut[b]; ++i) mass += std::exp(static_cast<long double>(sc[b][i]));
-    size = mode == ddtree::budget::kBatch ? std::max<int64_t>(size, cut[b]) : size + cut[b];
-  }
-  return mass / (draft_cost + static_cast<long double>(vc[size]));
-}
+// The contract's allocations, every one the rule may choose, in order, with its Theta summed in long double
+// (a precision and order unlike the rule's double running sums, so a different decision is accepted only
+// where the contract allows it: a near-tie of Theta). batch: n = 0..N, each request capped by what it has;
+// ragged: t = 0..total, the merged order (descending score, ties to the smaller request).
+struct Allocations {
+  std::vector<std::vector<int32_t>> cut;  // cut[i][b]: request b's node count under the i-th allocation
+  std::vector<long double> theta;
+};
 
-// The contract's allocation, stepped as ops.h states it: batch, one n for all (each request capped by what it
-// has); ragged, the merged order (descending score, ties to the smaller request).
-static std::vector<int32_t> ref_cuts(const std::vector<std::vector<float>>& sc, const float* vc, double draft_cost,
-                                     int mode, int64_t N) {
+static Allocations ref_allocations(const std::vector<std::vector<float>>& sc, const float* vc, double draft_cost,
+                                   int mode, int64_t N) {
   const size_t B = sc.size();
+  Allocations al;
   std::vector<int32_t> cut(B, 0);
+  long double mass = static_cast<long double>(B);
   int64_t total = 0;
   for (auto& r : sc) total += static_cast<int64_t>(r.size());
   const int64_t steps = mode == ddtree::budget::kBatch ? N : total;
+  al.cut.push_back(cut);
+  al.theta.push_back(mass / (draft_cost + static_cast<long double>(vc[0])));
   for (int64_t t = 0; t < steps; ++t) {
-    std::vector<int32_t> next = cut;
     if (mode == ddtree::budget::kBatch) {
-      for (size_t b = 0; b < B; ++b) next[b] = static_cast<int32_t>(std::min<int64_t>(t + 1, sc[b].size()));
+      for (size_t b = 0; b < B; ++b) {
+        if (cut[b] < static_cast<int32_t>(sc[b].size())) mass += std::exp(static_cast<long double>(sc[b][cut[b]++]));
+      }
     } else {
       int best = -1;
       for (size_t b = 0; b < B; ++b)
         if (cut[b] < static_cast<int32_t>(sc[b].size()) && (best < 0 || sc[b][cut[b]] > sc[best][cut[best]]))
           best = static_cast<int>(b);
-      ++next[best];
+      mass += std::exp(static_cast<long double>(sc[best][cut[best]++]));
     }
-    // batch: Theta is a function of n, not of the capped counts, so step n itself
-    const long double now = mode == ddtree::budget::kBatch ? 0 : theta_of(sc, cut, vc, draft_cost, mode);
-    const long double then = mode == ddtree::budget::kBatch ? 0 : theta_of(sc, next, vc, draft_cost, mode);
-    if (mode == ddtree::budget::kBatch) {
-      long double m0 = static_cast<long double>(B), m1 = m0;
-      for (size_t b = 0; b < B; ++b) {
-        for (int32_t i = 0; i < cut[b]; ++i) m0 += std::exp(static_cast<long double>(sc[b][i]));
-        for (int32_t i = 0; i < next[b]; ++i) m1 += std::exp(static_cast<long double>(sc[b][i]));
-      }
-      if (!(m1 / (draft_cost + vc[t + 1]) > m0 / (draft_cost + vc[t]))) break;
-    } else if (!(then > now)) {
-      break;
-    }
-    cut = next;
+    al.cut.push_back(cut);
+    al.theta.push_back(mass / (draft_cost + static_cast<long double>(vc[t + 1])));
   }
-  return cut;
+  return al;
 }
 
-// Cost rows: convex, shapeless random, flat up to a wall (exactly `wall` nodes pay), and decreasing (Theta
-// grows past every tree's last node, so the batch rule's n exceeds what a request has).
-enum BatchCost { kBConvex, kBRandom, kBWall, kBDecreasing, kNumBatchCost };
+// The contract's choice: the first allocation with the largest Theta.
+static size_t first_argmax(const std::vector<long double>& theta) {
+  size_t best = 0;
+  for (size_t i = 1; i < theta.size(); ++i)
+    if (theta[i] > theta[best]) best = i;
+  return best;
+}
+
+// The old rule's choice, for counting where it differs: the first i with Theta(i+1) <= Theta(i).
+static size_t first_stop_of_growth(const std::vector<long double>& theta) {
+  for (size_t i = 0; i + 1 < theta.size(); ++i)
+    if (!(theta[i + 1] > theta[i])) return i;
+  return theta.size() - 1;
+}
+
+// Cost rows: convex, shapeless random, flat up to a wall (exactly `wall` nodes pay), decreasing (Theta
+// grows past every tree's last node, so the batch rule's n exceeds what a request has), and concave at small
+// n (a big step from 0 to 1 node, then almost flat: Theta falls, then may rise above Theta(0) again).
+enum BatchCost { kBConvex, kBRandom, kBWall, kBDecreasing, kBConcave, kNumBatchCost };
 
 static void run_batch_case(int B, int D, int K, int N, Src src, int mode, BatchCost bc, std::mt19937& rng, Stats& st) {
   using ddtree::budget::kBatch;
@@ -330,13 +382,14 @@ static void run_batch_case(int B, int D, int K, int N, Src src, int mode, BatchC
   std::uniform_real_distribution<double> ud(0.0, 1.0);
   const int64_t cols = (mode == kBatch ? N : int64_t{B} * N) + 1;
   std::vector<float> vc(cols);
-  const double a = 0.5 + ud(rng), slope = 0.05 * ud(rng) / B, curve = 0.002 * ud(rng) / B;
+  const double a = 0.5 + ud(rng), slope = 0.05 * ud(rng) / B, curve = 0.002 * ud(rng) / B, step = 2.0 * a * ud(rng);
   const int64_t wall = static_cast<int64_t>(rng() % cols);
   for (int64_t i = 0; i < cols; ++i)
     vc[i] = static_cast<float>(bc == kBConvex ? a + slope * i + curve * i * i
                                : bc == kBRandom ? 0.01 + ud(rng)
                                : bc == kBWall   ? (i <= wall ? a : 1e6)
-                                                : a + 1.0 / (1.0 + i));
+                               : bc == kBDecreasing ? a + 1.0 / (1.0 + i)
+                                                : (i == 0 ? a : a + step + slope * std::sqrt(static_cast<double>(i))));
   const double draft_cost = rng() % 4 == 0 ? 0.0 : 0.05 * ud(rng);
 
   // ---- the host wrapper: fixed-budget build (no cost row), then the decision and the cut ----
@@ -390,12 +443,23 @@ static void run_batch_case(int B, int D, int K, int N, Src src, int mode, BatchC
     const Ref full = build(b, N);
     scores[b].assign(full.sc.begin() + 1, full.sc.begin() + 1 + full.n);
   }
-  std::vector<int32_t> want = ref_cuts(scores, vc.data(), draft_cost, mode, N);
+  const Allocations al = ref_allocations(scores, vc.data(), draft_cost, mode, N);
+  const size_t best = first_argmax(al.theta);
+  std::vector<int32_t> want = al.cut[best];
+  const bool differs = al.cut[first_stop_of_growth(al.theta)] != want;
+  st.old_rule_differs += differs;
+  st.old_by_kind[bc] += differs;
   std::string why;
   if (cut != want) {
-    const long double tg = theta_of(scores, cut, vc.data(), draft_cost, mode);
-    const long double tw = theta_of(scores, want, vc.data(), draft_cost, mode);
-    if (std::fabs(static_cast<double>(tg - tw)) > 1e-6 * static_cast<double>(tw)) why = "cut differs (not a near-tie)";
+    // Accepted only if the kernel's cut is one of the allocations and its Theta ties the largest within the
+    // rounding of the rule's double sums: up to (steps + 1) adds and one divide, each within a double ulp.
+    // An exact tie is no excuse: it comes from adding p's that are exactly 0 at an equal cost, which the
+    // double sums see exactly too, so the first of the tied allocations is the only answer.
+    const long double tol = 4.0L * static_cast<long double>(al.theta.size() + 2) * DBL_EPSILON * al.theta[best];
+    bool near_tie = false;
+    for (size_t i = 0; i < al.cut.size() && !near_tie; ++i)
+      near_tie = al.cut[i] == cut && al.theta[i] < al.theta[best] && al.theta[best] - al.theta[i] <= tol;
+    if (!near_tie) why = "cut differs (not a near-tie of the largest Theta)";
     want = cut;  // a near-tie: check the trees the kernel chose
   }
   for (int b = 0; b < B && why.empty(); ++b) {
@@ -452,19 +516,29 @@ int main() {
     }
   run_case(2, 15, 64, 8000, kSorted, kFixed, kOptinH200, rng, st);   // 227920 B: just fits
   run_case(2, 15, 64, 8000, kSorted, kConvex, kOptinH200, rng, st);  // + cost row: scratch
-  // Batch budget modes: every source, both modes, three cost shapes, random B/D/K and node caps.
+  const int old_request = st.old_rule_differs;
+  std::printf("build_tree request mode, sizes unlike the old rule's by cost kind:");
+  for (int c = 1; c < kNumCost; ++c) std::printf(" %d", st.old_by_kind[c]);
+  std::printf(" (convex, steps, constant, random, decreasing, concave)\n");
+  for (int& k : st.old_by_kind) k = 0;
+  // Batch budget modes: every source, both modes, every cost shape, random B/D/K and node caps.
   const int launches_before = st.launches, requests_before = st.requests, bad_before = st.bad;
+  const int old_before = st.old_rule_differs;
   for (int mn : {0, 1, 7, 64, 300, 1024})
     for (int s = 0; s < kNumSrc; ++s)
       for (int mode : {ddtree::budget::kBatch, ddtree::budget::kRagged})
         for (int c = 0; c < kNumBatchCost; ++c)
           run_batch_case(rnd(1, 8), rnd(1, 15), std::array<int, 5>{1, 1, 4, 16, rnd(1, 16)}[rng() % 5],
                          mn > 64 ? mn / rnd(1, 8) : mn, Src(s), mode, BatchCost(c), rng, st);
-  std::printf("build_tree batch modes: %d launches, %d requests, %d mismatches\n", st.launches - launches_before,
-              st.requests - requests_before, st.bad - bad_before);
+  std::printf("build_tree batch modes, decisions unlike the old rule's by cost kind:");
+  for (int c = 0; c < kNumBatchCost; ++c) std::printf(" %d", st.old_by_kind[c]);
+  std::printf(" (convex, random, wall, decreasing, concave)\n");
+  std::printf("build_tree batch modes: %d launches, %d requests, %d decisions unlike the old rule's, %d mismatches\n",
+              st.launches - launches_before, st.requests - requests_before, st.old_rule_differs - old_before,
+              st.bad - bad_before);
   std::printf(
-      "build_tree: %d launches, %d requests (%d cost-aware, %d stopped before max_nodes; %d via global scratch), "
-      "%ld tied-score comparisons, %d mismatches\n",
-      st.launches, st.requests, st.cost_requests, st.stopped_early, st.scratch, g_tie_cmps, st.bad);
+      "build_tree: %d launches, %d requests (%d cost-aware, %d cut below the fixed-budget tree, %d sized unlike the "
+      "old rule; %d via global scratch), %ld tied-score comparisons, %d mismatches\n",
+      st.launches, st.requests, st.cost_requests, st.cut_below_built, old_request, st.scratch, g_tie_cmps, st.bad);
   return st.bad != 0;
 }
