@@ -178,7 +178,7 @@ def bench_dtype(args, dtype, context: int, new_tokens: int) -> dict:
     loads.append(os.getloadavg()[0])
     measured = cost.measured["verify_median_ms"][0]
     print(f"profiled in {time.perf_counter() - t:.0f} s: Cd {cost.draft_cost:.1f} ms; Cv(n) at context {context}, "
-          "measured (the model's convex fit): "
+          "measured (the model's non-decreasing fit): "
           + ", ".join(f"{n}:{m:.0f} ({ms:.0f})" for n, m, ms in zip(cost.node_grid, measured, cost.verify_ms[0]))
           + " ms")
     results["cost"] = {"fast": {"node_grid": cost.node_grid, "contexts": cost.contexts,
