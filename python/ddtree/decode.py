@@ -199,12 +199,11 @@ class _HostRead(NamedTuple):
     @classmethod
     def take(cls, tree: Optional[DraftTree], prev: Optional[_Round], clock: Clock) -> "_HostRead":
         """Read ``tree``'s size (``None``: no tree yet, ``slots`` 0) and ``prev``'s results in one sync."""
-        size = tree.num_nodes.max()[None].long() if tree is not None else None
         if prev is None:
-            return cls(int(size.item()) + 1, [], None, [])
+            return cls(int(tree.num_nodes.max().item()) + 1, [], None, [])
         # One row per request: this round's tree size, then the previous round's keep, accept_len,
         # tree size, done flag and new tokens.
-        size = size if size is not None else torch.full((1,), -1, dtype=torch.long, device=prev.keep.device)
+        size = tree.num_nodes.max()[None].long() if tree is not None else prev.keep.new_full((1,), -1)
         columns = (size.expand(prev.keep.shape[0]), prev.keep, prev.accept_len, prev.tree_size, prev.done)
         rows = torch.cat([torch.stack([c.long() for c in columns], 1), prev.new_tokens], 1).tolist()  # host sync
         m = prev.marks
@@ -355,8 +354,7 @@ def generate(
 
     clock, rounds = Clock(dev), []
     prev: Optional[_Round] = None  # the last round's results, read at this round's host synchronisation
-
-    syncs = 0
+    syncs = 0  # GenerateOutput.host_syncs
 
     def emit(read: _HostRead) -> list[bool]:
         """Take in one round's results as read by the host: statistics, streamed tokens, done flags."""
