@@ -42,7 +42,7 @@ Cost sources (the assumptions are printed with the results):
   ``ddtree.cost.profile(runner, batch_size=B)`` at one context (mean prompt length + M/2) for ``B`` in
   {1, 4, 16, 64} (padded forwards), the drafter round timed at each ``B``; per point the least of
   ``--passes`` interleaved passes' medians (a shared machine's load only slows forwards down), refitted
-  monotone convex; between profiled batch sizes linear in ``B``.
+  non-decreasing; between profiled batch sizes linear in ``B``.
   There is no varlen runner, so the ragged cost of ``B'`` roots + ``t`` nodes is modelled as the padded
   cost of ``B'`` rows at the same total slots (``n = (B' + t) / B' - 1``, interpolated).
 
@@ -238,7 +238,7 @@ def cpu_source(target, drafter, batch_sizes, context: int, node_grid, repeats: i
     return MeasuredBatches("cpu", models, context, (
         f"this CPU, shipped target via HFTarget, ddtree.cost.profile(batch_size=B) at context {context} for "
         f"B in {list(batch_sizes)} (padded forwards; per point the least of {passes} passes' medians of {repeats} "
-        "calls, refitted monotone convex; linear in B between profiled sizes), drafter round timed per B the same "
+        "calls, refitted non-decreasing; linear in B between profiled sizes), drafter round timed per B the same "
         "way; no varlen runner exists: ragged cost = padded cost of the same rows at the same total slots"))
 
 

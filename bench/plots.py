@@ -1,7 +1,7 @@
 """Plots of an end-to-end benchmark run (matplotlib, Agg backend): PNGs next to its results.json.
 
 * ``cv_per_context.png``: the verification cost Cv(n) per profiled context (measured medians as points,
-  the monotone convex fit as lines), fast runner and reference path.
+  the non-decreasing fit as lines), fast runner and reference path.
 * ``tokens_per_s_vs_budget.png``: DDTree tokens/s against the node budget, CaDDTree as a horizontal line
   (AR, DFlash chain and the reference pipeline as dotted lines).
 * ``caddtree_budgets.png``: histogram of the budgets CaDDTree chose per round.
