@@ -124,17 +124,19 @@ struct Stats {
   int old_by_kind[8] = {};   // the same, by cost kind (request mode: Cost; batch modes: BatchCost)
 };
 
-// The size the old cost-aware rule gave (the first n with theta(n+1) <= theta(n)), from the scores of the
-// fixed-budget tree (slots 1..built), for counting the cases where the first maximum is somewhere else.
-static int64_t first_stop_of_growth(const float* scores, int64_t built, const float* vcost, double draft_cost) {
-  double phi = 0.0, theta = 1.0 / (draft_cost + static_cast<double>(vcost[0]));
-  for (int64_t n = 0; n < built; ++n) {
-    phi += std::exp(static_cast<double>(scores[n + 1]));
-    const double next = (1.0 + phi) / (draft_cost + static_cast<double>(vcost[n + 1]));
-    if (!(next > theta)) return n;
-    theta = next;
-  }
-  return built;
+// The contract's choice: the first allocation with the largest Theta.
+static size_t first_argmax(const std::vector<long double>& theta) {
+  size_t best = 0;
+  for (size_t i = 1; i < theta.size(); ++i)
+    if (theta[i] > theta[best]) best = i;
+  return best;
+}
+
+// The old rule's choice, for counting where it differs: the first i with Theta(i+1) <= Theta(i).
+static size_t first_stop_of_growth(const std::vector<long double>& theta) {
+  for (size_t i = 0; i + 1 < theta.size(); ++i)
+    if (!(theta[i + 1] > theta[i])) return i;
+  return theta.size() - 1;
 }
 
 // Random inputs of one launch: log-probs of source `src`, token ids, roots and ragged contexts.
@@ -283,7 +285,14 @@ static void run_case(int B, int D, int K, int max_nodes, Src src, Cost cm, int o
                     roots[b], ctx[b], max_nodes, draft_cost, W, &built, ftok.data(), fpar.data(), fdep.data(),
                     fpos.data(), fsc.data(), fmask.data(), &fex);
       st.cut_below_built += rn < built;
-      const bool differs = first_stop_of_growth(fsc.data(), built, &vc[b * vc_cols], draft_cost) != rn;
+      // theta(n) over the fixed-budget tree's prefixes, in the double sums the old rule used
+      std::vector<long double> theta(built + 1);
+      double phi = 0.0;
+      for (int32_t n = 0; n <= built; ++n) {
+        if (n > 0) phi += std::exp(static_cast<double>(fsc[n]));
+        theta[n] = (1.0 + phi) / (draft_cost + static_cast<double>(vc[b * vc_cols + n]));
+      }
+      const bool differs = static_cast<int32_t>(first_stop_of_growth(theta)) != rn;
       st.old_rule_differs += differs;
       st.old_by_kind[cm] += differs;
     }
@@ -353,20 +362,6 @@ static Allocations ref_allocations(const std::vector<std::vector<float>>& sc, co
   return al;
 }
 
-// The contract's choice: the first allocation with the largest Theta.
-static size_t first_argmax(const std::vector<long double>& theta) {
-  size_t best = 0;
-  for (size_t i = 1; i < theta.size(); ++i)
-    if (theta[i] > theta[best]) best = i;
-  return best;
-}
-
-// The old rule's choice, for counting where it differs: the first i with Theta(i+1) <= Theta(i).
-static size_t first_stop_of_growth(const std::vector<long double>& theta) {
-  for (size_t i = 0; i + 1 < theta.size(); ++i)
-    if (!(theta[i + 1] > theta[i])) return i;
-  return theta.size() - 1;
-}
 
 // Cost rows: convex, shapeless random, flat up to a wall (exactly `wall` nodes pay), decreasing (Theta
 // grows past every tree's last node, so the batch rule's n exceeds what a request has), and concave at small
