@@ -28,7 +28,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkout import use_checkout_if_built  # noqa: E402
+
+use_checkout_if_built()  # the checkout's ddtree if it is built, else the installed one
 from ddtree import cli  # noqa: E402
 from ddtree.decode import generate  # noqa: E402
 from ddtree.demo import pretrained_pair  # noqa: E402

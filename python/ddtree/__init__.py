@@ -5,6 +5,8 @@ installed extension was built.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -20,6 +22,15 @@ def _torch_mismatch(built: str, running: str) -> ImportError:
 def _load_extension():
     """Import ``_C``, first checking that the running torch is the one it was compiled against (a different
     torch would fail with a missing-library or missing-symbol error that names neither version)."""
+    here = Path(__file__).resolve().parent
+    if not any(here.glob("_C*.so")) and not any(here.glob("_C*.pyd")):
+        # A source checkout's python/ddtree without a build (e.g. python/ on PYTHONPATH with ddtree installed from
+        # a wheel): Python would say "partially initialized module (most likely due to a circular import)".
+        raise ImportError(
+            f"{here} is ddtree's source tree without its compiled extension (no _C*.so in it). Either build it in "
+            f"place (bash scripts/dev_build.sh; DDTREE_CUDA=OFF for CPU kernels only), or use an installed ddtree "
+            f"(pip install a wheel from scripts/build_wheels.sh, or pip install --no-build-isolation .) and take "
+            f"this folder off sys.path / PYTHONPATH.")
     try:
         from ._build_info import TORCH_VERSION as built  # written by the build; absent in odd dev setups
     except ImportError:
