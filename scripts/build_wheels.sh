@@ -96,16 +96,23 @@ EOF
     cat "$venv/demo.log"; echo "build_wheels.sh: ddtree demo failed with the $kind wheel"; exit 1; }
   grep -E '^\[' "$venv/demo.log"  # one line per method: acceptance length, tokens/s, same tokens as ar
   if grep -qi "differ" "$venv/demo.log"; then echo "build_wheels.sh: a method's output differs from ar"; exit 1; fi
-  # Another Python (or platform) must be refused by pip at install time, not at import.
+  # Another Python, or another platform, must be refused by pip at install time, not at import.
   local other=3.10
   [ "$("$venv/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')" = 3.10 ] && other=3.12
-  if "$venv/bin/pip" install -q --dry-run --no-deps --ignore-installed --only-binary=:all: --python-version "$other" \
-      --target "$venv/other-python" "$wheel" >"$venv/other-python.log" 2>&1; then
-    echo "build_wheels.sh: pip accepted the $kind wheel for Python $other"; exit 1
+  refused "$kind" "$venv" "$wheel" "Python $other" --python-version "$other"
+  refused "$kind" "$venv" "$wheel" "macOS arm64" --platform macosx_11_0_arm64
+}
+
+refused() {  # $1 kind, $2 venv, $3 wheel, $4 what, rest: pip's target options. pip must refuse the wheel for it.
+  local kind=$1 venv=$2 wheel=$3 what=$4 log=$2/refused.log
+  shift 4
+  if "$venv/bin/pip" install -q --dry-run --no-deps --ignore-installed --only-binary=:all: "$@" \
+      --target "$venv/other-target" "$wheel" >"$log" 2>&1; then
+    echo "build_wheels.sh: pip accepted the $kind wheel for $what"; exit 1
   fi
-  grep -q "is not a supported wheel on this platform" "$venv/other-python.log" || {
-    cat "$venv/other-python.log"; echo "build_wheels.sh: unexpected refusal for Python $other"; exit 1; }
-  echo "    pip refuses it for Python $other: $(grep -o 'is not a supported wheel on this platform' "$venv/other-python.log")"
+  grep -q "is not a supported wheel on this platform" "$log" || {
+    cat "$log"; echo "build_wheels.sh: pip refused the $kind wheel for $what, but not for its tags"; exit 1; }
+  echo "    pip refuses it for $what: is not a supported wheel on this platform"
 }
 
 for kind in $BUILDS; do build_one "$kind"; done
