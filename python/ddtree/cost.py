@@ -7,6 +7,8 @@ round by maximising ``theta(n) = (1 + phi(n)) / (Cd + Cv(n; l))`` over every ``n
 cost the most).
 
 * :func:`profile` measures both through the same runner generation uses and fits a :class:`CostModel`.
+* :func:`round_overhead_ms` measures what a real round costs beyond its verify (``ddtree demo`` prices
+  its tiny pair's rounds with it).
 * :meth:`CostModel.default` estimates them from the model's shape and the device's measured bandwidth and
   matrix rate (a roofline), for use without a profile.
 * :meth:`CostModel.table` gives ``build_tree`` the float32 table of its ``budget_mode`` on the device:
@@ -671,6 +673,27 @@ def profile(
         model.draft_cost = DRAFT_FRACTION * float(model.verify_ms[0, 0])
         model.measured["draft_median_ms"] = None
     return model
+
+
+def round_overhead_ms(model: CostModel, out, prompt_len: int) -> float:
+    """What a round of a real decode costs beyond the model's verify, in ms: the part ``Cd`` must price.
+
+    out: a batch-1 :class:`ddtree.decode.GenerateOutput` (its rounds' tree sizes and accepted lengths, its
+    wall time); prompt_len: its prompt's length. Round ``r`` verifies ``n_r`` nodes at context
+    ``l_r = prompt_len + sum_{r' < r} accept_len_r'`` (the prefill caches the prompt, each round its accepted
+    path); the result is ``(total_s - prefill_s - sum_r Cv(n_r; l_r)) / rounds`` (at least 0). With it as
+    ``draft_cost`` the model's round costs add up to the decode's measured time: the drafter forward and
+    every fixed step of a round (top-k, tree build, sampling, acceptance, cache commit, the host's
+    synchronisation and Python) are priced, which on a model this small are most of a round.
+    """
+    if not out.rounds or any(len(r.accept_len) != 1 for r in out.rounds):
+        raise ValueError("round_overhead_ms needs a batch-1 decode with at least one round")
+    context, verify_ms = prompt_len, 0.0
+    for r in out.rounds:
+        verify_ms += float(model.verify_cost(r.tree_size[0], context)[0])
+        context += r.accept_len[0]
+    rounds_ms = (out.total_s - out.prefill_s) * 1e3
+    return max(0.0, (rounds_ms - verify_ms) / len(out.rounds))
 
 
 def _now() -> str:

@@ -307,6 +307,14 @@ def new_drafter(target_config, block_size: int) -> DFlashDrafter:
                                                  mask_token_id=MASK_ID, target_layer_ids=[max(0, L // 2 - 1), L - 2]))
 
 
+def load_trained_target(folder: Path):
+    """A target saved by the recipe (bf16), as the fp32 model the recipe itself ran after rounding it to
+    bf16: the same weights, so the same greedy corpus."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -356,12 +364,9 @@ def train_pair(args, argv, train_ids, held_ids, t_start: float) -> dict:
 def train_drafter_only(args, argv, train_ids, held_ids, t_start: float) -> dict:
     """A drafter for the trained target in ``args.target`` (left unchanged), on the greedy corpus the recipe
     makes from that target; writes the drafter and train_info.json into ``args.out``."""
-    from transformers import AutoModelForCausalLM
-
     weights = args.target / "model.safetensors"
     digest = _sha256(weights)
-    # fp32, as the recipe runs its bf16-rounded target: the same model, so the same greedy corpus.
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32, attn_implementation="sdpa").eval()
+    target = load_trained_target(args.target)
     seqs = greedy_corpus(target, train_ids, args.greedy_seqs, GREEDY_PROMPT, GREEDY_NEW, seed=args.seed + 1)
     t_corpus = time.perf_counter() - t_start
     torch.manual_seed(args.seed + 2)  # the recipe's drafter starts from the RNG its target training left
