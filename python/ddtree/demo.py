@@ -64,10 +64,13 @@ def demo_cost_model(target, drafter, prompt_ids: list[int], max_new_tokens: int,
 
     ``Cv(n; l)``: the target runner's verify, profiled (:func:`ddtree.cost.profile`) for ``n`` up to
     ``max_nodes`` at the contexts this demo decodes at. ``Cd``: everything else a round costs, measured on
-    real CaDDTree decodes of the prompt (:func:`ddtree.cost.round_overhead_ms`, the median of three after
-    a warm-up). Cached under ``$DDTREE_CACHE_DIR`` (default ``~/.cache/ddtree``)``/demo_cost/``, keyed by
-    the device, torch and ddtree versions, torch's threads, both models' files and the decode's shape;
-    delete the file to measure again.
+    real CaDDTree decodes of the prompt (:func:`ddtree.cost.round_overhead_ms`: the rounds' time less their
+    verify forwards; the median of three decodes after a warm-up). Measured, not estimated, because it is
+    this machine's Python and dispatch overhead that sets the price of a round here; measured at every
+    install, not shipped, because that price differs from machine to machine. Cached under
+    ``$DDTREE_CACHE_DIR`` (default ``~/.cache/ddtree``)``/demo_cost/``, keyed by the device, torch and
+    ddtree versions, torch's threads, the dtype, both models' files and the decode's shape; delete the file
+    to measure again.
     """
     from . import __version__, decode
     from .cost import CostModel, profile, round_overhead_ms
@@ -87,7 +90,7 @@ def demo_cost_model(target, drafter, prompt_ids: list[int], max_new_tokens: int,
     model = profile(target, None, max_nodes=max_nodes, contexts=contexts, warmup=2, repeats=5, progress=False)
     runs = [decode.generate(target, drafter, [prompt_ids], method="caddtree", max_new_tokens=max_new_tokens,
                             max_nodes=max_nodes, cost_model=model, threads=None) for _ in range(4)]
-    model.draft_cost = statistics.median(round_overhead_ms(model, r, len(prompt_ids)) for r in runs[1:])
+    model.draft_cost = statistics.median(round_overhead_ms(r) for r in runs[1:])
     model.meta["source"] = ("demo profile: Cv profiled; Cd = a real CaDDTree round's time beyond its verify "
                             "(cost.round_overhead_ms)")
     model.meta["demo_key"] = json.loads(key)
