@@ -184,10 +184,11 @@ def run(prompt: str = DEMO_PROMPT, max_new_tokens: int = 96, max_nodes: int = 64
             f"DDTree budget and CaDDTree cap {max_nodes} nodes")
         out(f"CaDDTree's cost model ({where}): a round's fixed steps Cd = {cost_model.draft_cost:.2f} ms, "
             f"verify Cv(0 / {drafter.block_size - 1} / {max_nodes} nodes) = {cv[0]:.2f} / {cv[1]:.2f} / {cv[2]:.2f} ms")
-        out(f"tokens/s: the median of {TIMED_RUNS} decodes after a warm-up\n")
-        for method in decode.METHODS:
-            rates = []
-            for i in range(TIMED_RUNS + 1):  # the first is a warm-up: allocations, CUDA graphs, cost tables
+        out(f"tokens/s: the median of {TIMED_RUNS} decodes after a warm-up, the methods taking turns\n")
+        rates = {method: [] for method in decode.METHODS}
+        # Round-robin, so that load from other processes (a shared machine) falls on every method alike.
+        for i in range(TIMED_RUNS + 1):  # the first is a warm-up: allocations, CUDA graphs, cost tables
+            for method in decode.METHODS:
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -196,12 +197,14 @@ def run(prompt: str = DEMO_PROMPT, max_new_tokens: int = 96, max_nodes: int = 64
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 if i:
-                    rates.append(len(res.tokens[0]) / (time.perf_counter() - t0))
-            results[method] = res
+                    rates[method].append(len(res.tokens[0]) / (time.perf_counter() - t0))
+                results[method] = res
+        for method in decode.METHODS:
+            res = results[method]
             same = "" if method == "ar" else (
                 "  (same tokens as ar)" if res.tokens == results["ar"].tokens else "  (DIFFERS FROM ar!)")
             out(f"[{method:8s}] acceptance length {res.acceptance_length:5.2f}  mean tree size "
-                f"{res.mean_tree_size:5.1f}  {statistics.median(rates):7.1f} tokens/s{same}")
+                f"{res.mean_tree_size:5.1f}  {statistics.median(rates[method]):7.1f} tokens/s{same}")
         same_all = all(r.tokens == results["ar"].tokens for r in results.values())
         out("\ngenerated (greedy; " + ("identical for every method):" if same_all else "ar's output):"))
         out(prompt + tok.decode(results["ar"].tokens[0]))
