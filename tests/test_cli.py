@@ -38,14 +38,16 @@ def _check_demo_output(stdout: str) -> None:
     assert all("p=" in line and "path=" in line for line in tree[1:])
 
 
-def test_demo_trained_pair():
+@pytest.mark.parametrize("extra, block", [([], 16), (["--drafter-block", "8"], 8)], ids=["default", "block8"])
+def test_demo_trained_pair(extra, block):
     import time
 
     t0 = time.perf_counter()
-    r = ddtree("demo", "--device", "cpu")  # the defaults a user gets
+    r = ddtree("demo", "--device", "cpu", *extra)  # the defaults a user gets, then the other shipped drafter
     assert r.returncode == 0, r.stderr
     assert time.perf_counter() - t0 < 60, "the CPU demo finishes in under a minute"
     assert "trained offline" in r.stdout and "RANDOMLY" not in r.stdout
+    assert f"drafter of block size {block}," in r.stdout and "CaDDTree's cost model (" in r.stdout
     _check_demo_output(r.stdout)
 
 

@@ -87,6 +87,8 @@ def test_generate_bad_values(pair, capsys, extra, message):
     (["--prompt", ""], "--prompt: must not be empty"),
     (["--device", "tpu"], "--device: must be cpu, cuda or cuda:N"),
     (["--threads", "-2"], "--threads: must be at least 1"),
+    (["--drafter-block", "12"], "--drafter-block: must be one of 8, 16 (the block sizes of the shipped drafters), got 12"),
+    (["--drafter-block", "b16"], "--drafter-block: must be an integer, got 'b16'"),
 ])
 def test_demo_bad_values(capsys, extra, message):
     assert message in error_line(capsys, "demo", "--device", "cpu", *extra)
@@ -259,6 +261,15 @@ def test_train_bad_values(capsys, tmp_path):
                                                               "--target-steps", "0")
     assert "the following arguments are required: --out" in error_line(capsys, "train")
     assert "--hidden must be a multiple of 64" in error_line(capsys, "train", "--out", str(tmp_path), "--hidden", "100")
+    # The drafter-only mode uses its target unchanged: what would shape or train a target is refused.
+    from ddtree.demo import PRETRAINED
+
+    shipped = str(PRETRAINED / "target")
+    for option, value in (("--hidden", "64"), ("--layers", "3"), ("--target-steps", "10")):
+        line = error_line(capsys, "train", "--target", shipped, "--out", str(tmp_path), option, value)
+        assert f"argument {option}: shapes or trains the target, so not with --target" in line
+    line = error_line(capsys, "train", "--target", str(tmp_path), "--out", str(tmp_path / "d"))
+    assert "argument --target:" in line and "no config.json and model.safetensors" in line
 
 
 # ---- what is not refused: a warning, then the run ------------------------------------------------------

@@ -1,6 +1,6 @@
-"""The trained pair shipped in the package (ddtree/pretrained/stdlib-char, made by ``ddtree train``):
-on held-out text its drafter is actually useful, and speculative decoding with it stays exactly the
-target's own greedy decoding."""
+"""The trained pair shipped in the package (ddtree/pretrained/stdlib-char, made by ``ddtree train``), with
+both its drafters (block sizes 8 and 16): on held-out text each drafter is actually useful, and speculative
+decoding with it stays exactly the target's own greedy decoding."""
 from __future__ import annotations
 
 import pytest
@@ -11,11 +11,12 @@ from ddtree.drafter import DFlashDrafter
 from ddtree.target import load_target
 
 
-@pytest.fixture(scope="module")
-def pair():
-    tdir, ddir = demo.pretrained_pair()
+@pytest.fixture(scope="module", params=[8, 16], ids=["block8", "block16"])
+def pair(request):
+    tdir, ddir = demo.pretrained_pair(request.param)
     target = load_target(tdir)
     drafter = DFlashDrafter.from_pretrained(ddir, dtype=target.dtype)
+    assert drafter.block_size == request.param
     _, held = train.load_corpus(held_out_only=True)
     g = torch.Generator().manual_seed(123)
     starts = torch.randint(0, held.numel() - 100, (6,), generator=g).tolist()
@@ -58,3 +59,18 @@ def test_train_info_records_the_recipe():
     assert info["command"].startswith("ddtree train")
     assert info["seed"] == 0 and info["python"] and info["seconds"]["total"] > 0
     assert all(v["same_as_ar"] for v in info["acceptance_held_out"].values())
+
+
+def test_block16_drafter_records_its_drafter_only_run():
+    """The block-16 drafter was trained by the recipe's drafter-only mode for the shipped target as it is."""
+    import hashlib
+    import json
+
+    tdir, ddir = demo.pretrained_pair(16)
+    info = json.loads((ddir / "train_info.json").read_text())
+    assert info["command"].startswith("ddtree train --target") and "--block-size 16" in info["command"]
+    assert info["target"]["model_sha256"] == hashlib.sha256((tdir / "model.safetensors").read_bytes()).hexdigest()
+    assert info["drafter"]["block_size"] == 16 and info["seed"] == 0 and info["seconds"]["total"] > 0
+    table = info["acceptance_held_out"]
+    assert {"dflash", "ddtree-16", "ddtree-64", "ddtree-256", "caddtree"} <= set(table)
+    assert all(v["same_as_ar"] for v in table.values())

@@ -62,3 +62,45 @@ def test_a_few_steps_lower_both_losses():
     first, last = (float(line.split("loss")[1].split()[0]) for line in (logs[0], logs[-1]))
     assert last < first - 0.5
     assert isinstance(drafter, DFlashDrafter) and not drafter.training
+
+
+def test_a_saved_target_gives_the_recipes_greedy_corpus(tmp_path):
+    """The drafter-only mode (``--target``) loads the saved bf16 target as the fp32 model the recipe itself
+    ran after rounding to bf16: the same greedy continuations, so the same training text for the drafter."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 40, (2000,))
+    shape = dict(hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1, head_dim=64)
+    target = train.train_target(ids, 20, batch=4, seq=32, log=lambda *_: None, **shape)
+    target = target.to(torch.bfloat16).to(torch.float32)  # as the recipe does before its greedy corpus
+    want = train.greedy_corpus(target, ids, 6, prompt_len=8, new_tokens=24, seed=1)
+    target.to(torch.bfloat16).save_pretrained(tmp_path / "target")
+    got = train.greedy_corpus(train.load_trained_target(tmp_path / "target"), ids, 6, prompt_len=8, new_tokens=24,
+                              seed=1)
+    assert torch.equal(got, want)
+
+
+def test_drafter_only_mode_trains_a_drafter_for_the_shipped_target(tmp_path):
+    """``ddtree train --target DIR``: the target's files are unchanged, --out is a drafter folder of the
+    asked block size that decodes exactly like the target, with its record."""
+    import hashlib
+    import json
+
+    from ddtree import demo
+
+    weights = demo.PRETRAINED / "target" / "model.safetensors"
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    out = tmp_path / "drafter-b4"
+    code = train.main(["--target", str(demo.PRETRAINED / "target"), "--block-size", "4", "--drafter-steps", "3",
+                       "--greedy-seqs", "4", "--out", str(out)])
+    assert code == 0
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+    drafter = DFlashDrafter.from_pretrained(out)
+    assert drafter.block_size == 4 and drafter.target_layer_ids == [1, 2]  # the recipe's layers for 4 target layers
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["command"].startswith("ddtree train --target") and info["seed"] == 0
+    assert info["target"]["model_sha256"] == before
+    assert info["drafter"]["block_size"] == 4 and info["drafter"]["steps"] == 3
+    table = info["acceptance_held_out"]
+    assert set(table) == {"ar", "dflash", "ddtree-16", "ddtree-64", "ddtree-256", "caddtree"}
+    assert all(row["same_as_ar"] for row in table.values())
+    assert table["dflash"]["mean_tree_size"] == 3 and table["ddtree-16"]["mean_tree_size"] == 16

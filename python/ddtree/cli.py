@@ -122,6 +122,16 @@ def budget_mode(text: str) -> str:
     return text
 
 
+def drafter_block(text: str) -> int:
+    from .demo import DRAFTERS
+
+    v = _int(text)
+    if v not in DRAFTERS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, DRAFTERS))} (the block sizes of the "
+                                         f"shipped drafters), got {v}")
+    return v
+
+
 def device(text: str) -> str:
     kind, _, index = text.partition(":")
     if kind == "cpu" and not index or kind == "cuda" and (not index or index.isdigit()):
@@ -423,7 +433,7 @@ def cmd_demo(args) -> int:
         tok, cfg = tiny.char_tokenizer(), tiny.target_config().to_dict()
     else:
         try:
-            tdir, _ = demo.pretrained_pair()
+            tdir, _ = demo.pretrained_pair(args.drafter_block)
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
         tok, cfg = _load_tokenizer(tdir), _read_config(str(tdir), "target")
@@ -434,7 +444,7 @@ def cmd_demo(args) -> int:
     # The demo's models are tiny (well under SMALL_MODEL_PARAMS): 'auto' means one thread on CPU.
     threads = args.threads if args.threads is not None else (1 if device == "cpu" else None)
     demo.run(prompt=prompt, max_new_tokens=args.max_new_tokens, max_nodes=args.max_nodes, seed=args.seed,
-             device=device, random=args.random, threads=threads)
+             device=device, random=args.random, threads=threads, drafter_block=args.drafter_block)
     return 0
 
 
@@ -580,18 +590,25 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEMO_DRAFTER_BLOCK, DRAFTERS
+
     parser = _Parser(prog="ddtree", description="Speculative decoding with diffusion draft trees.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="run every method on the shipped tiny trained pair (no download)",
                        description="Run ar, dflash, ddtree and caddtree on the tiny character-level pair shipped "
                                    "with ddtree and print each one's acceptance length, speed and the first draft "
-                                   "tree. About 20 s on one CPU core.")
+                                   "tree. CaDDTree's cost model is measured for the pair on this machine at the "
+                                   "first run (a few seconds) and cached. About 30 s on one CPU core.")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="text to continue (default: the start of a Python method)")
     p.add_argument("--max-new-tokens", type=positive_int, metavar="N", default=96, help="tokens to generate per method")
     p.add_argument("--max-nodes", type=nonnegative_int, metavar="N", default=64,
                    help="DDTree's node budget and CaDDTree's cap")
     p.add_argument("--random", action="store_true", help="a randomly initialised pair instead of the trained one")
+    p.add_argument("--drafter-block", type=drafter_block, metavar="N", default=DEMO_DRAFTER_BLOCK,
+                   help=f"which shipped drafter: block size {' or '.join(map(str, DRAFTERS))} (with --random, the random "
+                        f"drafter's block size) (default: {DEMO_DRAFTER_BLOCK}, where the tree methods gain most over "
+                        "the chain)")
     p.add_argument("--seed", type=seed_int, metavar="N", default=0, help="seed of the random pair and of sampling")
     _run_options(p)
     p.set_defaults(func=cmd_demo)

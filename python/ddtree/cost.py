@@ -7,6 +7,8 @@ round by maximising ``theta(n) = (1 + phi(n)) / (Cd + Cv(n; l))`` over every ``n
 cost the most).
 
 * :func:`profile` measures both through the same runner generation uses and fits a :class:`CostModel`.
+* :func:`round_overhead_ms` measures what a real round costs beyond its verify (``ddtree demo`` prices
+  its tiny pair's rounds with it).
 * :meth:`CostModel.default` estimates them from the model's shape and the device's measured bandwidth and
   matrix rate (a roofline), for use without a profile.
 * :meth:`CostModel.table` gives ``build_tree`` the float32 table of its ``budget_mode`` on the device:
@@ -671,6 +673,21 @@ def profile(
         model.draft_cost = DRAFT_FRACTION * float(model.verify_ms[0, 0])
         model.measured["draft_median_ms"] = None
     return model
+
+
+def round_overhead_ms(out) -> float:
+    """What a round of a real decode costs beyond its verify forward, in ms: the part ``Cd`` must price.
+
+    out: a :class:`ddtree.decode.GenerateOutput`. The result is ``(total_s - prefill_s - sum_r verify_s_r) /
+    rounds``: the rounds' wall time less their verify forwards, per round, both from the same decode (so
+    load that comes and goes on a shared machine falls on both alike). It is the drafter forward and every
+    fixed step of a round (top-k, tree build, sampling, acceptance, cache commit, the host's
+    synchronisation, Python), which on a model this small are a large part of a round.
+    """
+    if not out.rounds:
+        raise ValueError("round_overhead_ms needs a decode with at least one round")
+    rounds_s = out.total_s - out.prefill_s
+    return max(0.0, (rounds_s - sum(r.verify_s for r in out.rounds)) * 1e3 / len(out.rounds))
 
 
 def _now() -> str:

@@ -10,6 +10,10 @@
    ``x_0..x_{p-1}``. Its training text is the target's own greedy continuations of train prompts, so the
    drafter learns what it will be asked to predict (the target's greedy choices), not the corpus.
 
+``ddtree train --target DIR --block-size 16 --out DIR`` trains only step 2 for a target already trained
+(the shipped one, say), leaving it unchanged: the target's greedy corpus is regenerated exactly as the
+recipe makes it, and ``--out`` becomes the drafter folder with its own ``train_info.json``.
+
 Everything is seeded. The corpus depends on the Python version's stdlib (the shipped pair records the
 version it was trained on in ``train_info.json``). :func:`drafter_block_logits` is the differentiable
 batched twin of :meth:`DFlashDrafter.draft` (several blocks per sequence under one attention mask);
@@ -26,6 +30,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -267,50 +272,70 @@ def _schedule(opt, steps: int, warmup: int = 50):
 
 
 def evaluate(target_dir: Path, drafter_dir: Path, held_ids: torch.Tensor, prompts: int = 8, prompt_len: int = 64,
-             new_tokens: int = 96, max_nodes: int = 64, seed: int = 0) -> dict:
-    """Acceptance length per method on held-out prompts, and whether every method's output equals AR."""
+             new_tokens: int = 96, max_nodes: int = 64, seed: int = 0, budgets: Sequence[int] = (64,),
+             cost_model=None) -> dict:
+    """Acceptance length per method on held-out prompts, and whether every method's output equals AR.
+
+    Keys: ``ar``, ``dflash``, ``ddtree-N`` per node budget in ``budgets``, ``caddtree`` (cap ``max_nodes``,
+    priced by ``cost_model``; ``None``: the built-in estimate)."""
     from . import decode
     from .target import load_target
 
     target = load_target(target_dir)
     drafter = DFlashDrafter.from_pretrained(drafter_dir, dtype=target.dtype)
     x = _windows(held_ids, prompts, prompt_len, torch.Generator().manual_seed(seed)).tolist()
+    runs = [("ar", "ar", max_nodes), ("dflash", "dflash", max_nodes)]
+    runs += [(f"ddtree-{n}", "ddtree", n) for n in budgets] + [("caddtree", "caddtree", max_nodes)]
     result, ref = {}, None
-    for method in decode.METHODS:
-        out = decode.generate(target, drafter, x, method=method, max_new_tokens=new_tokens, max_nodes=max_nodes)
+    for name, method, nodes in runs:
+        out = decode.generate(target, drafter, x, method=method, max_new_tokens=new_tokens, max_nodes=nodes,
+                              cost_model=cost_model)
         ref = out.tokens if method == "ar" else ref
-        result[method] = {"acceptance_length": round(out.acceptance_length, 3),
-                          "mean_tree_size": round(out.mean_tree_size, 2), "same_as_ar": out.tokens == ref}
+        result[name] = {"acceptance_length": round(out.acceptance_length, 3),
+                        "mean_tree_size": round(out.mean_tree_size, 2), "same_as_ar": out.tokens == ref}
     return result
 
 
-def main(argv=None, parser_class=argparse.ArgumentParser) -> int:
-    from transformers.utils import logging as hf_logging
+GREEDY_PROMPT, GREEDY_NEW = 64, 128  # the drafter's training text: 64 train characters + 128 greedy ones
+TARGET_DEFAULTS = {"target_steps": 2000, "hidden": 128, "layers": 4}  # the options that shape the target
 
-    from .cli import HelpFormatter, nonnegative_int, positive_int
 
-    ap = parser_class(prog="ddtree train", description="Train the tiny char-level target + DFlash drafter pair "
-                      "on CPU (about 15 minutes with the defaults).",
-                      formatter_class=HelpFormatter)
-    ap.add_argument("--out", required=True, type=Path, help="folder: writes target/, drafter/, train_info.json")
-    ap.add_argument("--target-steps", type=positive_int, default=2000, help="optimizer steps for the target")
-    ap.add_argument("--drafter-steps", type=positive_int, default=1500, help="optimizer steps for the drafter")
-    ap.add_argument("--greedy-seqs", type=positive_int, default=2048, help="greedy continuations the drafter learns from")
-    ap.add_argument("--hidden", type=positive_int, default=128, help="hidden size of both models (a multiple of 64)")
-    ap.add_argument("--layers", type=positive_int, default=4, help="target layers (the drafter has one)")
-    ap.add_argument("--block-size", type=positive_int, default=8, help="drafter block: the root + block-size - 1 drafted tokens")
-    ap.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--seed", type=nonnegative_int, default=0, help="seed of data order and initialisation")
-    args = ap.parse_args(argv)
-    if args.hidden % 64 or args.layers < 2 or args.block_size < 2:
-        ap.error("--hidden must be a multiple of 64 (heads of 64), --layers and --block-size at least 2")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    hf_logging.disable_progress_bar()  # this command's own progress lines are the output
-    t_start = time.perf_counter()
-    train_ids, held_ids = load_corpus()
-    print(f"corpus: {train_ids.numel():,} train / {held_ids.numel():,} held-out characters "
-          f"(Python {platform.python_version()} stdlib)")
+def new_drafter(target_config, block_size: int) -> DFlashDrafter:
+    """The recipe's drafter for a target: one layer, reading target layers ``L/2 - 1`` and ``L - 2``."""
+    L = target_config.num_hidden_layers
+    return DFlashDrafter(DFlashConfig.for_target(target_config, num_layers=1, block_size=block_size,
+                                                 mask_token_id=MASK_ID, target_layer_ids=[max(0, L // 2 - 1), L - 2]))
+
+
+def load_trained_target(folder: Path):
+    """A target saved by the recipe (bf16), as the fp32 model the recipe itself ran after rounding it to
+    bf16: the same weights, so the same greedy corpus."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _record(args, argv, train_ids, held_ids) -> dict:
+    return {
+        "command": "ddtree train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "python": platform.python_version(), "torch": torch.__version__, "seed": args.seed,
+        "corpus": f"Python stdlib .py files (tests, idlelib, lib2to3, tkinter excluded); held out: sha1(path) % "
+                  f"{HELD_OUT_EVERY} == 0", "train_chars": train_ids.numel(), "held_out_chars": held_ids.numel(),
+    }
+
+
+def _print_acceptance(table: dict) -> None:
+    for name, r in table.items():
+        print(f"  {name:10s} acceptance length {r['acceptance_length']:5.2f}  mean tree size "
+              f"{r['mean_tree_size']:5.1f}  {'same tokens as ar' if r['same_as_ar'] else 'DIFFERS FROM ar'}")
+
+
+def train_pair(args, argv, train_ids, held_ids, t_start: float) -> dict:
+    """The whole recipe: target, its greedy corpus, drafter; writes target/, drafter/, train_info.json."""
     shape = dict(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
                  num_kv_heads=max(1, args.hidden // 128), head_dim=64)
     target = train_target(train_ids, args.target_steps, seed=args.seed, **shape)
@@ -320,34 +345,103 @@ def main(argv=None, parser_class=argparse.ArgumentParser) -> int:
     print(f"target loss (nats/char): train {losses['train']:.3f}, held-out {losses['held_out']:.3f}")
     t_target = time.perf_counter() - t_start
 
-    prompt_len, new_tokens = 64, 128
-    seqs = greedy_corpus(target, train_ids, args.greedy_seqs, prompt_len, new_tokens, seed=args.seed + 1)
-    L = target.config.num_hidden_layers
-    drafter = DFlashDrafter(DFlashConfig.for_target(target.config, num_layers=1, block_size=args.block_size,
-                                                    mask_token_id=MASK_ID, target_layer_ids=[max(0, L // 2 - 1), L - 2]))
-    drafter = train_drafter(target, drafter, seqs, prompt_len, args.drafter_steps, seed=args.seed + 2)
+    seqs = greedy_corpus(target, train_ids, args.greedy_seqs, GREEDY_PROMPT, GREEDY_NEW, seed=args.seed + 1)
+    drafter = new_drafter(target.config, args.block_size)
+    drafter = train_drafter(target, drafter, seqs, GREEDY_PROMPT, args.drafter_steps, seed=args.seed + 2)
 
     args.out.mkdir(parents=True, exist_ok=True)
     # Shipped in bf16 (a few MB); loaded and run in fp32 on CPU, so "the target" is the bf16-rounded model.
     target.to(torch.bfloat16).save_pretrained(args.out / "target")
     char_tokenizer().save_pretrained(args.out / "target")
     drafter.to(torch.bfloat16).save_pretrained(args.out / "drafter")
-    info = {
-        "command": "ddtree train " + " ".join(sys.argv[1:] if argv is None else argv),
-        "python": platform.python_version(), "torch": torch.__version__, "seed": args.seed,
-        "corpus": f"Python stdlib .py files (tests, idlelib, lib2to3, tkinter excluded); held out: sha1(path) % "
-                  f"{HELD_OUT_EVERY} == 0", "train_chars": train_ids.numel(), "held_out_chars": held_ids.numel(),
-        "target_loss": losses, "device": "cpu", "threads": torch.get_num_threads(),
-        "seconds": {"target": round(t_target), "total": None},
-    }
+    info = {**_record(args, argv, train_ids, held_ids),
+            "target_loss": losses, "device": "cpu", "threads": torch.get_num_threads(),
+            "seconds": {"target": round(t_target), "total": None}}
     info["acceptance_held_out"] = evaluate(args.out / "target", args.out / "drafter", held_ids)
+    return info
+
+
+def train_drafter_only(args, argv, train_ids, held_ids, t_start: float) -> dict:
+    """A drafter for the trained target in ``args.target`` (left unchanged), on the greedy corpus the recipe
+    makes from that target; writes the drafter and train_info.json into ``args.out``."""
+    weights = args.target / "model.safetensors"
+    digest = _sha256(weights)
+    target = load_trained_target(args.target)
+    seqs = greedy_corpus(target, train_ids, args.greedy_seqs, GREEDY_PROMPT, GREEDY_NEW, seed=args.seed + 1)
+    t_corpus = time.perf_counter() - t_start
+    torch.manual_seed(args.seed + 2)  # the recipe's drafter starts from the RNG its target training left
+    drafter = new_drafter(target.config, args.block_size)
+    drafter = train_drafter(target, drafter, seqs, GREEDY_PROMPT, args.drafter_steps, seed=args.seed + 2)
+    t_drafter = time.perf_counter() - t_start - t_corpus
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    drafter.to(torch.bfloat16).save_pretrained(args.out)
+    if _sha256(weights) != digest:
+        raise RuntimeError(f"{weights} changed while its drafter was trained")
+    info = {**_record(args, argv, train_ids, held_ids),
+            "target": {"folder": str(args.target), "model_sha256": digest, "unchanged": True},
+            "drafter": {"block_size": args.block_size, "steps": args.drafter_steps, "greedy_seqs": args.greedy_seqs,
+                        "target_layer_ids": drafter.target_layer_ids},
+            "device": "cpu", "threads": torch.get_num_threads(),
+            "seconds": {"greedy_corpus": round(t_corpus), "drafter": round(t_drafter), "total": None}}
+    info["acceptance_held_out"] = evaluate(args.target, args.out, held_ids, budgets=(16, 64, 256))
+    return info
+
+
+def main(argv=None, parser_class=argparse.ArgumentParser) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .cli import HelpFormatter, nonnegative_int, positive_int
+
+    ap = parser_class(prog="ddtree train", description="Train the tiny char-level target + DFlash drafter pair "
+                      "on CPU (about 15 minutes with the defaults), or with --target only a drafter for a trained "
+                      "target (about 5 minutes for block size 16).",
+                      formatter_class=HelpFormatter)
+    ap.add_argument("--out", required=True, type=Path, help="folder: writes target/, drafter/, train_info.json; with "
+                    "--target it is the drafter folder (config.json, model.safetensors, train_info.json)")
+    ap.add_argument("--target", type=Path, default=None, metavar="DIR",
+                    help="train only a drafter for this trained target folder (e.g. the shipped one), which stays "
+                         "unchanged; its greedy corpus is regenerated as the whole recipe makes it")
+    ap.add_argument("--target-steps", type=positive_int, default=None,
+                    help=f"optimizer steps for the target (default: {TARGET_DEFAULTS['target_steps']})")
+    ap.add_argument("--drafter-steps", type=positive_int, default=1500, help="optimizer steps for the drafter")
+    ap.add_argument("--greedy-seqs", type=positive_int, default=2048, help="greedy continuations the drafter learns from")
+    ap.add_argument("--hidden", type=positive_int, default=None,
+                    help=f"hidden size of both models, a multiple of 64 (default: {TARGET_DEFAULTS['hidden']})")
+    ap.add_argument("--layers", type=positive_int, default=None,
+                    help=f"target layers; the drafter has one (default: {TARGET_DEFAULTS['layers']})")
+    ap.add_argument("--block-size", type=positive_int, default=8, help="drafter block: the root + block-size - 1 drafted tokens")
+    ap.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--seed", type=nonnegative_int, default=0, help="seed of data order and initialisation")
+    args = ap.parse_args(argv)
+    if args.target is not None:
+        given = [k for k in TARGET_DEFAULTS if getattr(args, k) is not None]
+        if given:
+            ap.error(f"argument --{given[0].replace('_', '-')}: shapes or trains the target, so not with --target "
+                     "(the given target is used unchanged)")
+        if not (args.target / "config.json").is_file() or not (args.target / "model.safetensors").is_file():
+            ap.error(f"argument --target: {args.target} has no config.json and model.safetensors (a `ddtree train` "
+                     "target folder)")
+    for k, v in TARGET_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.hidden % 64 or args.layers < 2 or args.block_size < 2:
+        ap.error("--hidden must be a multiple of 64 (heads of 64), --layers and --block-size at least 2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()  # this command's own progress lines are the output
+    t_start = time.perf_counter()
+    train_ids, held_ids = load_corpus()
+    print(f"corpus: {train_ids.numel():,} train / {held_ids.numel():,} held-out characters "
+          f"(Python {platform.python_version()} stdlib)")
+    if args.target is None:
+        info, wrote = train_pair(args, argv, train_ids, held_ids, t_start), "target/, drafter/ and train_info.json"
+    else:
+        info, wrote = train_drafter_only(args, argv, train_ids, held_ids, t_start), "the drafter and train_info.json"
     info["seconds"]["total"] = round(time.perf_counter() - t_start)
     (args.out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"\nwrote target/, drafter/ and train_info.json to {args.out} in {info['seconds']['total']} s; "
-          "greedy decoding of held-out prompts with the new pair:")
-    for name, r in info["acceptance_held_out"].items():
-        print(f"  {name:8s} acceptance length {r['acceptance_length']:5.2f}  mean tree size "
-              f"{r['mean_tree_size']:5.1f}  {'same tokens as ar' if r['same_as_ar'] else 'DIFFERS FROM ar'}")
+    print(f"\nwrote {wrote} to {args.out} in {info['seconds']['total']} s; greedy decoding of held-out prompts:")
+    _print_acceptance(info["acceptance_held_out"])
     return 0
 
 
