@@ -1,8 +1,9 @@
 """Cost-scaled targets (``ddtree scale-target``, :mod:`ddtree.scaled_target`): the shipped target plus dead
-layers. On CPU fp32 its logits and the drafter's features are the shipped target's bit for bit (through
-transformers and both runners, batched and ragged), so every method's greedy output and acceptance are
-the same; its parameter count and weight-matmul FLOPs are the named model's within 5%, counted on models
-transformers builds on the meta device (not with the module's own formulas)."""
+weight, widened (extra heads, MLP units and layers) or with extra layers of its own shape. On CPU fp32
+their logits and the drafter's features are the shipped target's bit for bit (through transformers and
+both runners, batched and ragged), so every method's greedy output and acceptance are the same; the
+``--like`` shapes' parameter counts and weight-matmul FLOPs are the named models' within 5%, counted on
+models transformers builds on the meta device (not with the module's own formulas)."""
 from __future__ import annotations
 
 import json
@@ -20,13 +21,15 @@ from ddtree.fast_target import FastTarget
 from ddtree.target import load_target
 
 LAYERS = 7  # the shipped target's 4 and 3 extra: seconds, not the gigabytes of --like
+# Small stand-ins for --like's shapes: 4x the heads and KV heads, 8x the MLP width (the base has 2 / 1 / 256)
+SHAPES = {"widened": st.ScaledShape(LAYERS, 8, 4, 2048), "layers only": st.ScaledShape(LAYERS, 2, 1, 256)}
 
 
-@pytest.fixture(scope="module")
-def scaled(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def scaled(tmp_path_factory, request):
     base, _ = demo.pretrained_pair()
     out = tmp_path_factory.mktemp("scaled") / "target"
-    st.write_scaled_target(base, out, LAYERS, seed=3)
+    st.write_scaled_target(base, out, SHAPES[request.param], seed=3)
     return base, out
 
 
@@ -41,7 +44,12 @@ def test_extra_layers_do_real_work_and_add_zero(scaled):
     assert cfg["num_hidden_layers"] == LAYERS and cfg["model_type"] == "qwen3"
     assert "NOT A REAL MODEL" in cfg["ddtree_cost_scaled"]["what"]
     w, b = load_file(str(out / "model.safetensors")), load_file(str(base / "model.safetensors"))
-    assert all(torch.equal(w[k], v) for k, v in b.items())  # the base's tensors, unchanged
+    for k, v in b.items():  # the base's tensors are all there (widened: among zero columns and random rows)
+        if w[k].shape == v.shape:
+            assert torch.equal(w[k], v)
+        elif k.endswith(("o_proj.weight", "down_proj.weight")):  # the base's columns and nothing else
+            assert (w[k] != 0).sum() == (v != 0).sum() and w[k].shape[1] > v.shape[1]
+            assert sorted(w[k][w[k] != 0].tolist()) == sorted(v[v != 0].tolist())
     for i in range(4, LAYERS):
         p = f"model.layers.{i}."
         assert (w[p + "self_attn.o_proj.weight"] == 0).all() and (w[p + "mlp.down_proj.weight"] == 0).all()
@@ -52,11 +60,16 @@ def test_extra_layers_do_real_work_and_add_zero(scaled):
 
 def test_seeded(scaled, tmp_path):
     base, out = scaled
-    st.write_scaled_target(base, tmp_path / "again", LAYERS, seed=3)
-    st.write_scaled_target(base, tmp_path / "other", LAYERS, seed=4)
+    shape = st.ScaledShape(**{k: json.loads((out / "config.json").read_text())[v] for k, v in CONFIG_KEYS.items()})
+    st.write_scaled_target(base, tmp_path / "again", shape, seed=3)
+    st.write_scaled_target(base, tmp_path / "other", shape, seed=4)
     a, b, c = (load_file(str(d / "model.safetensors")) for d in (out, tmp_path / "again", tmp_path / "other"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.layers.5.self_attn.q_proj.weight"], c["model.layers.5.self_attn.q_proj.weight"])
+
+
+CONFIG_KEYS = {"layers": "num_hidden_layers", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+               "intermediate_size": "intermediate_size"}
 
 
 def batches():
@@ -136,10 +149,11 @@ def test_sharded_checkpoint_loads_everywhere(scaled, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     base, out = scaled
-    monkeypatch.setattr(st, "SHARD_BYTES", 1)  # one extra layer per shard
-    st.write_scaled_target(base, tmp_path / "sharded", LAYERS, seed=3)
+    monkeypatch.setattr(st, "SHARD_BYTES", 1)  # one layer per shard
+    shape = st.ScaledShape(**{k: json.loads((out / "config.json").read_text())[v] for k, v in CONFIG_KEYS.items()})
+    st.write_scaled_target(base, tmp_path / "sharded", shape, seed=3)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) == LAYERS - 4
+    assert len(set(index["weight_map"].values())) == LAYERS
     ids = torch.randint(3, 99, (2, 9))
     a = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", dtype=torch.float32).eval()
@@ -166,14 +180,16 @@ def counted(cfg: dict) -> tuple[int, int]:
 @pytest.mark.parametrize("name", sorted(st.NAMED))
 def test_like_a_named_model_within_5_percent(name):
     base_cfg = json.loads((demo.pretrained_pair()[0] / "config.json").read_text())
-    layers = st.layers_like(base_cfg, name)
-    want_params, want_flops = counted(st.NAMED[name])
-    # The scaled model has thousands of layers: count the 4- and 5-layer ones and extend linearly.
-    (p4, f4), (p5, f5) = (counted(st.scaled_config(base_cfg, n)) for n in (4, 5))
-    params, flops = p4 + (layers - 4) * (p5 - p4), f4 + (layers - 4) * (f5 - f4)
+    cfg = st.scaled_config(base_cfg, st.shape_like(base_cfg, name))
+    (params, flops), (want_params, want_flops) = counted(cfg), counted(st.NAMED[name])
     assert abs(params / want_params - 1) < 0.05, (params, want_params)
     assert abs(flops / want_flops - 1) < 0.05, (flops, want_flops)
-    assert st.describe(st.scaled_config(base_cfg, layers))["params"] == params  # what the command prints
+    assert st.describe(cfg)["params"] == params  # what the command prints
+    # the KV cache per token and the attention per context token are the named model's too
+    named = st.NAMED[name]
+    assert cfg["num_hidden_layers"] == named["num_hidden_layers"]
+    assert cfg["num_key_value_heads"] * cfg["head_dim"] == named["num_key_value_heads"] * named["head_dim"]
+    assert cfg["num_attention_heads"] * cfg["head_dim"] == named["num_attention_heads"] * named["head_dim"]
 
 
 def test_command_writes_a_target_the_shipped_drafters_run_on(tmp_path, capsys):
@@ -186,6 +202,26 @@ def test_command_writes_a_target_the_shipped_drafters_run_on(tmp_path, capsys):
     code = main(["generate", "--target", str(tmp_path / "t"), "--drafter", str(drafters()[0]), "--prompt",
                  "    def f(self", "--max-new-tokens", "8"])
     assert code == 0 and "acceptance length" in capsys.readouterr().out
+
+
+def test_command_like_a_named_model(tmp_path, capsys, monkeypatch):
+    """--like on a small stand-in for a named model (the real ones are gigabytes)."""
+    monkeypatch.setitem(st.NAMED, "tiny-named", dict(vocab_size=512, hidden_size=256, intermediate_size=768,
+                                                      num_hidden_layers=6, num_attention_heads=4,
+                                                      num_key_value_heads=2, head_dim=64, tie_word_embeddings=True))
+    assert main(["scale-target", "--like", "tiny-named", "--out", str(tmp_path / "t")]) == 0
+    assert "tiny-named" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (6, 4, 2)
+    assert cfg["intermediate_size"] > 256 and cfg["ddtree_cost_scaled"]["like"] == "tiny-named"
+    base, _ = demo.pretrained_pair()
+    ids = torch.randint(3, 99, (2, 20))
+    a, b = load_target(base), load_target(tmp_path / "t")
+    for t in (a, b):
+        t.set_feature_layers([1, 2])
+        t.reset(2, 30)
+    for x, y in zip(a.prefill(ids, torch.tensor([20, 13])), b.prefill(ids, torch.tensor([20, 13]))):
+        assert torch.equal(x, y)
 
 
 def error_line(capsys, *args) -> str:
@@ -201,6 +237,7 @@ def error_line(capsys, *args) -> str:
     (["--like", "llama-7b"], "--like: unknown model 'llama-7b'"),
     (["--layers", "3"], "--layers: must be at least the base's 4 layers"),
     (["--layers", "0"], "--layers: must be at least 1"),
+    (["--like", "qwen3-0.6b", "--base", str(demo.PRETRAINED / "drafter")], "is a DFlash drafter; give its target"),
     (["--layers", "6", "--dtype", "fp16"], "--dtype: must be bfloat16 or float32"),
     (["--layers", "6", "--seed", "-1"], "--seed: must be in [0, 2**63)"),
 ])

@@ -565,22 +565,26 @@ def cmd_scale_target(args) -> int:
     from . import scaled_target as st
 
     if (args.like is None) == (args.layers is None):
-        raise UsageError("give one of --like NAME (the layer count that costs like that model) or --layers N")
+        raise UsageError("give one of --like NAME (the shape that costs like that model) or --layers N (extra "
+                         "layers of the base's own shape)")
     if args.base is None:
         from .demo import PRETRAINED
 
         args.base = str(PRETRAINED / "target")
     base_cfg = _read_config(args.base, "base target")
     check_target(base_cfg, args.base)
+    if "dflash_config" in base_cfg:
+        raise UsageError(f"argument --base: {args.base} is a DFlash drafter; give its target")
     if base_cfg["model_type"] != "qwen3":
         raise UsageError(f"argument --base: a Qwen3 target is needed, got model_type {base_cfg['model_type']!r}: "
                          f"{args.base}")
     if not list(Path(args.base).glob("*.safetensors")):
         raise UsageError(f"argument --base: no *.safetensors weights in {args.base}")
-    layers = st.layers_like(base_cfg, args.like) if args.like else args.layers
-    if layers < base_cfg["num_hidden_layers"]:
+    if args.layers is not None and args.layers < base_cfg["num_hidden_layers"]:
         raise UsageError(f"argument --layers: must be at least the base's {base_cfg['num_hidden_layers']} layers, "
-                         f"got {layers}")
+                         f"got {args.layers}")
+    with _loading(f"the base target's config from {args.base}"):
+        shape = st.shape_like(base_cfg, args.like) if args.like else st.layers_only(base_cfg, args.layers)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"argument --out: {args.out} exists and is not an empty folder")
@@ -589,18 +593,22 @@ def cmd_scale_target(args) -> int:
         raise UsageError(f"argument --out: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"argument --out: folder {parent} is not writable")
-    need = st.disk_bytes(base_cfg, layers, args.dtype)
+    need = st.disk_bytes(base_cfg, shape, args.dtype)
     free = shutil.disk_usage(parent).free
     if need > free:
         raise UsageError(f"argument --out: the scaled target needs {need / 1e9:.2f} GB, {parent} has "
                          f"{free / 1e9:.2f} GB free")
 
-    with _loading(f"the base target from {args.base}"):
-        cfg = st.write_scaled_target(args.base, out, layers, dtype=args.dtype, seed=args.seed, like=args.like)
+    try:
+        with _loading(f"the base target from {args.base}"):
+            cfg = st.write_scaled_target(args.base, out, shape, dtype=args.dtype, seed=args.seed, like=args.like)
+    except st.NoExactLayout as e:
+        raise UsageError(f"argument --like: {e} (--layers N)") from None
     got = st.describe(cfg)
-    print(f"wrote {out}: {layers} layers ({base_cfg['num_hidden_layers']} of the base, then "
-          f"{layers - base_cfg['num_hidden_layers']} whose outputs are multiplied by zero), {args.dtype}, "
-          f"{need / 1e9:.2f} GB")
+    print(f"wrote {out}: {shape.layers} layers, {shape.heads} query / {shape.kv_heads} KV heads, MLP width "
+          f"{shape.intermediate_size} (the base: {base_cfg['num_hidden_layers']}, {base_cfg['num_attention_heads']} / "
+          f"{base_cfg.get('num_key_value_heads')}, {base_cfg['intermediate_size']}; the rest is multiplied by zero), "
+          f"{args.dtype}, {need / 1e9:.2f} GB")
     print("NOT A REAL MODEL: its logits and hidden states are the base's exactly (real acceptance); its forward "
           "does a larger model's work (real cost)")
     rows = [("scaled target", got)] + ([(args.like, st.describe(st.NAMED[args.like]))] if args.like else [])
@@ -717,16 +725,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("scale-target", help="write the shipped target plus dead layers that cost like a named model",
-                       description="Write a Qwen3 checkpoint folder: the base target's layers unchanged, then extra "
-                                   "layers of the same shape whose output projections are zero. Its logits and "
-                                   "hidden states are the base's exactly (a drafter for the base accepts as much), "
-                                   "its forward costs like a larger model. NOT A REAL MODEL.")
+    p = sub.add_parser("scale-target", help="write the shipped target plus dead weight that costs like a named model",
+                       description="Write a Qwen3 checkpoint folder whose logits and hidden states are the base "
+                                   "target's bit for bit (a drafter for the base accepts as much) but whose forward "
+                                   "costs like a larger model: extra heads, MLP units and layers whose output "
+                                   "projections are zero. NOT A REAL MODEL.")
     p.add_argument("--like", type=_like, metavar="NAME", default=None,
-                   help="the named model whose parameter count (and weight-matmul FLOPs per token) to match: "
-                        "qwen3-0.6b or qwen3-1.7b")
+                   help="the named model to cost like (its layers, KV cache and attention widths, parameters and "
+                        "matmul FLOPs per token): qwen3-0.6b or qwen3-1.7b; the base's layers are widened, placed "
+                        "so that this CPU's BLAS sums them exactly as the base (checked before writing)")
     p.add_argument("--layers", type=positive_int, metavar="N", default=None,
-                   help="the total layer count instead of --like (at least the base's)")
+                   help="instead of --like: N layers of the base's own shape (at least the base's; exact on any "
+                        "BLAS, but thousands of layers cost per-layer overheads a real model does not have)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write (new or empty; its parent must exist)")
     p.add_argument("--base", metavar="DIR", default=None,
                    help="the Qwen3 target to scale (default: the tiny target shipped with ddtree)")
