@@ -23,8 +23,9 @@ the BLAS may group the terms differently. MKL (AVX2, fp32) sums a 256-long reduc
 longer one in blocks of 192, and its one-row path sums from the start: the base's units first, contiguous,
 are exact for 1-3 rows only. Placing the second 128 units at the start of the next block (a gap of 64 zero
 columns) reproduces both orders. :func:`mlp_layout` finds such a placement by trying it on this CPU's
-BLAS, for every row count the runners use, and refuses to write a widened target where it finds none; the
-tests then check logits and features with ``torch.equal`` through transformers and both runners.
+BLAS over :data:`PROBE_ROWS` (1 to 2049 rows: decoding, trees, batches, prefills; a longer forward is not
+checked), and refuses to write a widened target where it finds none; the tests then check logits and
+features with ``torch.equal`` through transformers and both runners.
 
 The base's drafters run on the scaled target unchanged: base layer ``i`` is scaled layer ``i``, and a
 drafter's ``num_target_layers`` only picks default layers when it names none (the shipped ones name theirs).
