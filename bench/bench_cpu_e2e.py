@@ -49,6 +49,7 @@ from ddtree.cost import profile  # noqa: E402
 from ddtree.demo import pretrained_pair  # noqa: E402
 from ddtree.drafter import DFlashConfig, DFlashDrafter  # noqa: E402
 from ddtree.fast_target import FastTarget  # noqa: E402
+from ddtree.threads import SMALL_MODEL_PARAMS  # noqa: E402
 from ddtree.timing import device_name, measure_rates  # noqa: E402
 
 BUDGETS = (4, 8, 16, 32, 64, 128, 256)
@@ -160,8 +161,9 @@ def main(argv=None):
         results["dtypes"][name] = run(args, getattr(torch, name), context, new_tokens)
     results["wall_s"] = time.perf_counter() - t_start
     if args.real:
+        threads = sorted({sec["threads"] for sec in results["dtypes"].values()})
         print(f"\nACCEPTANCE IS REAL (a trained drafter on a target whose logits are the shipped target's), COSTS "
-              f"ARE REAL, THE MODEL IS NOT ({results['device']}, {results['threads']} threads).")
+              f"ARE REAL, THE MODEL IS NOT ({results['device']}, {'/'.join(map(str, threads))} threads).")
     else:
         print(f"\nACCEPTANCE IS SIMULATED (calibrated oracle); COSTS ARE REAL ({results['device']}, "
               f"{results['threads']} threads).")
@@ -306,12 +308,22 @@ def bench_real(args, dtype, context: int, new_tokens: int) -> dict:
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="ddtree-scaled-") as tmp:
         hf, fast, drafter = real_models(args, dtype, Path(tmp))
+    threads = torch.get_num_threads()
+    if st.param_count(fast.config.to_dict()) < SMALL_MODEL_PARAMS:  # --quick's model: one thread, as generate's
+        torch.set_num_threads(1)  # "auto" (profiled on two, hand-offs would price every tree alike)
+    try:
+        return _bench_real(args, dtype, context, new_tokens, hf, fast, drafter, loads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_real(args, dtype, context, new_tokens, hf, fast, drafter, loads) -> dict:
     print(f"{device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"scaled target (NOT A REAL MODEL) {fast.num_hidden_layers} layers, hidden {fast.hidden_size}, "
           f"{st.param_count(fast.config.to_dict()) / 1e6:.0f}M parameters, {dtype}; drafter {len(drafter.layers)} "
           f"layers, block {drafter.block_size}; context {context}, {new_tokens} new tokens")
     prompts = held_out_prompts(max(REAL_BATCHES), context, args.seed)
-    results = {}
+    results = {"threads": torch.get_num_threads()}
 
     # The cost model, measured here, with the padded batch curves the batch and ragged modes read.
     fast.set_feature_layers(list(drafter.target_layer_ids))
