@@ -159,7 +159,7 @@ def check_shape(base_cfg: dict, shape: ScaledShape) -> None:
 
 def scaled_config(base_cfg: dict, shape: ScaledShape, dtype: str = "bfloat16", note: Optional[dict] = None) -> dict:
     """The base's config.json in the scaled shape (and a ``ddtree_cost_scaled`` note that says what it is:
-    transformers keeps unknown keys as attributes, vLLM ignores them)."""
+    transformers keeps an unknown key as an attribute)."""
     check_shape(base_cfg, shape)
     cfg = dict(base_cfg, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                num_key_value_heads=shape.kv_heads, intermediate_size=shape.intermediate_size,
