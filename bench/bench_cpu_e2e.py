@@ -16,11 +16,22 @@ exclude the prefill for every method. Goals: CaDDTree >= 0.95x the best fixed bu
 
     python3 bench/bench_cpu_e2e.py --out out/cpu_e2e      # the full run, about 15 minutes on 2 cores
     python3 bench/bench_cpu_e2e.py --quick                # a tiny model, seconds (smoke test)
+
+``--real``: REAL ACCEPTANCE AND REAL COSTS, NOT A REAL MODEL. The target is the shipped character-level
+target scaled to cost like Qwen3-0.6B (``ddtree scale-target --like qwen3-0.6b``, or ``--scaled DIR``; its
+logits are the shipped target's bit for bit) and the drafter is a real trained one (the shipped block-8
+drafter, or ``--drafter DIR``), drafting continuations of held-out Python standard-library text. Methods:
+AR (ours and transformers ``generate``), DFlash, DDTree at 8..256, CaDDTree per request, and CaDDTree's
+batch and ragged budget modes at batch 4 and 16, with costs profiled here (batch sizes 1, 4, 16).
+
+    python3 bench/bench_cpu_e2e.py --real --out out/cpu_e2e_real
+    python3 bench/bench_cpu_e2e.py --real --quick        # a small scaled target, seconds (smoke test)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import os
 import statistics
 import sys
@@ -32,13 +43,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import Oracle, OracleDrafter, OracleTarget, calibrate, run_method  # noqa: E402
 
-from ddtree.cost import profile  # noqa: E402  (bench_e2e put python/ on the path)
+from ddtree import decode, train  # noqa: E402  (bench_e2e put python/ on the path)
+from ddtree import scaled_target as st  # noqa: E402
+from ddtree.cost import profile  # noqa: E402
+from ddtree.demo import pretrained_pair  # noqa: E402
 from ddtree.drafter import DFlashConfig, DFlashDrafter  # noqa: E402
 from ddtree.fast_target import FastTarget  # noqa: E402
+from ddtree.threads import SMALL_MODEL_PARAMS  # noqa: E402
 from ddtree.timing import device_name, measure_rates  # noqa: E402
 
 BUDGETS = (4, 8, 16, 32, 64, 128, 256)
 DRAFT_LAYERS = 5  # the published DFlash drafters' depth
+REAL_BUDGETS = (8, 16, 32, 64, 128, 256)  # --real: DDTree's fixed budgets and CaDDTree's cap
+REAL_BATCHES = (4, 16)  # --real: batch sizes of CaDDTree's batch and ragged budget modes
+QUICK_SHAPE = st.ScaledShape(layers=6, heads=4, kv_heads=2, intermediate_size=1024)  # --real --quick
 
 
 def target_config(quick: bool):
@@ -120,7 +138,14 @@ def main(argv=None):
                     help="weights and activations, one or a comma list of float32, bfloat16 (default auto: "
                          "both where this CPU has bf16 matrix units, else float32); each gets its own section")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--real", action="store_true",
+                    help="real acceptance: the shipped drafter on the shipped target scaled to cost like Qwen3-0.6B")
+    ap.add_argument("--scaled", type=Path, help="with --real: a `ddtree scale-target` folder (default: written to "
+                                                "a temporary folder, --like qwen3-0.6b, or a small shape with --quick)")
+    ap.add_argument("--drafter", type=Path, help="with --real: the drafter folder (default: the shipped block-8 one)")
     args = ap.parse_args(argv)
+    if (args.scaled or args.drafter) and not args.real:
+        ap.error("argument --scaled/--drafter: only --real runs a scaled target and a trained drafter")
     dtypes = default_dtypes() if args.dtype == "auto" else args.dtype.split(",")
     if not dtypes or any(d not in ("float32", "bfloat16") for d in dtypes):
         ap.error(f"argument --dtype: expected auto or a comma list of float32, bfloat16, got {args.dtype!r}")
@@ -128,13 +153,20 @@ def main(argv=None):
     new_tokens = args.new_tokens or 128
     t_start = time.perf_counter()
     results = {"device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "quick": args.quick,
-               "context": context, "new_tokens": new_tokens, "torch": torch.__version__, "dtypes": {}}
+               "context": context, "new_tokens": new_tokens, "torch": torch.__version__, "real": args.real,
+               "dtypes": {}}
     for name in dtypes:
         print(f"\n== {name} ==")
-        results["dtypes"][name] = bench_dtype(args, getattr(torch, name), context, new_tokens)
+        run = bench_real if args.real else bench_dtype
+        results["dtypes"][name] = run(args, getattr(torch, name), context, new_tokens)
     results["wall_s"] = time.perf_counter() - t_start
-    print(f"\nACCEPTANCE IS SIMULATED (calibrated oracle); COSTS ARE REAL ({results['device']}, "
-          f"{results['threads']} threads).")
+    if args.real:
+        threads = sorted({sec["threads"] for sec in results["dtypes"].values()})
+        print(f"\nACCEPTANCE IS REAL (a trained drafter on a target whose logits are the shipped target's), COSTS "
+              f"ARE REAL, THE MODEL IS NOT ({results['device']}, {'/'.join(map(str, threads))} threads).")
+    else:
+        print(f"\nACCEPTANCE IS SIMULATED (calibrated oracle); COSTS ARE REAL ({results['device']}, "
+              f"{results['threads']} threads).")
     for name, sec in results["dtypes"].items():
         summary, loads = sec["summary"], sec["load_average"]
         print(f"{name}: CaDDTree vs best fixed budget in hindsight (DDTree-{summary['best_fixed_budget']}): "
@@ -232,6 +264,135 @@ def bench_dtype(args, dtype, context: int, new_tokens: int) -> dict:
     return results
 
 
+def real_models(args, dtype, tmp: Path):
+    """--real: (transformers model, fast runner, drafter): the scaled target (written to ``tmp`` unless
+    ``--scaled``) and the trained drafter."""
+    from transformers import AutoModelForCausalLM
+
+    base, shipped_drafter = pretrained_pair()
+    folder = args.scaled
+    if folder is None:
+        base_cfg = json.loads((base / "config.json").read_text())
+        shape = QUICK_SHAPE if args.quick else st.shape_like(base_cfg, "qwen3-0.6b")
+        folder = tmp / "target"
+        st.write_scaled_target(base, folder, shape, seed=args.seed, like=None if args.quick else "qwen3-0.6b")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
+    fast = FastTarget.from_model(hf)
+    drafter = DFlashDrafter.from_pretrained(args.drafter or shipped_drafter, dtype=dtype)
+    return hf, fast, drafter
+
+
+def held_out_prompts(count: int, context: int, seed: int) -> list[list[int]]:
+    """``count`` prompts of ``context`` tokens from the held-out files of the drafter's training corpus."""
+    _, held = train.load_corpus(held_out_only=True)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, held.numel() - context, (count,), generator=g).tolist()
+    return [held[s:s + context].tolist() for s in starts]
+
+
+def run_real(fast, drafter, prompts, method: str, budget, new_tokens: int, cost, mode: str = "request") -> dict:
+    """``ddtree.decode.generate`` on the real pair: ``new_tokens`` per prompt; decode time excludes the prefill."""
+    out = decode.generate(fast, drafter, prompts, method=method, max_new_tokens=new_tokens,
+                          max_nodes=budget or max(REAL_BUDGETS), cost_model=cost, budget_mode=mode)
+    seconds = out.total_s - out.prefill_s
+    tokens = sum(len(t) - 1 for t in out.tokens)  # the first token of each is the prefill's
+    name = method if len(prompts) == 1 else f"{method} ({mode}, batch {len(prompts)})"
+    return {"method": name, "budget": None if method == "caddtree" else budget, "batch": len(prompts),
+            "tokens": tokens, "rounds": len(out.rounds), "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "acceptance": out.acceptance_length, "budgets": [n for r in out.rounds for n in r.tree_size],
+            "output": out.tokens}
+
+
+def bench_real(args, dtype, context: int, new_tokens: int) -> dict:
+    """--real: one dtype's section with the trained drafter on the cost-scaled target."""
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="ddtree-scaled-") as tmp:
+        hf, fast, drafter = real_models(args, dtype, Path(tmp))
+    threads = torch.get_num_threads()
+    if st.param_count(fast.config.to_dict()) < SMALL_MODEL_PARAMS:  # --quick's model: one thread, as generate's
+        torch.set_num_threads(1)  # "auto" (profiled on two, hand-offs would price every tree alike)
+    try:
+        return _bench_real(args, dtype, context, new_tokens, hf, fast, drafter, loads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_real(args, dtype, context, new_tokens, hf, fast, drafter, loads) -> dict:
+    print(f"{device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"scaled target (NOT A REAL MODEL) {fast.num_hidden_layers} layers, hidden {fast.hidden_size}, "
+          f"{st.param_count(fast.config.to_dict()) / 1e6:.0f}M parameters, {dtype}; drafter {len(drafter.layers)} "
+          f"layers, block {drafter.block_size}; context {context}, {new_tokens} new tokens")
+    prompts = held_out_prompts(max(REAL_BATCHES), context, args.seed)
+    results = {"threads": torch.get_num_threads()}
+
+    # The cost model, measured here, with the padded batch curves the batch and ragged modes read.
+    fast.set_feature_layers(list(drafter.target_layer_ids))
+    F = len(drafter.target_layer_ids) * fast.hidden_size
+
+    def drafter_round_at(B: int):
+        drafter.reset(B, context + drafter.block_size + 2)
+        zero = torch.zeros(B, dtype=torch.long)
+        drafter.draft(fast, zero, torch.zeros(B, context, F, dtype=dtype), torch.full((B,), context))
+        return lambda: drafter.draft(fast, zero, torch.zeros(B, 1, F, dtype=dtype), zero)
+
+    t = time.perf_counter()
+    cost = profile(fast, None, max_nodes=max(REAL_BUDGETS), contexts=[context, context + new_tokens],
+                   node_grid=[0, 4, 8, 16, 32, 64, 128, 256], batch_sizes=[1, *REAL_BATCHES],
+                   drafter_round_at=drafter_round_at, warmup=1, repeats=args.repeats, progress=False)
+    loads.append(os.getloadavg()[0])
+    print(f"profiled in {time.perf_counter() - t:.0f} s: Cd {cost.draft_cost:.1f} ms; Cv(n) at context {context}: "
+          + ", ".join(f"{n}:{ms:.0f}" for n, ms in zip(cost.node_grid, cost.verify_ms[0])) + " ms")
+    results["cost"] = {"node_grid": cost.node_grid, "contexts": cost.contexts, "verify_ms": cost.verify_ms.tolist(),
+                       "measured": cost.measured, "draft_ms": cost.draft_cost}
+
+    prompt = torch.tensor([prompts[0]])
+    methods = {}
+    for cache in ("static", "dynamic"):
+        try:
+            hf_generate(hf, prompt, 4, cache)
+        except Exception as e:  # noqa: BLE001 - a cache transformers cannot run on CPU is reported, not fatal
+            print(f"transformers generate with a {cache} cache failed on CPU: {type(e).__name__}: {e}")
+            continue
+        methods[f"transformers ({cache} cache)"] = lambda n, cache=cache: hf_generate(hf, prompt, n, cache)
+    plan = [("ar", None, 1, "request"), ("dflash", None, 1, "request")] + \
+        [("ddtree", b, 1, "request") for b in REAL_BUDGETS] + [("caddtree", None, 1, "request")] + \
+        [("caddtree", None, B, mode) for B in REAL_BATCHES for mode in ("batch", "ragged")]
+    for m, b, B, mode in plan:
+        name = m + (f"-{b}" if m == "ddtree" else "") + ("" if B == 1 else f" ({mode}, batch {B})")
+        methods[name] = lambda n, m=m, b=b, B=B, mode=mode: run_real(fast, drafter, prompts[:B], m, b, n, cost, mode)
+        methods[name](4)  # warm-up
+    samples = {name: [] for name in methods}
+    for p in range(args.passes):
+        for name, once in methods.items():
+            samples[name].append(once(new_tokens))
+            loads.append(os.getloadavg()[0])
+        print(f"pass {p + 1}/{args.passes} done at {time.perf_counter() - t:.0f} s")
+    runs = []
+    ar_tokens = samples["ar"][0]["output"]
+    for name, rs in samples.items():
+        speeds = [r["tokens_per_s"] for r in rs]
+        run = {k: v for k, v in rs[0].items() if k != "output"}
+        if rs[0].get("batch") == 1:  # exact speculative decoding: every batch-1 method's text is AR's
+            run["same_as_ar"] = rs[0]["output"] == ar_tokens
+        runs.append({**run, "tokens_per_s": statistics.median(speeds), "tokens_per_s_passes": speeds})
+        _print_run(runs[-1])
+    results["runs"] = runs
+    results["load_average"] = loads
+
+    single = [r for r in runs if r.get("batch", 1) == 1]
+    by = {(r["method"], r["budget"]): r for r in single}
+    cad, ar = by[("caddtree", None)], by[("ar", None)]
+    hf_best = max((r for r in runs if r["method"].startswith("transformers")), key=lambda r: r["tokens_per_s"])
+    best = max((r for r in single if r["method"] == "ddtree"), key=lambda r: r["tokens_per_s"])
+    results["summary"] = {
+        "caddtree_over_best_fixed": cad["tokens_per_s"] / best["tokens_per_s"], "best_fixed_budget": best["budget"],
+        "caddtree_over_transformers": cad["tokens_per_s"] / hf_best["tokens_per_s"],
+        "transformers_cache": hf_best["method"], "ar_over_transformers": ar["tokens_per_s"] / hf_best["tokens_per_s"],
+        "caddtree_over_ar": cad["tokens_per_s"] / ar["tokens_per_s"],
+        "every_method_same_as_ar": all(r["same_as_ar"] for r in single if "same_as_ar" in r)}
+    return results
+
+
 def _print_run(r):
     name = r["method"] + (f"-{r['budget']}" if r["budget"] else "")
     passes = "/".join(f"{v:.2f}" for v in r.get("tokens_per_s_passes", []))
@@ -256,13 +417,14 @@ def plot(results: dict, path: Path) -> Path:
         ax.axhline(cad["tokens_per_s"], color="C3", lw=1)
         ax.plot([statistics.mean(cad["budgets"])], [cad["tokens_per_s"]], "*", color="C3", ms=14,
                 label=f"CaDDTree (at its mean tree size {statistics.mean(cad['budgets']):.0f})")
-        for i, r in enumerate(r for r in runs if r["method"] not in ("ddtree", "caddtree")):
+        for i, r in enumerate(r for r in runs if r["method"] not in ("ddtree", "caddtree") and r.get("batch", 1) == 1):
             ax.axhline(r["tokens_per_s"], ls=":", color=f"C{4 + i}", label=r["method"])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("node budget")
         ax.set_ylabel("decode tokens/s")
-        ax.set_title(f"Qwen3-0.6B shape, random weights, {name}, oracle acceptance "
-                     f"({results['threads']} CPU threads)", fontsize=9)
+        what = ("shipped target scaled to Qwen3-0.6B's cost, real drafter" if results.get("real")
+                else "Qwen3-0.6B shape, random weights, oracle acceptance")
+        ax.set_title(f"{what}, {name} ({results['threads']} CPU threads)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -54,3 +54,33 @@ def test_bad_dtype_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--dtype", "float16"])
     assert "--dtype" in capsys.readouterr().err
+
+
+def test_quick_real_run_reports_every_method(tmp_path):
+    """--real --quick: the shipped drafter on a small scaled target (logits the shipped target's), every
+    method, the batch and ragged CaDDTree modes at both batch sizes, and every batch-1 method's text the same."""
+    bench = load_bench()
+    res = bench.main(["--real", "--quick", "--new-tokens", "16", "--repeats", "1", "--passes", "1", "--dtype",
+                      "float32", "--out", str(tmp_path)])
+    section = res["dtypes"]["float32"]
+    runs = {r["method"]: r for r in section["runs"]}
+    assert {"ar", "dflash", "caddtree"} <= set(runs) and any(m.startswith("transformers") for m in runs)
+    assert {r["budget"] for r in section["runs"] if r["method"] == "ddtree"} == set(bench.REAL_BUDGETS)
+    for B in bench.REAL_BATCHES:
+        for mode in ("batch", "ragged"):
+            r = runs[f"caddtree ({mode}, batch {B})"]
+            assert r["batch"] == B and r["tokens"] == B * 15 and max(r["budgets"]) <= max(bench.REAL_BUDGETS)
+    for r in section["runs"]:
+        assert r["tokens_per_s"] > 0 and 1.0 <= r["acceptance"] <= 8  # at most the block (7 drafted + the bonus)
+        if r.get("batch") == 1:
+            assert r["same_as_ar"], r["method"]
+    assert runs["dflash"]["acceptance"] > 1.5  # a trained drafter on its own target's logits: real acceptance
+    assert section["summary"]["every_method_same_as_ar"]
+    assert (tmp_path / "results.json").is_file()
+
+
+def test_scaled_and_drafter_need_real(capsys):
+    bench = load_bench()
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--drafter", "x"])
+    assert "--real" in capsys.readouterr().err

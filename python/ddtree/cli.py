@@ -1,4 +1,4 @@
-"""``ddtree`` command line: ``demo``, ``generate``, ``profile``, ``train``, ``info``.
+"""``ddtree`` command line: ``demo``, ``generate``, ``profile``, ``scale-target``, ``train``, ``info``.
 
 Every mistake in the command line or in the files it names is answered *before any work starts* with
 one line ``ddtree: error: ...`` on stderr that names the argument and what is allowed, and exit code 2;
@@ -551,6 +551,90 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def _scaled_dtype(text: str) -> str:
+    from .scaled_target import STORE_DTYPES
+
+    name = dtype(text)
+    if name not in STORE_DTYPES:
+        raise argparse.ArgumentTypeError(f"must be bfloat16 or float32 (they hold the base's weights exactly), "
+                                         f"got {text!r}")
+    return name
+
+
+def _like(text: str) -> str:
+    from .scaled_target import NAMED
+
+    if text.lower() not in NAMED:
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose from {', '.join(NAMED)}")
+    return text.lower()
+
+
+def cmd_scale_target(args) -> int:
+    import shutil
+
+    from . import scaled_target as st
+
+    if (args.like is None) == (args.layers is None):
+        raise UsageError("give one of --like NAME (the shape that costs like that model) or --layers N (extra "
+                         "layers of the base's own shape)")
+    if args.base is None:
+        from .demo import PRETRAINED
+
+        args.base = str(PRETRAINED / "target")
+    base_cfg = _read_config(args.base, "base target")
+    check_target(base_cfg, args.base)
+    if "dflash_config" in base_cfg:
+        raise UsageError(f"argument --base: {args.base} is a DFlash drafter; give its target")
+    if base_cfg["model_type"] != "qwen3":
+        raise UsageError(f"argument --base: a Qwen3 target is needed, got model_type {base_cfg['model_type']!r}: "
+                         f"{args.base}")
+    if not list(Path(args.base).glob("*.safetensors")):
+        raise UsageError(f"argument --base: no *.safetensors weights in {args.base}")
+    if args.layers is not None and args.layers < base_cfg["num_hidden_layers"]:
+        raise UsageError(f"argument --layers: must be at least the base's {base_cfg['num_hidden_layers']} layers, "
+                         f"got {args.layers}")
+    with _loading(f"the base target's config from {args.base}"):
+        shape = st.shape_like(base_cfg, args.like) if args.like else st.layers_only(base_cfg, args.layers)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"argument --out: {args.out} exists and is not an empty folder")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"argument --out: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"argument --out: folder {parent} is not writable")
+    need = st.disk_bytes(base_cfg, shape, args.dtype)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise UsageError(f"argument --out: the scaled target needs {need / 1e9:.2f} GB, {parent} has "
+                         f"{free / 1e9:.2f} GB free")
+
+    with _loading(f"the base target from {args.base}"):
+        try:  # inside: _loading would call a refused placement a failure to load the base
+            cfg = st.write_scaled_target(args.base, out, shape, dtype=args.dtype, seed=args.seed, like=args.like)
+        except st.NoExactLayout as e:
+            raise UsageError(f"argument --like: {e} (--layers N)") from None
+    got = st.describe(cfg)
+    print(f"wrote {out}: {shape.layers} layers, {shape.heads} query / {shape.kv_heads} KV heads, MLP width "
+          f"{shape.intermediate_size} (the base: {base_cfg['num_hidden_layers']}, {base_cfg['num_attention_heads']} / "
+          f"{base_cfg.get('num_key_value_heads')}, {base_cfg['intermediate_size']}; the rest is multiplied by zero), "
+          f"{args.dtype}, {need / 1e9:.2f} GB")
+    print("NOT A REAL MODEL: its logits and hidden states are the base's exactly (real acceptance); its forward "
+          "does a larger model's work (real cost)")
+    rows = [("scaled target", got)] + ([(args.like, st.describe(st.NAMED[args.like]))] if args.like else [])
+    print(f"{'':14s} {'layers':>7s} {'params':>9s} {'GFLOP/token':>12s} {'attn FLOP/ctx token':>20s} "
+          f"{'KV values/token':>16s}")
+    for name, d in rows:
+        print(f"{name:14s} {d['layers']:7d} {d['params'] / 1e6:8.1f}M {d['matmul_flops_per_token'] / 1e9:12.3f} "
+              f"{d['attention_flops_per_context_token']:20,d} {d['kv_values_per_token']:16,d}")
+    drafters = sorted(str(p.parent) for p in Path(args.base).parent.glob("*/config.json")
+                      if "dflash_config" in json.loads(p.read_text()))
+    if drafters:
+        print("the base's drafters run on it unchanged (same layers at the same indices): "
+              + ", ".join(f"--drafter {d}" for d in drafters))
+    return 0
+
+
 def cmd_train(args) -> int:
     from . import train
 
@@ -657,6 +741,26 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     _model_options(p)
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("scale-target", help="write the shipped target plus dead weight that costs like a named model",
+                       description="Write a Qwen3 checkpoint folder whose logits and hidden states are the base "
+                                   "target's bit for bit (a drafter for the base accepts as much) but whose forward "
+                                   "costs like a larger model: extra heads, MLP units and layers whose output "
+                                   "projections are zero. NOT A REAL MODEL.")
+    p.add_argument("--like", type=_like, metavar="NAME", default=None,
+                   help="the named model to cost like (its layers, KV cache and attention widths, parameters and "
+                        "matmul FLOPs per token): qwen3-0.6b or qwen3-1.7b; the base's layers are widened, placed "
+                        "so that this CPU's BLAS sums them exactly as the base (checked before writing)")
+    p.add_argument("--layers", type=positive_int, metavar="N", default=None,
+                   help="instead of --like: N layers of the base's own shape (at least the base's; exact on any "
+                        "BLAS, but thousands of layers cost per-layer overheads a real model does not have)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (new or empty; its parent must exist)")
+    p.add_argument("--base", metavar="DIR", default=None,
+                   help="the Qwen3 target to scale (default: the tiny target shipped with ddtree)")
+    p.add_argument("--dtype", type=_scaled_dtype, default="bfloat16",
+                   help="weights' storage dtype: bfloat16 or float32 (the base's weights must fit it exactly)")
+    p.add_argument("--seed", type=seed_int, metavar="N", default=0, help="seed of the extra layers' random weights")
+    p.set_defaults(func=cmd_scale_target)
 
     p = sub.add_parser("train", help="train the tiny char-level target + DFlash drafter pair (the demo's default)",
                        add_help=False)
