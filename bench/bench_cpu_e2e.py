@@ -149,6 +149,11 @@ def main(argv=None):
     dtypes = default_dtypes() if args.dtype == "auto" else args.dtype.split(",")
     if not dtypes or any(d not in ("float32", "bfloat16") for d in dtypes):
         ap.error(f"argument --dtype: expected auto or a comma list of float32, bfloat16, got {args.dtype!r}")
+    if args.dtype != "auto" and "bfloat16" in dtypes and not args.quick:
+        bf16, fp32 = (measure_rates("cpu", d)["matmul_tflops"] for d in (torch.bfloat16, torch.float32))
+        if bf16 < fp32:  # one line: what forcing bf16 on this CPU costs
+            print(f"warning: this CPU multiplies bfloat16 at {fp32 / bf16:.1f}x less than float32 (no bf16 matrix "
+                  f"units: {device_name(torch.device('cpu'))}); the bfloat16 section will take that much longer")
     context = args.context or (32 if args.quick else 128)
     new_tokens = args.new_tokens or 128
     t_start = time.perf_counter()

@@ -342,3 +342,29 @@ def test_drafter_block_size(pair, capsys, tmp_path, block_size):
     (folder / "config.json").write_text(json.dumps({**cfg, "block_size": block_size}))
     line = error_line(capsys, "generate", "--target", pair[1], "--drafter", str(folder), "--prompt", "x", "--device", "cpu")
     assert "drafter block_size must be an integer of at least 2" in line and repr(block_size) in line
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns_in_one_line(monkeypatch, capsys):
+    """Forcing bfloat16 on a CPU that emulates it costs several times float32: one warning line, then the run."""
+    import argparse
+
+    from ddtree import cli, timing
+
+    monkeypatch.setattr(timing, "cpu_bf16_units", lambda: [])
+    assert cli._dtype(argparse.Namespace(dtype="bfloat16"), "cpu") == torch.bfloat16
+    err = capsys.readouterr().err
+    assert err.startswith("ddtree: warning: --dtype bfloat16") and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(timing, "cpu_bf16_units", lambda: ["AMX-BF16"])
+    cli._dtype(argparse.Namespace(dtype="bfloat16"), "cpu")
+    cli._dtype(argparse.Namespace(dtype=None), "cpu")  # the CPU default, float32: never a warning
+    monkeypatch.setattr(timing, "cpu_bf16_units", lambda: [])
+    cli._dtype(argparse.Namespace(dtype="float32"), "cpu")
+    assert capsys.readouterr().err == ""
+
+
+def test_device_name_says_the_cpu_units():
+    from ddtree import timing
+
+    name = timing.device_name("cpu")
+    assert torch.backends.cpu.get_cpu_capability() in name
+    assert ("no bf16 matrix units" in name) == (not timing.cpu_bf16_units())

@@ -364,6 +364,13 @@ def _dtype(args, device: str):
     if device.startswith("cuda") and name == "float32":
         raise UsageError("argument --dtype: float32 on CUDA is not supported (the CUDA kernels run bfloat16 "
                          "or float16)")
+    if device == "cpu" and name != "float32":
+        from .timing import cpu_bf16_units
+
+        if not cpu_bf16_units():
+            print(f"ddtree: warning: --dtype {name} on a CPU without bf16/fp16 matrix units (AMX, AVX512-BF16): its "
+                  f"matmuls are emulated and cost several times float32's (the CPU default); expect a slower run",
+                  file=sys.stderr)
     return getattr(torch, name)
 
 

@@ -106,11 +106,29 @@ def median_iqr(samples: Sequence[float]) -> tuple[float, float]:
 # Device rates
 
 
+BF16_UNIT_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}  # /proc/cpuinfo flag -> name
+
+
+def cpu_bf16_units() -> list[str]:
+    """The CPU's bf16 matrix units (AMX-BF16, AVX512-BF16) by its flags; [] where it has none (bf16 matmuls
+    are then emulated in fp32 arithmetic, slower than fp32 itself) or the flags cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [name for flag, name in BF16_UNIT_FLAGS.items() if flag in flags]
+
+
 def device_name(device) -> str:
+    """The GPU's name, or the CPU's with its vector unit (torch's dispatch level) and bf16 matrix units,
+    which decide what a verify of many rows costs on it."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{device.type}: {platform.processor() or platform.machine()}"
+    units = ", ".join(cpu_bf16_units()) or "no bf16 matrix units"
+    return (f"{device.type}: {platform.processor() or platform.machine()} "
+            f"({torch.backends.cpu.get_cpu_capability()}; {units})")
 
 
 def _cache_dir() -> Path:
