@@ -1,0 +1,97 @@
+"""vLLM's CPU attention backend (CPU_ATTN), with tree verification added.
+
+Every attention call vLLM makes runs through vLLM's own CPU kernels exactly as without the plugin
+(prompts, plain decodes, the DFlash drafter's block, the KV writes), except the target forward of a step
+that verifies draft trees: the runner hands this backend's metadata builder one
+:class:`~ddtree.vllm.tree_call.TreeCall` for that forward only, and the requests in it attend through ``ddtree.tree_attention``
+under their trees' ancestor masks. Requests of that step that are not in
+the call (a long prompt chunk scheduled beside the trees) keep vLLM's kernel: it runs over the whole batch
+first and the tree rows are overwritten.
+
+CPU_ATTN's cache, per layer ``[num_blocks, Hkv, block_size, 2 * d]``, holds per (block, head) the keys
+transposed, ``[d, block_size]``, then the values ``[block_size, d]`` (the layout its "vec" kernels write).
+A verification gathers the blocks its requests read into dense ``[B, Hkv, S, d]`` keys and values once
+per layer (:func:`gather_dense`) and runs ``ddtree.tree_attention`` (the tuned dense CPU op) on them.
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadataBuilder,
+)
+
+from .. import ops
+from .tree_call import tree_call
+
+
+def cpu_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU_ATTN's per-layer cache as (keys ``[num_blocks, Hkv, d, block_size]``, values
+    ``[num_blocks, Hkv, block_size, d]``), both views."""
+    nb, h, bs, two_d = kv_cache.shape
+    halves = kv_cache.view(nb, h, 2, bs * (two_d // 2))
+    return halves[:, :, 0].view(nb, h, two_d // 2, bs), halves[:, :, 1].view(nb, h, bs, two_d // 2)
+
+
+def gather_dense(kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the table's blocks as dense ``[B, Hkv, blocks * block_size, d]`` caches (position
+    p of request b at index p), for ``ops.tree_attention``."""
+    nb, h, bs, two_d = kv_cache.shape
+    d = two_d // 2
+    B, n = block_table.shape
+    picked = kv_cache.view(nb, h, 2, bs * d).index_select(0, block_table.reshape(-1)).view(B, n, h, 2, bs * d)
+    keys = picked[:, :, :, 0].view(B, n, h, d, bs).permute(0, 2, 1, 4, 3).reshape(B, h, n * bs, d)
+    values = picked[:, :, :, 1].view(B, n, h, bs, d).permute(0, 2, 1, 3, 4).reshape(B, h, n * bs, d)
+    return keys, values
+
+
+def move_cache_rows(kv_cache: torch.Tensor, src_blocks, src_offsets, dst_blocks, dst_offsets) -> None:
+    """Move the key and value rows (block, offset) -> (block, offset) of one layer's CPU_ATTN cache, every
+    read before any write (the right-hand sides are gathered first)."""
+    keys, values = cpu_kv_views(kv_cache)
+    keys[dst_blocks, :, :, dst_offsets] = keys[src_blocks, :, :, src_offsets]
+    values[dst_blocks, :, dst_offsets] = values[src_blocks, :, src_offsets]
+
+
+class DDTreeCPUBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls() -> type["DDTreeCPUImpl"]:
+        return DDTreeCPUImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["DDTreeCPUMetadataBuilder"]:
+        return DDTreeCPUMetadataBuilder
+
+
+class DDTreeCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        call = tree_call()
+        metadata.tree_call = call.with_block_table(common_attn_metadata.block_table_tensor, self.block_size) \
+            if call is not None else None
+        return metadata
+
+
+class DDTreeCPUImpl(CPUAttentionBackendImpl):
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        call = getattr(attn_metadata, "tree_call", None)
+        if call is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        if self.kv_cache_dtype != "auto" or self.sinks is not None or self.alibi_slopes is not None or \
+                self.sliding_window != -1 or self.logits_soft_cap:
+            raise NotImplementedError("ddtree attention: tree verification needs a model-dtype KV cache and "
+                                      "no alibi, sliding window, soft cap or sinks")
+        if call.others:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+        keys, values = gather_dense(kv_cache, call.block_table.long())
+        B, T = call.tree_mask.shape[:2]
+        q = query.view(-1, self.num_heads, self.head_size).index_select(0, call.gather)
+        q = q.view(B, T, self.num_heads, self.head_size).transpose(1, 2)
+        o = ops.tree_attention(q, keys, values, call.context_lens, call.tree_mask, call.num_nodes, self.scale)
+        out = output.view(-1, self.num_heads, self.head_size)
+        out[call.rows] = o.transpose(1, 2).reshape(B * T, self.num_heads, self.head_size)[call.picks].to(out.dtype)
+        return output
