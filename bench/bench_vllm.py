@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16", help="batch sizes (prompts per generate call)")
     ap.add_argument("--breakdown", action="store_true", help="time where a step goes (no speculation, "
                     "DFlash 7, DDTree 7, CaDDTree 16 per budget mode), in the benchmark's process")
+    ap.add_argument("--configs", help="only these configurations (comma-separated names)")
     ap.add_argument("--repeats", type=int, default=1, help="generate calls per batch size; the fastest is kept")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--engine", help=argparse.SUPPRESS)  # internal: run one configuration
@@ -129,6 +130,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     results = {}
     for name, method, tree, n in BREAKDOWN_CONFIGS if args.breakdown else CONFIGS:
+        if args.configs and name not in args.configs.split(","):
+            continue
         env = {k: v for k, v in os.environ.items() if not k.startswith("DDTREE_VLLM")}
         if tree:
             env["DDTREE_VLLM_TREE"] = tree
