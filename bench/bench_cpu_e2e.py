@@ -115,6 +115,20 @@ def hf_generate(hf, prompt: torch.Tensor, new_tokens: int, cache: str) -> dict:
             "tokens_per_s": tokens / (times[-1] - times[0]), "acceptance": 1.0, "budgets": [0], "rounds": tokens}
 
 
+def transformers_methods(hf, prompt) -> dict:
+    """transformers' own greedy ``generate`` with each KV cache that runs on this CPU (static, dynamic), by
+    name: ``{name: once(new_tokens)}``; a cache that fails is reported and left out."""
+    methods = {}
+    for cache in ("static", "dynamic"):
+        try:
+            hf_generate(hf, prompt, 4, cache)
+        except Exception as e:  # noqa: BLE001 - a cache transformers cannot run on CPU is reported, not fatal
+            print(f"transformers generate with a {cache} cache failed on CPU: {type(e).__name__}: {e}")
+            continue
+        methods[f"transformers ({cache} cache)"] = lambda n, cache=cache: hf_generate(hf, prompt, n, cache)
+    return methods
+
+
 def default_dtypes() -> list[str]:
     """bfloat16 (Qwen3's own dtype) and float32 where this CPU multiplies bf16 at least as fast as fp32
     (matrix units: AMX, AVX512-BF16; measured, not guessed from flags), else float32 alone: a bf16 run
@@ -232,14 +246,7 @@ def bench_dtype(args, dtype, context: int, new_tokens: int) -> dict:
             return r
         return once
 
-    methods = {}
-    for cache in ("static", "dynamic"):
-        try:
-            hf_generate(hf, prompt, 4, cache)
-        except Exception as e:  # noqa: BLE001 - a cache transformers cannot run on CPU is reported, not fatal
-            print(f"transformers generate with a {cache} cache failed on CPU: {type(e).__name__}: {e}")
-            continue
-        methods[f"transformers ({cache} cache)"] = lambda n, cache=cache: hf_generate(hf, prompt, n, cache)
+    methods = transformers_methods(hf, prompt)
     for m, b in [("ar", None), ("dflash", None)] + [("ddtree", b) for b in BUDGETS] + [("caddtree", max(BUDGETS))]:
         methods[m + (f"-{b}" if m == "ddtree" else "")] = ours(m, b)
         methods[m + (f"-{b}" if m == "ddtree" else "")](8)  # warm-up
@@ -351,14 +358,7 @@ def _bench_real(args, dtype, context, new_tokens, hf, fast, drafter, loads) -> d
                        "measured": cost.measured, "draft_ms": cost.draft_cost}
 
     prompt = torch.tensor([prompts[0]])
-    methods = {}
-    for cache in ("static", "dynamic"):
-        try:
-            hf_generate(hf, prompt, 4, cache)
-        except Exception as e:  # noqa: BLE001 - a cache transformers cannot run on CPU is reported, not fatal
-            print(f"transformers generate with a {cache} cache failed on CPU: {type(e).__name__}: {e}")
-            continue
-        methods[f"transformers ({cache} cache)"] = lambda n, cache=cache: hf_generate(hf, prompt, n, cache)
+    methods = transformers_methods(hf, prompt)
     plan = [("ar", None, 1, "request"), ("dflash", None, 1, "request")] + \
         [("ddtree", b, 1, "request") for b in REAL_BUDGETS] + [("caddtree", None, 1, "request")] + \
         [("caddtree", None, B, mode) for B in REAL_BATCHES for mode in ("batch", "ragged")]
