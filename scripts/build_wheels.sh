@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the wheels a user needs into a wheelhouse, each tested the way a user installs it:
 #
-#   bash scripts/build_wheels.sh            # both builds into wheelhouse/ (about 12 min on 2 cores with nvcc)
+#   bash scripts/build_wheels.sh            # both builds into wheelhouse/ (about 9 min on 2 cores with nvcc)
 #   bash scripts/build_wheels.sh cpu        # only the CPU build; `cuda` only the CUDA build
 #
 # * cuda: against the default torch from the index (here torch 2.14.1, CUDA 13.0), CUDA kernels for the archs
