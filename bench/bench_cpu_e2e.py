@@ -157,9 +157,19 @@ def main(argv=None):
     ap.add_argument("--scaled", type=Path, help="with --real: a `ddtree scale-target` folder (default: written to "
                                                 "a temporary folder, --like qwen3-0.6b, or a small shape with --quick)")
     ap.add_argument("--drafter", type=Path, help="with --real: the drafter folder (default: the shipped block-8 one)")
+    ap.add_argument("--batches", default=",".join(map(str, REAL_BATCHES)),
+                    help="with --real: batch sizes of CaDDTree's batch and ragged modes, comma-separated, or none "
+                         "(default 4,16; at the 0.6B scale on a 2-core CPU fp32 the batch-16 profile alone takes "
+                         "about half an hour)")
     args = ap.parse_args(argv)
     if (args.scaled or args.drafter) and not args.real:
         ap.error("argument --scaled/--drafter: only --real runs a scaled target and a trained drafter")
+    try:
+        args.batches = [] if args.batches in ("", "none") else sorted({int(b) for b in args.batches.split(",")})
+    except ValueError:
+        ap.error(f"argument --batches: expected comma-separated batch sizes or none, got {args.batches!r}")
+    if any(b < 2 for b in args.batches):
+        ap.error(f"argument --batches: batch sizes are 2 or more (batch 1 is always run), got {args.batches}")
     dtypes = default_dtypes() if args.dtype == "auto" else args.dtype.split(",")
     if not dtypes or any(d not in ("float32", "bfloat16") for d in dtypes):
         ap.error(f"argument --dtype: expected auto or a comma list of float32, bfloat16, got {args.dtype!r}")
@@ -334,7 +344,7 @@ def _bench_real(args, dtype, context, new_tokens, hf, fast, drafter, loads) -> d
           f"scaled target (NOT A REAL MODEL) {fast.num_hidden_layers} layers, hidden {fast.hidden_size}, "
           f"{st.param_count(fast.config.to_dict()) / 1e6:.0f}M parameters, {dtype}; drafter {len(drafter.layers)} "
           f"layers, block {drafter.block_size}; context {context}, {new_tokens} new tokens")
-    prompts = held_out_prompts(max(REAL_BATCHES), context, args.seed)
+    prompts = held_out_prompts(max([1, *args.batches]), context, args.seed)
     results = {"threads": torch.get_num_threads()}
 
     # The cost model, measured here, with the padded batch curves the batch and ragged modes read.
@@ -349,7 +359,7 @@ def _bench_real(args, dtype, context, new_tokens, hf, fast, drafter, loads) -> d
 
     t = time.perf_counter()
     cost = profile(fast, None, max_nodes=max(REAL_BUDGETS), contexts=[context, context + new_tokens],
-                   node_grid=[0, 4, 8, 16, 32, 64, 128, 256], batch_sizes=[1, *REAL_BATCHES],
+                   node_grid=[0, 4, 8, 16, 32, 64, 128, 256], batch_sizes=[1, *args.batches],
                    drafter_round_at=drafter_round_at, warmup=1, repeats=args.repeats, progress=False)
     loads.append(os.getloadavg()[0])
     print(f"profiled in {time.perf_counter() - t:.0f} s: Cd {cost.draft_cost:.1f} ms; Cv(n) at context {context}: "
@@ -361,7 +371,7 @@ def _bench_real(args, dtype, context, new_tokens, hf, fast, drafter, loads) -> d
     methods = transformers_methods(hf, prompt)
     plan = [("ar", None, 1, "request"), ("dflash", None, 1, "request")] + \
         [("ddtree", b, 1, "request") for b in REAL_BUDGETS] + [("caddtree", None, 1, "request")] + \
-        [("caddtree", None, B, mode) for B in REAL_BATCHES for mode in ("batch", "ragged")]
+        [("caddtree", None, B, mode) for B in args.batches for mode in ("batch", "ragged")]
     for m, b, B, mode in plan:
         name = m + (f"-{b}" if m == "ddtree" else "") + ("" if B == 1 else f" ({mode}, batch {B})")
         methods[name] = lambda n, m=m, b=b, B=B, mode=mode: run_real(fast, drafter, prompts[:B], m, b, n, cost, mode)

@@ -84,3 +84,17 @@ def test_scaled_and_drafter_need_real(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--drafter", "x"])
     assert "--real" in capsys.readouterr().err
+
+
+def test_real_run_batches_option(tmp_path, capsys):
+    """--batches: which batch sizes the batch and ragged modes run (none: batch 1 only); bad values refused."""
+    bench = load_bench()
+    res = bench.main(["--real", "--quick", "--new-tokens", "8", "--repeats", "1", "--passes", "1", "--dtype",
+                      "float32", "--batches", "none"])
+    section = res["dtypes"]["float32"]
+    assert all(r.get("batch", 1) == 1 for r in section["runs"])
+    assert section["cost"] and "caddtree" in {r["method"] for r in section["runs"]}
+    for bad in ("1", "x"):
+        with pytest.raises(SystemExit):
+            bench.main(["--real", "--quick", "--batches", bad])
+        assert "--batches" in capsys.readouterr().err
