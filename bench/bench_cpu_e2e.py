@@ -55,6 +55,10 @@ from ddtree.timing import device_name, measure_rates  # noqa: E402
 BUDGETS = (4, 8, 16, 32, 64, 128, 256)
 DRAFT_LAYERS = 5  # the published DFlash drafters' depth
 REAL_BUDGETS = (8, 16, 32, 64, 128, 256)  # --real: DDTree's fixed budgets and CaDDTree's cap
+# Every node count up to 4, then 2-3 points per octave: small trees' costs are not linear in n here (on this
+# AVX2 CPU at the 0.6B scale, fp32: 1 node 471 ms against 302 for none and 606 for 4, so a grid of 0, 4, 8
+# read 1-2 node trees ~25% cheap and CaDDTree chose them).
+PROFILE_GRID = [0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256]
 REAL_BATCHES = (4, 16)  # --real: batch sizes of CaDDTree's batch and ragged budget modes
 QUICK_SHAPE = st.ScaledShape(layers=6, heads=4, kv_heads=2, intermediate_size=1024)  # --real --quick
 
@@ -234,7 +238,7 @@ def bench_dtype(args, dtype, context: int, new_tokens: int) -> dict:
     f0 = torch.zeros(1, 1, fast.hidden_size * len(drafter.target_layer_ids), dtype=dtype)
     t = time.perf_counter()
     cost = profile(fast, lambda: drafter.draft(fast, x0, f0, zero), max_nodes=max(BUDGETS),
-                   contexts=[context, context + new_tokens], node_grid=[0, 4, 8, 16, 32, 64, 128, 256],
+                   contexts=[context, context + new_tokens], node_grid=PROFILE_GRID,
                    warmup=1, repeats=args.repeats, progress=False)
     loads.append(os.getloadavg()[0])
     measured = cost.measured["verify_median_ms"][0]
@@ -359,7 +363,7 @@ def _bench_real(args, dtype, context, new_tokens, hf, fast, drafter, loads) -> d
 
     t = time.perf_counter()
     cost = profile(fast, None, max_nodes=max(REAL_BUDGETS), contexts=[context, context + new_tokens],
-                   node_grid=[0, 4, 8, 16, 32, 64, 128, 256], batch_sizes=[1, *args.batches],
+                   node_grid=PROFILE_GRID, batch_sizes=[1, *args.batches],
                    drafter_round_at=drafter_round_at, warmup=1, repeats=args.repeats, progress=False)
     loads.append(os.getloadavg()[0])
     print(f"profiled in {time.perf_counter() - t:.0f} s: Cd {cost.draft_cost:.1f} ms; Cv(n) at context {context}: "
