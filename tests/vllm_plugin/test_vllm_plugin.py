@@ -274,6 +274,28 @@ def test_seeded_sampling_repeats(sampled):
     assert len(set(map(tuple, first))) > 1  # and the seeds differ, so the draws do too
 
 
+def test_seeded_tokens_do_not_depend_on_the_step(tmp_path):
+    # A seeded request draws the same tokens whether its prompt's first token is sampled in a step of
+    # prompts only (vLLM's sampler) or in a step that also verifies other requests' trees (the plugin's):
+    # which one happens depends on when requests reach the engine, so both must draw alike.
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(SHIPPED_TARGET)("def main(", add_special_tokens=False)["input_ids"]
+    seeded = [{**SAMPLING, "max_tokens": 8, "ignore_eos": True, "seed": 2000 + i} for i in range(4)]
+    alone = {"prompt_token_ids": [ids] * 4, "sampling": seeded}
+    # Four greedy requests ahead of them and room for four: the seeded prompts join one by one as those
+    # finish, in steps that verify the others' trees.
+    ahead = [{**GREEDY, "max_tokens": 6 + 5 * i} for i in range(4)]
+    behind = {"prompt_token_ids": [ids] * 8, "sampling": ahead + seeded}
+    # The engine in this process: every request of a batch is queued before its first step, so the
+    # first batch's prompts are sampled in a step of prompts only.
+    j = job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 16, batches=[alone, behind], max_num_seqs=4,
+            env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    result = run_job(j, "ddtree", tmp_path)
+    assert result["batches"][1]["token_ids"][4:] == result["batches"][0]["token_ids"]
+    assert result["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0
+
+
 def test_sampling_test_has_power(sampled):
     # The same samples against a slightly different temperature must be rejected.
     ids, counts, _ = sampled

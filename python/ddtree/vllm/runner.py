@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from vllm.v1.outputs import SamplerOutput
-from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
 from vllm.v1.worker import gpu_model_runner as gmr
 
@@ -196,9 +195,14 @@ def _sample_tokens(orig):
     return wrapped
 
 
-def _target_tokens(logits: torch.Tensor, counts: list[int], metadata) -> torch.Tensor:
+def _target_tokens(sampler, logits: torch.Tensor, counts: list[int], metadata) -> torch.Tensor:
     """One token per logits row: argmax for greedy requests, else a draw from the request's processed
-    distribution (temperature, top-k, top-p; the request's generator when it has a seed)."""
+    distribution (temperature, top-k, top-p; the request's generator when it has a seed), made by vLLM's
+    own random sampler as if every row were a request of its own. A seeded request's generator thus
+    advances by exactly what vLLM's sampler takes for one token, once per slot in slot order, so its
+    tokens do not depend on whether its prompt's first token was drawn here (a step that also verifies
+    trees) or by vLLM alone (a step of prompts only): which of the two happens depends on when requests
+    reach the engine. (vLLM's CPU sampler draws a seed per row from the generator, not V exponentials.)"""
     greedy = logits.argmax(dim=-1)
     if metadata.all_greedy:
         return greedy
@@ -208,15 +212,12 @@ def _target_tokens(logits: torch.Tensor, counts: list[int], metadata) -> torch.T
     per_row = lambda x: None if x is None else x.repeat_interleave(counts_t, output_size=rows)  # noqa: E731
     req_greedy = metadata.temperature < _SAMPLING_EPS
     temperature = torch.where(req_greedy, torch.ones_like(metadata.temperature), metadata.temperature)
-    processed = apply_top_k_top_p(logits.float() / per_row(temperature)[:, None], per_row(metadata.top_k),
-                                  per_row(metadata.top_p))
-    probs = processed.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_()
     starts = np.cumsum([0, *counts[:-1]]).tolist()
-    for r, gen in (metadata.generators or {}).items():
-        noise[starts[r] : starts[r] + counts[r]].exponential_(generator=gen)
-    sampled = probs.div(noise).argmax(dim=-1)  # the exponential race: one exact draw per row
-    return torch.where(per_row(req_greedy), greedy, sampled)
+    row_generators = {row: gen for r, gen in sorted((metadata.generators or {}).items())
+                      for row in range(starts[r], starts[r] + counts[r])}
+    sampled, _ = sampler.topk_topp_sampler(logits.float() / per_row(temperature)[:, None], row_generators,
+                                           per_row(metadata.top_k), per_row(metadata.top_p))
+    return torch.where(per_row(req_greedy), greedy, sampled.view(-1))
 
 
 def _sample(orig):
@@ -237,7 +238,7 @@ def _sample(orig):
         ks = np.asarray(spec_decode_metadata.num_draft_tokens, dtype=np.int64)
         B, T = len(ks), int(ks.max()) + 1
         counts = (ks + 1).tolist()
-        target = _target_tokens(logits, counts, metadata)
+        target = _target_tokens(self.sampler, logits, counts, metadata)
 
         # The batch's trees as [B, T]; a request without a draft is a root-only tree (num_nodes 0).
         col = np.arange(T)
