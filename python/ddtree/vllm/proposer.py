@@ -14,16 +14,43 @@ import os
 
 import torch
 
+from vllm.logger import init_logger
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from .. import ops
+
+logger = init_logger(__name__)
+
+
+def _cost_model(vllm_config, device, drafter_config):
+    """CaDDTree's cost model and where it came from: DDTREE_VLLM_COST_MODEL, else this engine's cached
+    measurement (``ddtree profile --vllm``), else the roofline estimate."""
+    from ..cost import CostModel
+    from . import COST_ENV
+    from .profile import cache_path, key_of
+
+    path = os.environ.get(COST_ENV)
+    if path:
+        return CostModel.load(path), f"the cost model {path} ({COST_ENV})"
+    key = key_of(vllm_config, device)
+    cached = cache_path(key)
+    if cached.is_file():
+        model = CostModel.load(cached)
+        if model.meta.get("key") == key:
+            return model, f"this engine's measured costs ({cached}, from `ddtree profile --vllm`)"
+    model = CostModel.default(vllm_config.model_config.hf_config, device, vllm_config.model_config.dtype,
+                              drafter_config=drafter_config)
+    return model, (f"the built-in roofline estimate: a fallback, not a measurement (measure this engine with "
+                   f"`ddtree profile --vllm --target {vllm_config.model_config.model} --drafter "
+                   f"{vllm_config.speculative_config.draft_model_config.model} --dtype {key['dtype']}`, cached "
+                   f"as {cached}, or give {COST_ENV})")
 
 
 class DDTreeProposer(DFlashProposer):
     def __init__(self, vllm_config, device, runner=None):
         super().__init__(vllm_config, device, runner)
         self._runner = runner  # the parent keeps it only where it needs it; the tree needs the batch's ids
-        from . import COST_ENV, TREE_ENV, budget_mode
+        from . import TREE_ENV, budget_mode
 
         self.mode = os.environ[TREE_ENV]
         self.budget_mode = budget_mode() if self.mode == "caddtree" else "request"
@@ -32,18 +59,15 @@ class DDTreeProposer(DFlashProposer):
         # The drafter predicts D = block_size - 1 positions per round (what it was trained for).
         self.depth = min(self.budget, block - 1) if block else self.budget
         self.vocab_size = vllm_config.model_config.get_vocab_size()
-        self.cost_model = None
+        self.cost_model, source = None, None
         if self.mode == "caddtree":
-            from ..cost import CostModel
-
-            path = os.environ.get(COST_ENV)
-            if path:
-                self.cost_model = CostModel.load(path)
-            else:
-                self.cost_model = CostModel.default(vllm_config.model_config.hf_config, device,
-                                                    vllm_config.model_config.dtype,
-                                                    drafter_config=self.draft_model_config.hf_config)
+            self.cost_model, source = _cost_model(vllm_config, device, self.draft_model_config.hf_config)
+        if self.mode == "ddtree":
+            budget = f"a fixed budget of {self.budget} nodes"
+        else:
+            budget = f"the cost-aware budget (at most {self.budget} nodes, {self.budget_mode} mode), priced by {source}"
         self.max_context = vllm_config.model_config.max_model_len
+        logger.info("ddtree.vllm: DFlash drafts become %s trees of depth %d: %s", self.mode, self.depth, budget)
         self.tree = None  # this round's ops.build_tree result ([B, N + 1] tensors); the next step verifies it
         self.tree_rows: dict[str, int] = {}  # request id -> its row of self.tree
         self._draft_logits = None
