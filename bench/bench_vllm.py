@@ -279,8 +279,19 @@ def main() -> None:
             cmd += [x for pair in zip(("--target", "--drafter"), map(str, pretrained_pair(args.block))) for x in pair]
         env = {k: v for k, v in os.environ.items() if not k.startswith("DDTREE_VLLM")}
         subprocess.run(cmd, env=env, check=True)
+    # DFlash at every draft length its block allows, from the list and the longest (block - 1).
+    drafter_dir = args.drafter
+    if not drafter_dir:
+        from ddtree.demo import pretrained_pair
+
+        drafter_dir = str(pretrained_pair(args.block)[1])
+    with open(os.path.join(drafter_dir, "config.json")) as f:
+        block = json.load(f).get("block_size", 8)
+    configs = [c for c in (BREAKDOWN_CONFIGS if args.breakdown else CONFIGS) if c[1] is None or c[2] or c[3] < block]
+    if not args.breakdown and all(c[0] != f"dflash-{block - 1}" for c in configs):
+        configs.insert(next(i for i, c in enumerate(configs) if c[2]), (f"dflash-{block - 1}", "dflash", None, block - 1))
     results = {}
-    for name, method, tree, n in BREAKDOWN_CONFIGS if args.breakdown else CONFIGS:
+    for name, method, tree, n in configs:
         if args.configs and name not in args.configs.split(","):
             continue
         env = {k: v for k, v in os.environ.items() if not k.startswith("DDTREE_VLLM")}

@@ -1,13 +1,16 @@
 """CaDDTree's costs measured inside vLLM: what a step of this engine really costs on this machine.
 
-``ddtree profile --vllm --target T --drafter D`` runs the pair in a vLLM engine in this process with a
-fixed tree of ``n`` nodes per request, for each batch size ``B`` and node count ``n`` of a grid, and times
-every engine step whose ``B`` requests all verify a tree of ``n`` nodes: the step's wall time (scheduler,
-runner bookkeeping, the plugin's plan, the target forward over ``B (n + 1)`` rows, sampling and the
-accept walk, KV compaction) less the drafter's round is ``Cv(B, n)``; the drafter's round (its forward,
-marginals and tree) is ``Cd(B)``. ``n = 0`` is a plain decoding step. The result is a
-:class:`ddtree.cost.CostModel` JSON (batch curves included, so every budget mode reads it), written to
-the cache the plugin looks in (:func:`cache_path`) and, with ``--out``, to a file of your choice.
+``ddtree profile --vllm --target T --drafter D`` starts a vLLM engine for the pair, laid out as vLLM
+serves it (engine core and worker processes, the worker's own thread binding: on a 2-core CPU vLLM keeps
+one core for the engine and binds the worker to one thread), sets a fixed tree of ``n`` nodes per request
+for each batch size ``B`` and node count ``n`` of a grid, and times every step whose ``B`` requests all
+verify a tree of ``n`` nodes, in the worker: the step (the plugin's plan, the target forward over
+``B (n + 1)`` rows, sampling and the accept walk, KV moves, the drafter) less the drafter's round, plus
+the step's share of what the run spent outside the worker (scheduling, hand-offs, outputs), is
+``Cv(B, n)``; the drafter's round (its forward, marginals and tree) is ``Cd(B)``. ``n = 0`` is a plain
+decoding step. The result is a :class:`ddtree.cost.CostModel` JSON (batch curves included, so every
+budget mode reads it), written to the cache the plugin looks in (:func:`cache_path`) and, with ``--out``,
+to a file of your choice.
 
 The plugin prices trees with, in order: ``DDTREE_VLLM_COST_MODEL`` (a file), the cached measurement for
 this target, drafter, dtype, device, thread count and vLLM version, else the built-in roofline estimate,
@@ -70,63 +73,63 @@ def key_of(vllm_config, device) -> dict:
                       vllm.__version__)
 
 
-def _runner(llm):
-    """The model runner of an engine that runs in this process."""
-    try:
-        return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
-    except AttributeError as e:
-        raise RuntimeError("ddtree profile --vllm: the engine must run in this process "
-                           "(VLLM_ENABLE_V1_MULTIPROCESSING=0, one worker)") from e
+# ---- in the worker process (sent there by collective_rpc) -------------------------------------------
 
 
-class _StepClock:
-    """Per engine step: wall time, the drafter's round, requests, scheduled tokens and whether a prompt ran."""
+def _install_clock(worker) -> None:
+    """Time every step in this worker: from ``execute_model`` to the end of ``sample_tokens`` (which
+    runs the drafter), the drafter's round within it, and the step's shape."""
+    runner = worker.model_runner
+    if getattr(runner, "_ddtree_clock", None) is not None:
+        return
+    clock = runner._ddtree_clock = {"steps": [], "current": None}
+    execute, sample, propose = runner.execute_model, runner.sample_tokens, runner.drafter.propose
 
-    def __init__(self, runner):
-        from vllm.v1.engine import core
+    def timed_execute(scheduler_output, *args, **kwargs):
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        clock["current"] = {
+            "start": time.perf_counter(), "draft_s": 0.0, "reqs": len(scheduler_output.num_scheduled_tokens),
+            "tokens": scheduler_output.total_num_scheduled_tokens,
+            "prompt": bool(scheduler_output.scheduled_new_reqs) or any(
+                n > 1 + len(spec.get(r, ())) for r, n in scheduler_output.num_scheduled_tokens.items())}
+        return execute(scheduler_output, *args, **kwargs)
 
-        self.steps: list[dict] = []
-        self._current: dict = {}
-        self._undo = []
-        step, execute, propose = core.EngineCore.step, type(runner).execute_model, runner.drafter.propose
+    def timed_sample(*args, **kwargs):
+        try:
+            return sample(*args, **kwargs)
+        finally:
+            step, clock["current"] = clock["current"], None
+            if step is not None and step["reqs"]:
+                step["step_s"] = time.perf_counter() - step.pop("start")
+                clock["steps"].append(step)
 
-        def timed_step(engine, *args, **kwargs):
-            self._current = {"draft_s": 0.0}
-            t = time.perf_counter()
-            out = step(engine, *args, **kwargs)
-            if out[1] and "reqs" in self._current:
-                self.steps.append({**self._current, "step_s": time.perf_counter() - t})
-            return out
+    def timed_propose(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return propose(*args, **kwargs)
+        finally:
+            if clock["current"] is not None:
+                clock["current"]["draft_s"] += time.perf_counter() - t
 
-        def timed_execute(runner_self, scheduler_output, *args, **kwargs):
-            self._current.update(reqs=len(scheduler_output.num_scheduled_tokens),
-                                 tokens=scheduler_output.total_num_scheduled_tokens,
-                                 prompt=bool(scheduler_output.scheduled_new_reqs) or any(
-                                     n > 1 + len(scheduler_output.scheduled_spec_decode_tokens.get(r, ()))
-                                     for r, n in scheduler_output.num_scheduled_tokens.items()))
-            return execute(runner_self, scheduler_output, *args, **kwargs)
+    runner.execute_model, runner.sample_tokens, runner.drafter.propose = timed_execute, timed_sample, timed_propose
 
-        def timed_propose(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return propose(*args, **kwargs)
-            finally:
-                self._current["draft_s"] = self._current.get("draft_s", 0.0) + time.perf_counter() - t
 
-        self._undo = [(owner, name, owner.__dict__.get(name)) for owner, name in
-                      ((core.EngineCore, "step"), (type(runner), "execute_model"))]
-        core.EngineCore.step = timed_step
-        type(runner).execute_model = timed_execute
-        runner.drafter.propose = timed_propose
-        self._drafter = runner.drafter
+def _set_budget(worker, n: int) -> None:
+    worker.model_runner.drafter.budget = n
 
-    def close(self) -> None:
-        for owner, name, fn in self._undo:
-            if fn is None:
-                delattr(owner, name)  # it was inherited
-            else:
-                setattr(owner, name, fn)
-        del self._drafter.propose  # the instance attribute; the class's method shows again
+
+def _take_steps(worker) -> dict:
+    import torch
+
+    from ..timing import device_name
+
+    runner = worker.model_runner
+    steps, runner._ddtree_clock["steps"] = runner._ddtree_clock["steps"], []
+    return {"steps": steps, "depth": runner.drafter.depth, "threads": torch.get_num_threads(),
+            "device": device_name(torch.device(runner.device))}
+
+
+# ---- in the calling process ---------------------------------------------------------------------------
 
 
 def _monotone(values) -> list[float]:
@@ -137,8 +140,14 @@ def _monotone(values) -> list[float]:
 def profile_engine(target: str, drafter: str, *, dtype: str = "float32", node_grid=NODE_GRID,
                    batch_sizes=BATCH_SIZES, context: int = 128, steps: int = 6, max_model_len: int = 1024,
                    seed: int = 0, log=print):
-    """Measure ``Cv(B, n)`` and ``Cd(B)`` in a vLLM engine (this process) and return the CostModel."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    """Measure ``Cv(B, n)`` and ``Cd(B)`` in a vLLM engine laid out as vLLM serves (engine core and worker
+    processes, the worker's own thread binding) and return (CostModel, cache key).
+
+    In the worker, each step is timed from ``execute_model`` to the end of ``sample_tokens`` with the
+    drafter's round apart; the rest of a step (scheduling, the hand-offs between processes, outputs) is
+    each run's wall time less its worker steps, spread evenly over its steps and added to ``Cv``."""
+    # The timers are functions sent to the worker: vLLM pickles them only when allowed (this engine is ours).
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     os.environ["DDTREE_VLLM_TREE"] = "ddtree"
     import torch
     import vllm
@@ -156,43 +165,46 @@ def profile_engine(target: str, drafter: str, *, dtype: str = "float32", node_gr
     llm = LLM(model=target, speculative_config={"method": "dflash", "model": drafter, "num_speculative_tokens": N},
               dtype=dtype, enforce_eager=True, max_num_seqs=batch_sizes[-1], max_model_len=max_model_len, seed=seed,
               max_num_batched_tokens=max(batch_sizes[-1] * (N + 1), context * batch_sizes[-1], 2048))
-    runner = _runner(llm)
-    proposer = runner.drafter
-    depth = proposer.depth
+    if llm.llm_engine.vllm_config.parallel_config.world_size != 1:
+        raise ValueError("ddtree profile --vllm: one worker only (tensor_parallel_size 1)")
+    llm.collective_rpc(_install_clock)
+    worker = llm.collective_rpc(_take_steps)[0]
     vocab = llm.llm_engine.model_config.get_vocab_size()
     g = torch.Generator().manual_seed(seed)
-    clock = _StepClock(runner)
+    warm = [TokensPrompt(prompt_token_ids=torch.randint(3, vocab, (context,), generator=g).tolist()) for _ in range(2)]
+    llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
+    llm.collective_rpc(_take_steps)
     verify = np.zeros((len(batch_sizes), len(node_grid)))
     draft = np.zeros(len(batch_sizes))
     measured = []
-    try:
-        for i, B in enumerate(batch_sizes):
-            drafts = []
-            for j, n in enumerate(node_grid):
-                proposer.budget = n
-                prompts = [TokensPrompt(prompt_token_ids=torch.randint(3, vocab, (context,), generator=g).tolist())
-                           for _ in range(B)]
-                # Each step gives 1 to depth + 1 tokens: enough for `steps` full steps and the prompt's.
-                params = SamplingParams(temperature=0.0, max_tokens=(steps + 2) * (min(n, depth) + 1), ignore_eos=True)
-                clock.steps.clear()
-                llm.generate(prompts, params, use_tqdm=False)
-                full = [s for s in clock.steps if s["reqs"] == B and not s["prompt"] and s["tokens"] == B * (n + 1)]
-                if not full:
-                    raise RuntimeError(f"no step verified {B} trees of {n} nodes (steps: {clock.steps[:4]})")
-                cv = float(np.median([(s["step_s"] - s["draft_s"]) * 1e3 for s in full]))
-                cd = float(np.median([s["draft_s"] * 1e3 for s in full]))
-                verify[i, j] = cv
-                drafts.append(cd)
-                measured.append({"batch": B, "nodes": n, "steps": len(full), "verify_ms": cv, "draft_ms": cd})
-                log(f"B {B:3d}  n {n:4d}: step less drafter {cv:8.2f} ms, drafter {cd:7.2f} ms ({len(full)} steps)")
-            draft[i] = float(np.median(drafts))
-    finally:
-        clock.close()
+    for i, B in enumerate(batch_sizes):
+        drafts = []
+        for j, n in enumerate(node_grid):
+            llm.collective_rpc(_set_budget, args=(n,))
+            prompts = [TokensPrompt(prompt_token_ids=torch.randint(3, vocab, (context,), generator=g).tolist())
+                       for _ in range(B)]
+            # Each step gives 1 to depth + 1 tokens: enough for `steps` full steps after the prompt's.
+            params = SamplingParams(temperature=0.0, max_tokens=(steps + 2) * (min(n, worker["depth"]) + 1),
+                                    ignore_eos=True)
+            t = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            wall = time.perf_counter() - t
+            run = llm.collective_rpc(_take_steps)[0]["steps"]
+            outside = max(0.0, wall - sum(s["step_s"] for s in run)) / max(len(run), 1)
+            full = [s for s in run if s["reqs"] == B and not s["prompt"] and s["tokens"] == B * (n + 1)]
+            if not full:
+                raise RuntimeError(f"no step verified {B} trees of {n} nodes (steps: {run[:4]})")
+            cv = float(np.median([s["step_s"] - s["draft_s"] for s in full]) + outside) * 1e3
+            cd = float(np.median([s["draft_s"] for s in full])) * 1e3
+            verify[i, j] = cv
+            drafts.append(cd)
+            measured.append({"batch": B, "nodes": n, "steps": len(full), "verify_ms": cv, "draft_ms": cd,
+                             "outside_worker_ms": outside * 1e3})
+            log(f"B {B:3d}  n {n:4d}: step less drafter {cv:8.2f} ms (of which outside the worker "
+                f"{outside * 1e3:5.2f}), drafter {cd:7.2f} ms ({len(full)} steps)")
+        draft[i] = float(np.median(drafts))
     curves = [_monotone(row) for row in verify]
-    from ..timing import device_name
-
-    key = engine_key(target, drafter, dtype, device_name(torch.device(runner.device)), torch.get_num_threads(),
-                     vllm.__version__)
+    key = engine_key(target, drafter, dtype, worker["device"], worker["threads"], vllm.__version__)
     model = CostModel(node_grid=node_grid, contexts=[context], verify_ms=np.array([curves[0]]),
                       draft_cost=float(draft[0]), batch_sizes=batch_sizes,
                       batch_verify_ms=np.array([[c] for c in curves[1:]]).reshape(len(batch_sizes) - 1, 1, len(node_grid)),

@@ -19,7 +19,7 @@ from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from .. import ops
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.plugins.ddtree")  # under vLLM's logger: its handler and format
 
 
 def _cost_model(vllm_config, device, drafter_config):
@@ -59,15 +59,17 @@ class DDTreeProposer(DFlashProposer):
         # The drafter predicts D = block_size - 1 positions per round (what it was trained for).
         self.depth = min(self.budget, block - 1) if block else self.budget
         self.vocab_size = vllm_config.model_config.get_vocab_size()
-        self.cost_model, source = None, None
-        if self.mode == "caddtree":
-            self.cost_model, source = _cost_model(vllm_config, device, self.draft_model_config.hf_config)
-        if self.mode == "ddtree":
-            budget = f"a fixed budget of {self.budget} nodes"
-        else:
-            budget = f"the cost-aware budget (at most {self.budget} nodes, {self.budget_mode} mode), priced by {source}"
+        self.cost_model = None  # caddtree: chosen at the first round, once the worker's threads are set
+        self._vllm_config, self._device = vllm_config, device
         self.max_context = vllm_config.model_config.max_model_len
-        logger.info("ddtree.vllm: DFlash drafts become %s trees of depth %d: %s", self.mode, self.depth, budget)
+        if self.mode == "ddtree":
+            logger.info("ddtree.vllm: DFlash drafts become ddtree trees of depth %d: a fixed budget of %d nodes",
+                        self.depth, self.budget)
+
+    def _load_cost_model(self) -> None:
+        self.cost_model, source = _cost_model(self._vllm_config, self._device, self.draft_model_config.hf_config)
+        logger.info("ddtree.vllm: DFlash drafts become caddtree trees of depth %d: the cost-aware budget (at most %d "
+                    "nodes, %s mode), priced by %s", self.depth, self.budget, self.budget_mode, source)
         self.tree = None  # this round's ops.build_tree result ([B, N + 1] tensors); the next step verifies it
         self.tree_rows: dict[str, int] = {}  # request id -> its row of self.tree
         self._draft_logits = None
@@ -92,6 +94,8 @@ class DDTreeProposer(DFlashProposer):
         context = torch.as_tensor(self._runner.input_batch.num_computed_tokens_cpu[:B], dtype=torch.long)
         context = context.to(logprobs.device)
         cost, draft_cost = None, 0.0
+        if self.mode == "caddtree" and self.cost_model is None:
+            self._load_cost_model()
         if self.cost_model is not None:
             # request: each request's own table; batch / ragged: the step's B requests priced together
             # (one node count for all, or the batch's best t nodes against B roots + t slots).
