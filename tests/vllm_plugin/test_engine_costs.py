@@ -25,6 +25,11 @@ def _env(cache: Path, **extra) -> dict:
     return {**env, "DDTREE_VLLM_COST_CACHE": str(cache), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **extra}
 
 
+def _errors(proc) -> str:
+    out = proc.stdout + proc.stderr
+    return "\n".join(line for line in out.splitlines() if "Error" in line and "File " not in line)[-4000:]
+
+
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
     cache = tmp_path_factory.mktemp("costs")
@@ -32,7 +37,7 @@ def profiled(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "ddtree", "profile", "--vllm", "--target", TARGET, "--drafter",
                            DRAFTER, "--batch-sizes", "1,3", "--max-nodes", "4", "--contexts", "24", "--out", str(out)],
                           env=_env(cache), text=True, capture_output=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, _errors(proc)
     return cache, out, proc.stdout
 
 
@@ -60,7 +65,7 @@ def _caddtree_log(cache: Path, tmp_path: Path, **env) -> str:
     path.write_text(json.dumps(job))
     proc = subprocess.run([sys.executable, str(HERE / "engine_job.py"), str(path)], text=True, capture_output=True,
                           env=_env(cache, DDTREE_VLLM_TREE="caddtree", **env), timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, _errors(proc)
     return proc.stdout + proc.stderr
 
 

@@ -132,6 +132,16 @@ def _take_steps(worker) -> dict:
 # ---- in the calling process ---------------------------------------------------------------------------
 
 
+def _kv_bytes_per_token(folder: str, dtype: str) -> int:
+    """K and V bytes per token of a Qwen3/Llama-style checkpoint's layers (its config.json)."""
+    with open(Path(folder) / "config.json") as f:
+        cfg = json.load(f)
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    size = 4 if str(dtype).endswith("float32") else 2
+    return 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * size
+
+
 def _monotone(values) -> list[float]:
     """Non-decreasing in n (a larger tree never costs less): the running maximum of the medians."""
     return np.maximum.accumulate(np.asarray(values, dtype=np.float64)).tolist()
@@ -162,9 +172,15 @@ def profile_engine(target: str, drafter: str, *, dtype: str = "float32", node_gr
     if node_grid[0] < 0:
         raise ValueError(f"node_grid: node counts must be non-negative, got {node_grid}")
     N = max(node_grid[-1], 1)
+    # Room for the longest run (prompt, the generated tokens, a tree past them) and a KV cache sized to it,
+    # not vLLM's default share of the machine's memory.
+    max_model_len = min(max_model_len, context + (steps + 2) * (N + 1) + N + 64)
+    kv_bytes = int(1.5 * batch_sizes[-1] * max_model_len * (_kv_bytes_per_token(target, dtype) +
+                                                            _kv_bytes_per_token(drafter, dtype))) + (32 << 20)
     llm = LLM(model=target, speculative_config={"method": "dflash", "model": drafter, "num_speculative_tokens": N},
               dtype=dtype, enforce_eager=True, max_num_seqs=batch_sizes[-1], max_model_len=max_model_len, seed=seed,
-              max_num_batched_tokens=max(batch_sizes[-1] * (N + 1), context * batch_sizes[-1], 2048))
+              max_num_batched_tokens=max(batch_sizes[-1] * (N + 1), context * batch_sizes[-1], 2048),
+              kv_cache_memory_bytes=kv_bytes)
     if llm.llm_engine.vllm_config.parallel_config.world_size != 1:
         raise ValueError("ddtree profile --vllm: one worker only (tensor_parallel_size 1)")
     llm.collective_rpc(_install_clock)
