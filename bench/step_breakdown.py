@@ -20,6 +20,7 @@ REGIONS = [
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "execute_model", "runner other (bookkeeping, logits)"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "sample_tokens", "runner other (bookkeeping, logits)"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_prepare_inputs", "inputs + positions"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_ddtree_plan", "plugin: trees, masks, positions"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_build_attention_metadata", "attention metadata"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_model_forward", "target forward (no attention)"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_sample", "sampling + accept walk"),
@@ -28,10 +29,12 @@ REGIONS = [
     ("ddtree.vllm.proposer", "DDTreeProposer", "propose", "marginals -> tree"),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "forward", "attention"),
     ("ddtree.vllm.attention", "DDTreeAttentionImpl", "forward", "attention"),
+    ("ddtree.vllm.cpu_attention", "DDTreeCPUImpl", "forward", "attention"),
 ]
 ORDER = ["scheduler", "engine (scheduler glue, outputs)", "runner other (bookkeeping, logits)", "inputs + positions",
-         "attention metadata", "target forward (no attention)", "target attention", "sampling + accept walk",
-         "KV compaction", "drafter (no attention)", "drafter attention", "marginals -> tree"]
+         "plugin: trees, masks, positions", "attention metadata", "target forward (no attention)",
+         "target attention", "sampling + accept walk", "KV compaction", "drafter (no attention)",
+         "drafter attention", "marginals -> tree"]
 
 
 class StepTimers:

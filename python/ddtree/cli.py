@@ -521,6 +521,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_profile(args) -> int:
+    if args.vllm:
+        return _profile_vllm(args)
+    if args.out is None:
+        raise UsageError("argument --out: required (only --vllm writes to its cache without one)")
     _check_out_file(args.out)
     target_cfg, _ = _pair_folders(args, need_drafter=bool(args.drafter))
     device = _device(args)
@@ -555,6 +559,32 @@ def cmd_profile(args) -> int:
     except OSError as e:
         raise UsageError(f"argument --out: cannot write {args.out}: {e.strerror}") from None
     print(f"cost model written to {args.out} (Cd = {model.draft_cost:.3f} ms)")
+    return 0
+
+
+def _profile_vllm(args) -> int:
+    """``ddtree profile --vllm``: the costs of vLLM's own steps for the pair, cached where the plugin looks."""
+    if args.out is not None:
+        _check_out_file(args.out)
+    if not args.target or not args.drafter:
+        raise UsageError("argument --vllm: give the pair vLLM will serve, --target DIR and --drafter DIR")
+    try:
+        import vllm.v1  # noqa: F401
+    except ImportError:
+        raise UsageError("argument --vllm: vLLM is not installed in this Python") from None
+    from .vllm.profile import BATCH_SIZES, NODE_GRID, cache_path, profile_engine
+
+    grid = [n for n in NODE_GRID if n <= args.max_nodes]
+    sizes = args.batch_sizes if args.batch_sizes != [1] else list(BATCH_SIZES)
+    model, key = profile_engine(args.target, args.drafter, dtype=args.dtype or "float32",
+                                node_grid=grid, batch_sizes=sizes, context=args.contexts[0])
+    cached = cache_path(key)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    model.save(cached)
+    print(f"engine cost model cached as {cached} (the plugin reads it for this pair, dtype, device, threads and vLLM)")
+    if args.out is not None:
+        model.save(args.out)
+        print(f"and written to {args.out}")
     return 0
 
 
@@ -744,7 +774,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes whose padded verify cost (B requests x (n+1) slots) is measured, from 1 and "
                         "increasing, e.g. 1,4,16,64; the ragged cost is modelled from them (no runner has a varlen "
                         "verify)")
-    p.add_argument("--out", required=True, metavar="FILE", help="output JSON file (its folder must exist)")
+    p.add_argument("--out", metavar="FILE", help="output JSON file (its folder must exist); required without --vllm")
+    p.add_argument("--vllm", action="store_true",
+                   help="measure vLLM's own engine steps for the pair (--target, --drafter; in this process, vLLM "
+                        "installed) at batch sizes 1,4,16 (or --batch-sizes) and 0-32 nodes (up to --max-nodes), "
+                        "at the first of --contexts, and cache the model where the vLLM plugin looks for it")
     _run_options(p)
     _model_options(p)
     p.set_defaults(func=cmd_profile)

@@ -10,9 +10,50 @@ The job: {"target", "drafter" (or null), "method" (null: no drafting), "num_spec
 "dtype", "max_num_seqs", "batches": [{"prompts": [...] or "prompt_token_ids": [[...]],
 "sampling": {...} or one {...} per prompt}]}.
 The result: per batch the generated token ids and texts, and vLLM's speculative-decoding counters.
+With "count_host_syncs": true (and VLLM_ENABLE_V1_MULTIPROCESSING=0, so the engine steps in this process)
+also "host_syncs": per engine step, the calls that read a tensor's value on the host (tolist, item, bool,
+int, float, numpy, cpu) made from the plugin's code.
 """
 import json
 import sys
+from pathlib import Path
+
+_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+
+
+def count_host_syncs() -> list:
+    """Wrap the torch.Tensor methods that read values to the host; count the calls whose caller is in
+    ddtree/vllm/, per engine step. Returns the list the counts go into."""
+    import torch
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.engine import core
+
+    import ddtree.vllm
+
+    load_general_plugins()
+    plugin_dir = str(Path(ddtree.vllm.__file__).parent)
+    counts, current = [], [0]
+
+    def counted(fn):
+        def wrapper(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(plugin_dir):
+                current[0] += 1
+            return fn(self, *args, **kwargs)
+        return wrapper
+
+    for name in _READS:
+        setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    step = core.EngineCore.step
+
+    def stepped(engine, *args, **kwargs):
+        current[0] = 0
+        out = step(engine, *args, **kwargs)
+        if out[1]:
+            counts.append(current[0])
+        return out
+
+    core.EngineCore.step = stepped
+    return counts
 
 
 def run(job: dict) -> dict:
@@ -20,6 +61,7 @@ def run(job: dict) -> dict:
     from vllm.exceptions import VLLMError
     from vllm.inputs import TokensPrompt
 
+    host_syncs = count_host_syncs() if job.get("count_host_syncs") else None
     spec = None
     if job.get("method"):
         spec = {"method": job["method"], "model": job["drafter"],
@@ -52,6 +94,8 @@ def run(job: dict) -> dict:
         if m.name.startswith("vllm:spec_decode"):
             metrics[m.name] = getattr(m, "values", None) or getattr(m, "value", None)
     result = {"batches": batches, "metrics": metrics}
+    if host_syncs is not None:
+        result["host_syncs"] = host_syncs
     if spec is not None:  # which proposer the workers built (cloudpickled to them by value)
         result["drafter_class"] = llm.collective_rpc(lambda worker: type(worker.model_runner.drafter).__name__)
     return result

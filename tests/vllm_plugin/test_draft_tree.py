@@ -1,4 +1,5 @@
-"""The plugin's per-request tree: a prefix of build_tree's slots is a tree, and a foreign draft is a chain."""
+"""The trees the runner verifies: the first k slots of build_tree's output (the scheduler may cut a draft)
+are a tree with its mask in the first words, and a foreign draft is verified as the causal chain."""
 import pytest
 
 pytest.importorskip("vllm.v1")  # the real vLLM (a namespace "vllm" would not have it)
@@ -6,7 +7,7 @@ pytest.importorskip("vllm.v1")  # the real vLLM (a namespace "vllm" would not ha
 import torch  # noqa: E402
 
 from ddtree import ops  # noqa: E402
-from ddtree.vllm.proposer import DraftTree  # noqa: E402
+from ddtree.vllm.attention import chain_mask  # noqa: E402
 
 
 def ancestors(parents: list[int]) -> torch.Tensor:
@@ -29,18 +30,16 @@ def test_prefix_of_a_built_tree_is_a_tree(seed):
     lp, ids = ops.topk_marginals(logits, 8)
     t = ops.build_tree(lp, ids, torch.tensor([7]), torch.tensor([0]), N)
     n = int(t.num_nodes)
-    full = DraftTree(t.tokens[0, : n + 1].tolist(), t.parents[0, : n + 1], t.depths[0, : n + 1].long(),
-                     t.tree_mask[0, : n + 1].contiguous())
-    for k in (0, 1, 5, 31, 32, n):
-        p = full.prefix(k)
-        parents = p.parents.tolist()
-        assert p.num_nodes == k and all(parents[j] < j for j in range(1, k + 1))
-        assert p.mask.shape == (k + 1, (k + 1 + 31) // 32)
-        assert torch.equal(p.mask, ops.pack_mask(ancestors(parents)))
+    for k in (0, 1, 5, 31, 32, n):  # the runner's slice of the first k nodes (runner._plan)
+        parents = t.parents[0, : k + 1].tolist()
+        mask = t.tree_mask[0, : k + 1, : (k + 1 + 31) // 32]
+        assert all(parents[j] < j for j in range(1, k + 1))
+        assert torch.equal(mask, ops.pack_mask(ancestors(parents)))
+        depths = [0] * (k + 1)
+        for j in range(1, k + 1):
+            depths[j] = depths[parents[j]] + 1
+        assert t.depths[0, : k + 1].tolist() == depths
 
 
 def test_chain_is_the_causal_chain():
-    c = DraftTree.chain(5, [9, 8, 7], "cpu")
-    assert c.tokens == [5, 9, 8, 7]
-    assert c.parents.tolist() == [-1, 0, 1, 2] and c.depths.tolist() == [0, 1, 2, 3]
-    assert torch.equal(c.mask, ops.pack_mask(torch.ones(4, 4, dtype=torch.bool).tril()))
+    assert torch.equal(chain_mask(4, "cpu"), ops.pack_mask(ancestors([-1, 0, 1, 2])))

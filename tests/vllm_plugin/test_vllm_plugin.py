@@ -77,11 +77,14 @@ def shipped(tmp_path_factory):
         "plain": run_job(job(SHIPPED_TARGET), None, tmp),
         "ddtree": run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 16), "ddtree", tmp),
         "caddtree": run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 16), "caddtree", tmp),
+        **{f"caddtree-{mode}": run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 16,
+                                           env={"DDTREE_VLLM_BUDGET_MODE": mode}), "caddtree", tmp)
+           for mode in ("batch", "ragged")},
         "dflash": run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 7), None, tmp),
     }
 
 
-@pytest.mark.parametrize("mode", ["ddtree", "caddtree", "dflash"])
+@pytest.mark.parametrize("mode", ["ddtree", "caddtree", "caddtree-batch", "caddtree-ragged", "dflash"])
 def test_shipped_greedy_equals_vllm_without_speculation(shipped, mode):
     for b, (want, got) in enumerate(zip(shipped["plain"]["batches"], shipped[mode]["batches"])):
         assert got["token_ids"] == want["token_ids"], f"batch {b} ({GREEDY_BATCHES[b]['sampling']})"
@@ -112,9 +115,22 @@ def test_plugin_replaces_the_proposer_only_when_enabled(shipped):
     assert shipped["dflash"]["drafter_class"] == ["DFlashProposer"]
 
 
-def test_caddtree_drafts_at_most_the_cap(shipped):
-    m = shipped["caddtree"]["metrics"]
-    assert m["vllm:spec_decode_num_draft_tokens"] <= 16 * m["vllm:spec_decode_num_drafts"]
+@pytest.mark.parametrize("mode", ["caddtree", "caddtree-batch", "caddtree-ragged"])
+def test_caddtree_drafts_at_most_the_cap(shipped, mode):
+    m = shipped[mode]["metrics"]
+    assert 0 < m["vllm:spec_decode_num_draft_tokens"] <= 16 * m["vllm:spec_decode_num_drafts"]
+
+
+@pytest.mark.parametrize("tree", ["ddtree", "caddtree"])
+def test_at_most_one_host_sync_per_step(tree, tmp_path):
+    # The plugin's code reads tensor values on the host once per engine step (the drafted tokens the
+    # scheduler takes as lists); CaDDTree's cost table is built (copied to the device) on its first use.
+    j = job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 16, batches=GREEDY_BATCHES[:2], count_host_syncs=True,
+            env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    counts = run_job(j, tree, tmp_path)["host_syncs"]
+    assert len(counts) > 10 and max(counts) >= 1  # the counter sees the plugin's read
+    first_use = 1 if tree == "caddtree" else 0
+    assert sum(c > 1 for c in counts) <= first_use, counts
 
 
 # ---- random Qwen3 and Llama pairs --------------------------------------------------------------------
@@ -258,6 +274,28 @@ def test_seeded_sampling_repeats(sampled):
     assert len(set(map(tuple, first))) > 1  # and the seeds differ, so the draws do too
 
 
+def test_seeded_tokens_do_not_depend_on_the_step(tmp_path):
+    # A seeded request draws the same tokens whether its prompt's first token is sampled in a step of
+    # prompts only (vLLM's sampler) or in a step that also verifies other requests' trees (the plugin's):
+    # which one happens depends on when requests reach the engine, so both must draw alike.
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(SHIPPED_TARGET)("def main(", add_special_tokens=False)["input_ids"]
+    seeded = [{**SAMPLING, "max_tokens": 8, "ignore_eos": True, "seed": 2000 + i} for i in range(4)]
+    alone = {"prompt_token_ids": [ids] * 4, "sampling": seeded}
+    # Four greedy requests ahead of them and room for four: the seeded prompts join one by one as those
+    # finish, in steps that verify the others' trees.
+    ahead = [{**GREEDY, "max_tokens": 6 + 5 * i} for i in range(4)]
+    behind = {"prompt_token_ids": [ids] * 8, "sampling": ahead + seeded}
+    # The engine in this process: every request of a batch is queued before its first step, so the
+    # first batch's prompts are sampled in a step of prompts only.
+    j = job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 16, batches=[alone, behind], max_num_seqs=4,
+            env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    result = run_job(j, "ddtree", tmp_path)
+    assert result["batches"][1]["token_ids"][4:] == result["batches"][0]["token_ids"]
+    assert result["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0
+
+
 def test_sampling_test_has_power(sampled):
     # The same samples against a slightly different temperature must be rejected.
     ids, counts, _ = sampled
@@ -272,6 +310,12 @@ def test_sampling_test_has_power(sampled):
 def test_refuses_an_unknown_tree_mode(tmp_path):
     out = run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 8), "beam", tmp_path, expect_error=True)
     assert "DDTREE_VLLM_TREE='beam'; choose one of ddtree, caddtree" in out
+
+
+def test_refuses_an_unknown_budget_mode(tmp_path):
+    j = job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 8, env={"DDTREE_VLLM_BUDGET_MODE": "global"})
+    out = run_job(j, "caddtree", tmp_path, expect_error=True)
+    assert "DDTREE_VLLM_BUDGET_MODE='global'; choose one of request, batch, ragged" in out
 
 
 def test_refuses_unsupported_sampling_per_request(tmp_path):

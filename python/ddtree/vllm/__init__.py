@@ -5,7 +5,8 @@ workers). It does nothing unless ``DDTREE_VLLM_TREE`` is set, so vLLM behaves ex
 
 * ``DDTREE_VLLM_TREE=ddtree``: a tree of ``num_speculative_tokens`` nodes per round (fixed budget);
 * ``DDTREE_VLLM_TREE=caddtree``: the cost-aware budget, at most ``num_speculative_tokens`` nodes, priced
-  by the cost model in ``DDTREE_VLLM_COST_MODEL`` (a ``ddtree profile`` JSON) or by the roofline default.
+  by the cost model in ``DDTREE_VLLM_COST_MODEL`` (a ``ddtree profile`` JSON) or by the roofline default,
+  for each request alone or for the step's batch (``DDTREE_VLLM_BUDGET_MODE``: request, batch, ragged).
 
 with ``speculative_config={"method": "dflash", "model": DRAFTER, "num_speculative_tokens": N}``.
 Supported: vLLM 0.32.x, V1 model runner, synchronous scheduling, decoder-only targets without M-RoPE;
@@ -18,7 +19,9 @@ import os
 
 TREE_ENV = "DDTREE_VLLM_TREE"
 COST_ENV = "DDTREE_VLLM_COST_MODEL"
+BUDGET_ENV = "DDTREE_VLLM_BUDGET_MODE"
 TREE_MODES = ("ddtree", "caddtree")
+BUDGET_MODES = ("request", "batch", "ragged")  # build_tree's budget_mode; the first is the default
 SUPPORTED_VLLM = "0.32."  # version prefix this plugin is written against
 
 
@@ -41,6 +44,14 @@ def tree_mode() -> str | None:
     return mode
 
 
+def budget_mode() -> str:
+    """CaDDTree's budget mode: what the cost table prices (``ddtree.build_tree``'s ``budget_mode``)."""
+    mode = os.environ.get(BUDGET_ENV, "").strip() or BUDGET_MODES[0]
+    if mode not in BUDGET_MODES:
+        raise PluginError(f"ddtree.vllm: {BUDGET_ENV}={mode!r}; choose one of {', '.join(BUDGET_MODES)}")
+    return mode
+
+
 def check_config(vllm_config) -> None:
     """Refuse, with one line, a vLLM configuration the tree verifier does not handle."""
     spec = vllm_config.speculative_config
@@ -58,6 +69,7 @@ def register() -> None:
     """The ``vllm.general_plugins`` entry point."""
     if tree_mode() is None:
         return
+    budget_mode()  # a bad value is refused at start-up, in every process
     import vllm
 
     check_vllm_version(vllm.__version__)
@@ -66,8 +78,10 @@ def register() -> None:
 
     from . import admission, attention, runner
 
-    slot = "CPU_ATTN" if current_platform.is_cpu() else "FLASH_ATTN"
-    attention.DDTreeAttentionBackend._slot_name = slot
-    register_backend(AttentionBackendEnum[slot], "ddtree.vllm.attention.DDTreeAttentionBackend")
+    if current_platform.is_cpu():  # vLLM's CPU_ATTN, with tree verification added
+        register_backend(AttentionBackendEnum.CPU_ATTN, "ddtree.vllm.cpu_attention.DDTreeCPUBackend")
+    else:  # every attention call through ddtree's paged op (not yet measured on a GPU)
+        attention.DDTreeAttentionBackend._slot_name = "FLASH_ATTN"
+        register_backend(AttentionBackendEnum.FLASH_ATTN, "ddtree.vllm.attention.DDTreeAttentionBackend")
     runner.patch()
     admission.patch()  # in the serving process: unsupported sampling options refused per request

@@ -1,4 +1,5 @@
-"""A vLLM attention backend that runs every attention call through ``ddtree.paged_tree_attention``.
+"""On CUDA: a vLLM attention backend that runs every attention call through ``ddtree.paged_tree_attention``
+(on CPU the plugin keeps vLLM's own backend and adds tree verification: :mod:`ddtree.vllm.cpu_attention`).
 
 vLLM's own backends take a causal or a full mask per request; verifying a draft tree needs each tree slot
 to see the context and its own ancestors only. This backend reads vLLM's paged cache in place (per layer
@@ -7,7 +8,8 @@ physical layout) and expresses every request of a batch as a "tree" over its que
 
 * a prompt chunk or a plain decode step: the causal chain (row i sees query tokens 0..i);
 * a non-causal request (the DFlash drafter's block): every query token sees every other;
-* a draft tree being verified: the ancestor mask the runner hands over (see :mod:`ddtree.vllm.runner`).
+* the target forward of a step that verifies trees: the runner's :class:`~ddtree.vllm.tree_call.TreeCall`
+  (trees, decodes and short prompt chunks in one call; long prompt chunks in calls of their own).
 
 Query token 0 of a request sits at position ``context_len = seq_len - query_len``, so the op's "root" is
 the first query token and its context is everything before it. Short requests (decodes, tree
@@ -16,9 +18,8 @@ its own, so a decode is never padded to a prompt's length.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -31,23 +32,10 @@ from vllm.v1.attention.backend import (
 )
 
 from .. import ops
+from .tree_call import tree_call
 
-# Requests with at most this many query tokens (or a verified tree's, if more) share one padded call.
+# Requests with at most this many query tokens share one padded call.
 _BATCHED_QUERY_LEN = 64
-
-# Ancestor masks of the draft trees of the batch being verified, by request index, set by the runner
-# around the target's metadata build only (the drafter's own metadata never sees them).
-_verify = threading.local()
-
-
-def set_verify_masks(masks: Optional[dict[int, torch.Tensor]]) -> None:
-    """Hand the packed ancestor masks ``{request index: [1 + k, ceil((1 + k) / 32)] i32}`` of the trees
-    the next target forward verifies to this backend's metadata builder (None clears them)."""
-    _verify.masks = masks
-
-
-def _verify_masks() -> dict[int, torch.Tensor]:
-    return getattr(_verify, "masks", None) or {}
 
 
 class DDTreeAttentionBackend(AttentionBackend):
@@ -122,13 +110,20 @@ class DDTreeMetadataBuilder(AttentionMetadataBuilder[DDTreeAttentionMetadata]):
             causal = causal[:B].tolist()
         else:
             causal = [bool(causal)] * B
-        trees = _verify_masks()
+        verify = tree_call()
+        if verify is not None:  # the trees' call, and the long prompt chunks beside them one by one
+            verify = verify.with_block_table(cad.block_table_tensor, self.block_size)
+            inside = set(verify.members_np.tolist())
+            calls = [_Call(verify.slots, verify.block_table, verify.context_lens, verify.tree_mask, verify.num_nodes)]
+            calls += [self._call([b], starts, q_lens, seq_lens, causal, cad.block_table_tensor)
+                      for b in range(B) if q_lens[b] > 0 and b not in inside]
+            return DDTreeAttentionMetadata(cad.num_actual_tokens, cad.slot_mapping, calls, all(causal))
         short = [b for b in range(B) if 0 < q_lens[b] <= self.batched_query_len]
         groups = ([short] if short else []) + [[b] for b in range(B) if q_lens[b] > self.batched_query_len]
-        calls = [self._call(g, starts, q_lens, seq_lens, causal, trees, cad.block_table_tensor) for g in groups]
+        calls = [self._call(g, starts, q_lens, seq_lens, causal, cad.block_table_tensor) for g in groups]
         return DDTreeAttentionMetadata(cad.num_actual_tokens, cad.slot_mapping, calls, all(causal))
 
-    def _call(self, reqs, starts, q_lens, seq_lens, causal, trees, block_table) -> _Call:
+    def _call(self, reqs, starts, q_lens, seq_lens, causal, block_table) -> _Call:
         device = block_table.device
         T = max(q_lens[b] for b in reqs)
         W = (T + 31) // 32
@@ -138,10 +133,7 @@ class DDTreeMetadataBuilder(AttentionMetadataBuilder[DDTreeAttentionMetadata]):
         for i, b in enumerate(reqs):
             n = q_lens[b]
             rows[i, :n] = torch.arange(starts[b], starts[b] + n)
-            if b in trees:
-                tree = trees[b]
-                mask[i, : tree.shape[0], : tree.shape[1]] = tree
-            elif causal[b]:
+            if causal[b]:
                 mask[i, :n] = chain[:n]  # row j of the chain holds bits 0..j only: none past n
             else:
                 mask[i, :n] = ops.pack_mask((torch.arange(T, device=device) < n).expand(n, T))
@@ -157,6 +149,13 @@ class DDTreeMetadataBuilder(AttentionMetadataBuilder[DDTreeAttentionMetadata]):
 def kv_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V as ``[num_blocks, block_size, Hkv, d]`` views of vLLM's per-layer cache."""
     return kv_cache.transpose(1, 2).split(head_size, dim=-1)
+
+
+def move_cache_rows(kv_cache: torch.Tensor, src_blocks, src_offsets, dst_blocks, dst_offsets) -> None:
+    """Move the key and value rows (block, offset) -> (block, offset) of one layer's cache, every read
+    before any write."""
+    for cache in kv_views(kv_cache, kv_cache.shape[-1] // 2):
+        cache[dst_blocks, dst_offsets] = cache[src_blocks, src_offsets]
 
 
 class DDTreeAttentionImpl(AttentionImpl):

@@ -5,74 +5,73 @@ takes the argmax at each mask position (a chain). This subclass keeps that forwa
 drafter KV handling) but keeps the ``[B, D, V]`` logits and builds a tree of up to ``N`` nodes
 (``num_speculative_tokens``) from them with ``topk_marginals`` + ``build_tree``: a fixed budget of ``N``
 ("ddtree") or the cost-aware budget capped at ``N`` ("caddtree"). The tree's node tokens go to the
-scheduler as the request's draft (a list, so each request may draft a different number); the tree
-itself stays with the runner, which verifies it (see :mod:`ddtree.vllm.runner`).
+scheduler as the request's draft (a list, so each request may draft a different number); the batch's
+tree tensors stay with the proposer, and the runner verifies them (see :mod:`ddtree.vllm.runner`).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
+from vllm.logger import init_logger
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from .. import ops
-from .attention import chain_mask
+
+logger = init_logger("vllm.plugins.ddtree")  # under vLLM's logger: its handler and format
 
 
-@dataclass
-class DraftTree:
-    """One request's tree, slot 0 the root (the bonus token), slots in build_tree's (topological) order."""
+def _cost_model(vllm_config, device, drafter_config):
+    """CaDDTree's cost model and where it came from: DDTREE_VLLM_COST_MODEL, else this engine's cached
+    measurement (``ddtree profile --vllm``), else the roofline estimate."""
+    from ..cost import CostModel
+    from . import COST_ENV
+    from .profile import cache_path, key_of
 
-    tokens: list[int]  # [1 + num_nodes]
-    parents: torch.Tensor  # [1 + num_nodes] i32
-    depths: torch.Tensor  # [1 + num_nodes] i64
-    mask: torch.Tensor  # [1 + num_nodes, ceil((1 + num_nodes) / 32)] i32 ancestor bits (self included)
-
-    @property
-    def num_nodes(self) -> int:
-        return len(self.tokens) - 1
-
-    def prefix(self, k: int) -> "DraftTree":
-        """The first k nodes: a tree too, since every node's parent comes before it."""
-        W = (k + 1 + 31) // 32
-        return DraftTree(self.tokens[: k + 1], self.parents[: k + 1], self.depths[: k + 1],
-                         self.mask[: k + 1, :W].contiguous())
-
-    @staticmethod
-    def chain(root: int, draft: list[int], device) -> "DraftTree":
-        """A draft the tree builder did not make (kept for safety): verified as the chain it is."""
-        n = len(draft)
-        idx = torch.arange(n + 1, device=device)
-        return DraftTree([root, *draft], (idx - 1).to(torch.int32), idx, chain_mask(n + 1, device))
+    path = os.environ.get(COST_ENV)
+    if path:
+        return CostModel.load(path), f"the cost model {path} ({COST_ENV})"
+    key = key_of(vllm_config, device)
+    cached = cache_path(key)
+    if cached.is_file():
+        model = CostModel.load(cached)
+        if model.meta.get("key") == key:
+            return model, f"this engine's measured costs ({cached}, from `ddtree profile --vllm`)"
+    model = CostModel.default(vllm_config.model_config.hf_config, device, vllm_config.model_config.dtype,
+                              drafter_config=drafter_config)
+    return model, (f"the built-in roofline estimate: a fallback, not a measurement (measure this engine with "
+                   f"`ddtree profile --vllm --target {vllm_config.model_config.model} --drafter "
+                   f"{vllm_config.speculative_config.draft_model_config.model} --dtype {key['dtype']}`, cached "
+                   f"as {cached}, or give {COST_ENV})")
 
 
 class DDTreeProposer(DFlashProposer):
     def __init__(self, vllm_config, device, runner=None):
         super().__init__(vllm_config, device, runner)
         self._runner = runner  # the parent keeps it only where it needs it; the tree needs the batch's ids
-        from . import TREE_ENV, COST_ENV
+        from . import TREE_ENV, budget_mode
 
         self.mode = os.environ[TREE_ENV]
+        self.budget_mode = budget_mode() if self.mode == "caddtree" else "request"
         self.budget = self.num_speculative_tokens  # N: the tree's nodes (the cap for caddtree)
         block = getattr(self.draft_model_config.hf_config, "block_size", None)
         # The drafter predicts D = block_size - 1 positions per round (what it was trained for).
         self.depth = min(self.budget, block - 1) if block else self.budget
         self.vocab_size = vllm_config.model_config.get_vocab_size()
-        self.cost_model = None
-        if self.mode == "caddtree":
-            from ..cost import CostModel
-
-            path = os.environ.get(COST_ENV)
-            if path:
-                self.cost_model = CostModel.load(path)
-            else:
-                self.cost_model = CostModel.default(vllm_config.model_config.hf_config, device,
-                                                    vllm_config.model_config.dtype,
-                                                    drafter_config=self.draft_model_config.hf_config)
+        self.cost_model = None  # caddtree: chosen at the first round, once the worker's threads are set
+        self._vllm_config, self._device = vllm_config, device
         self.max_context = vllm_config.model_config.max_model_len
-        self.trees: dict[str, DraftTree] = {}
+        if self.mode == "ddtree":
+            logger.info("ddtree.vllm: DFlash drafts become ddtree trees of depth %d: a fixed budget of %d nodes",
+                        self.depth, self.budget)
+
+    def _load_cost_model(self) -> None:
+        self.cost_model, source = _cost_model(self._vllm_config, self._device, self.draft_model_config.hf_config)
+        logger.info("ddtree.vllm: DFlash drafts become caddtree trees of depth %d: the cost-aware budget (at most %d "
+                    "nodes, %s mode), priced by %s", self.depth, self.budget, self.budget_mode, source)
+        self.tree = None  # this round's ops.build_tree result ([B, N + 1] tensors); the next step verifies it
+        self.tree_rows: dict[str, int] = {}  # request id -> its row of self.tree
         self._draft_logits = None
 
     def _sample_draft_tokens(self, hidden_states, sampling_metadata):
@@ -95,17 +94,18 @@ class DDTreeProposer(DFlashProposer):
         context = torch.as_tensor(self._runner.input_batch.num_computed_tokens_cpu[:B], dtype=torch.long)
         context = context.to(logprobs.device)
         cost, draft_cost = None, 0.0
+        if self.mode == "caddtree" and self.cost_model is None:
+            self._load_cost_model()
         if self.cost_model is not None:
-            cost = self.cost_model.table(context, N, self.max_context)
-            draft_cost = float(self.cost_model.draft_cost)
-        tree = ops.build_tree(logprobs, token_ids, next_token_ids.long(), context, N, cost, draft_cost)
-        num_nodes = tree.num_nodes.tolist()
-        tokens = tree.tokens.tolist()
-        drafts, self.trees = [], {}  # only this round's trees: the next step verifies no others
-        for b, req_id in enumerate(self._runner.input_batch.req_ids[:B]):
-            n = num_nodes[b]
-            self.trees[req_id] = DraftTree(tokens[b][: n + 1], tree.parents[b, : n + 1],
-                                           tree.depths[b, : n + 1].long(),
-                                           tree.tree_mask[b, : n + 1, : (n + 1 + 31) // 32].contiguous())
-            drafts.append(tokens[b][1 : n + 1])
-        return drafts
+            # request: each request's own table; batch / ragged: the step's B requests priced together
+            # (one node count for all, or the batch's best t nodes against B roots + t slots).
+            cost = self.cost_model.table(context, N, self.max_context, mode=self.budget_mode)
+            draft_cost = float(self.cost_model.draft_cost if self.budget_mode == "request"
+                               else self.cost_model.draft_cost_at(B))
+        tree = ops.build_tree(logprobs, token_ids, next_token_ids.long(), context, N, cost, draft_cost,
+                              self.budget_mode)
+        # The step's one host read: each request's node count and tokens, for the scheduler's draft lists.
+        rows = torch.cat([tree.num_nodes[:, None].to(tree.tokens.dtype), tree.tokens], dim=1).tolist()
+        req_ids = self._runner.input_batch.req_ids[:B]
+        self.tree, self.tree_rows = tree, {req_id: b for b, req_id in enumerate(req_ids)}
+        return [row[2 : row[0] + 2] for row in rows]

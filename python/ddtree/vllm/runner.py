@@ -7,19 +7,23 @@ wrapping four of its methods when the drafter is a :class:`~ddtree.vllm.proposer
 
 ``_prepare_inputs``
     vLLM lays out the scheduled draft as root + k slots at consecutive KV slots (kept: slot j of the tree
-    is written at position ``context + j``) but the rotary positions become ``context + depth(j)``.
+    is written at position ``context + j``) but the rotary positions become ``context + depth(j)``; the
+    step's :class:`~ddtree.vllm.tree_call.TreeCall` (masks, rows, contexts) is built here, by tensor ops.
 ``_build_attention_metadata``
-    the trees' ancestor masks go to the attention backend (:mod:`ddtree.vllm.attention`) for the target's
-    forward only.
+    the tree call goes to the attention backend for the target's forward only.
 ``_sample``
     one target token per slot (argmax, or a sample from the request's processed distribution), then
     ``accept_tree`` walks the tree; the accepted path and the bonus token come out in vLLM's
     ``[B, 1 + max k]`` layout (-1 padded), so the scheduler's accounting (``context + accepted + 1``
     tokens computed) holds as for a chain. Then the accepted slots' KV moves to consecutive positions
-    (``paged_compact_kv``, every target layer), and the rows of the hidden states, input ids and
-    positions move the same way, so the DFlash drafter reads the accepted path as the chain it expects.
+    (every target layer), and the rows of the hidden states, input ids and positions move the same way,
+    so the DFlash drafter reads the accepted path as the chain it expects.
 ``sample_tokens``
     hands ``_sample`` the hidden states of the step.
+
+No host synchronisation on the step's path: index arithmetic is numpy on vLLM's host arrays, device
+tensors are gathered and scattered with fixed shapes. (The proposer's one host read per step is the
+drafted tokens the scheduler takes as lists.)
 
 Sampling is distribution-exact because the tree does not depend on the target: each slot's target token
 is an independent draw from the target's distribution there, and the walk follows the target's draws.
@@ -30,24 +34,41 @@ import numpy as np
 import torch
 
 from vllm.v1.outputs import SamplerOutput
-from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
 from vllm.v1.worker import gpu_model_runner as gmr
 
 from .. import ops
 from . import check_config
-from .attention import kv_views, set_verify_masks
-from .proposer import DDTreeProposer, DraftTree
+from .attention import chain_mask
+from .proposer import DDTreeProposer
+from .tree_call import TreeCall, set_tree_call
+
+
+def _move_cache_rows():
+    """The KV row mover of the cache layout the plugin's backend uses on this platform."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from .cpu_attention import move_cache_rows
+    else:
+        from .attention import move_cache_rows
+    return move_cache_rows
 
 _SAMPLING_EPS = 1e-5  # vLLM's: a temperature below this is greedy
 
 
 class _Step:
-    """What one step verifies: the tree of each request index that has a draft, and its context."""
+    """What one step verifies, built by tensor ops in ``_prepare_inputs`` (host index arithmetic in numpy,
+    device tensors gathered without a host synchronisation) for the ``B`` requests of the batch."""
 
     def __init__(self):
-        self.trees: dict[int, DraftTree] = {}
-        self.context: np.ndarray | None = None
+        self.call: TreeCall | None = None  # the target forward's tree attention call
+        self.context: np.ndarray | None = None  # [B] tokens before this step's
+        self.starts: np.ndarray | None = None  # [B] first query row
+        self.q_lens: np.ndarray | None = None  # [B] query rows
+        self.tokens = self.parents = None  # [B, T] the scheduled root + draft tokens, the trees' parents
+        self.is_tree = None  # [B] bool: request verifies the tree its proposer drafted
+        self.chain_positions = None  # [R] the call's rows' positions as a chain's (context + row)
         self.hidden = None  # (hidden_states, aux_hidden_states) during sample_tokens
 
 
@@ -75,36 +96,83 @@ def _prepare_inputs(orig):
         if not _active(self):
             return result
         step = _step(self)
-        step.trees = {}
-        num_reqs = self.input_batch.num_reqs
-        step.context = self.input_batch.num_computed_tokens_cpu[:num_reqs].copy()
-        starts = self.query_start_loc.np
-        for req_id, draft in scheduler_output.scheduled_spec_decode_tokens.items():
-            r = self.input_batch.req_id_to_index[req_id]
-            k = len(draft)
-            tree = self.drafter.trees.get(req_id)
-            if tree is not None and k <= tree.num_nodes and tree.tokens[1 : k + 1] == list(draft):
-                tree = tree.prefix(k)
-            else:  # not the tree we drafted (e.g. after a preemption): verify it as a chain
-                root = int(self.input_ids.gpu[starts[r]])
-                tree = DraftTree.chain(root, list(draft), self.positions.device)
-            step.trees[r] = tree
-            s = int(starts[r])
-            self.positions[s : s + k + 1] = int(step.context[r]) + tree.depths.to(self.positions.device)
+        step.call = None
+        drafts = scheduler_output.scheduled_spec_decode_tokens
+        if not drafts:
+            return result
+        self._ddtree_plan(step, drafts)
         return result
 
     return wrapped
 
 
+def _plan(self, step: _Step, drafts: dict) -> None:
+    """The step's trees (the proposer's, or a chain for a draft it did not make, e.g. after a
+    preemption), their depth-based positions and the target forward's tree call."""
+    B = self.input_batch.num_reqs
+    req_ids = self.input_batch.req_ids[:B]
+    ks = np.array([len(drafts.get(r, ())) for r in req_ids], dtype=np.int64)
+    tree = self.drafter.tree
+    rows_of = self.drafter.tree_rows
+    src = np.array([rows_of.get(r, -1) for r in req_ids], dtype=np.int64)
+    starts = self.query_start_loc.np[:B].astype(np.int64)
+    q_lens = self.query_start_loc.np[1 : B + 1].astype(np.int64) - starts
+    context = self.input_batch.num_computed_tokens_cpu[:B].astype(np.int64)
+    T = int(ks.max()) + 1
+    col = np.arange(T)
+    members = np.nonzero((q_lens > 0) & (q_lens <= T))[0]  # in the tree call; the rest: long prompt chunks
+    real = col[None] < q_lens[members, None]  # [M, T] the call's real slots
+    flat_rows = starts[members, None] + col[None]
+    device = self.positions.device
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731 host -> device
+
+    # The scheduled tokens of every request as [B, T] (root + draft; 0 past its query rows).
+    rows_all = np.where(col[None] < np.minimum(q_lens, T)[:, None], starts[:, None] + col[None], 0)
+    tokens = self.input_ids.gpu[to(rows_all)].long()
+    tokens = torch.where(to(col[None] < np.minimum(q_lens, T)[:, None]), tokens, torch.zeros_like(tokens))
+    # A request verifies its proposer's tree when it has a draft and the draft is that tree's first k nodes.
+    idx = torch.arange(T, device=device)
+    chain_parents = (idx - 1).to(torch.int32).expand(B, T)
+    is_tree = to((ks > 0) & (src >= 0))
+    if tree is not None and tree.tokens.shape[1] >= T:
+        safe = to(np.maximum(src, 0))
+        t_tokens, t_parents = tree.tokens[safe, :T].long(), tree.parents[safe, :T]
+        t_depths, t_mask = tree.depths[safe, :T].long(), tree.tree_mask[safe, :T, : (T + 31) // 32]
+        in_draft = to(col[None] <= ks[:, None])
+        is_tree = is_tree & ((t_tokens == tokens) | ~in_draft | (idx[None] == 0)).all(dim=1)
+    else:
+        is_tree = torch.zeros_like(is_tree)
+        t_parents, t_depths = chain_parents, idx.expand(B, T)
+        t_mask = chain_mask(T, device).expand(B, T, (T + 31) // 32)
+    parents = torch.where(is_tree[:, None], t_parents, chain_parents)
+    depths = torch.where(is_tree[:, None], t_depths, idx[None].expand(B, T))
+    mask = torch.where(is_tree[:, None, None], t_mask, chain_mask(T, device)[None])
+
+    # Rotary positions: context + depth (a chain's depth is its row, so only trees change).
+    m = to(members)
+    ctx_m = to(context[members])
+    picks = (np.arange(len(members))[:, None] * T + col[None])[real]  # the real slots in the call's [M * T]
+    tree_positions = (ctx_m[:, None] + depths[m]).reshape(-1)[to(picks)]
+    self.positions[to(flat_rows[real])] = tree_positions.to(self.positions.dtype)
+    step.call = TreeCall(members=m, members_np=members, slots=to(np.where(real, flat_rows, -1)),
+                         gather=to(np.where(real, flat_rows, 0).reshape(-1)), rows=to(flat_rows[real]),
+                         picks=to(picks), context_lens=ctx_m,
+                         tree_mask=mask[m].contiguous(), num_nodes=to(q_lens[members] - 1).to(torch.int32),
+                         max_len=int((context[members] + T).max()), others=len(members) < int((q_lens > 0).sum()))
+    step.chain_positions = to((context[members, None] + col[None])[real]).to(self.positions.dtype)
+    step.context, step.starts, step.q_lens = context, starts, q_lens
+    step.tokens, step.parents, step.is_tree = tokens, parents, is_tree & to(ks > 0)
+
+
 def _build_attention_metadata(orig):
     def wrapped(self, *args, **kwargs):
-        if not _active(self) or not _step(self).trees:
+        if not _active(self) or _step(self).call is None:
             return orig(self, *args, **kwargs)
-        set_verify_masks({r: t.mask for r, t in _step(self).trees.items()})
+        set_tree_call(_step(self).call)
         try:
             return orig(self, *args, **kwargs)
         finally:
-            set_verify_masks(None)
+            set_tree_call(None)
 
     return wrapped
 
@@ -127,32 +195,35 @@ def _sample_tokens(orig):
     return wrapped
 
 
-def _target_tokens(logits: torch.Tensor, counts: list[int], metadata) -> torch.Tensor:
+def _target_tokens(sampler, logits: torch.Tensor, counts: list[int], metadata) -> torch.Tensor:
     """One token per logits row: argmax for greedy requests, else a draw from the request's processed
-    distribution (temperature, top-k, top-p; the request's generator when it has a seed)."""
+    distribution (temperature, top-k, top-p; the request's generator when it has a seed), made by vLLM's
+    own random sampler as if every row were a request of its own. A seeded request's generator thus
+    advances by exactly what vLLM's sampler takes for one token, once per slot in slot order, so its
+    tokens do not depend on whether its prompt's first token was drawn here (a step that also verifies
+    trees) or by vLLM alone (a step of prompts only): which of the two happens depends on when requests
+    reach the engine. (vLLM's CPU sampler draws a seed per row from the generator, not V exponentials.)"""
     greedy = logits.argmax(dim=-1)
     if metadata.all_greedy:
         return greedy
     device = logits.device
     counts_t = torch.tensor(counts, device=device)
-    per_row = lambda x: None if x is None else x.repeat_interleave(counts_t)  # noqa: E731 request -> its rows
+    rows = sum(counts)
+    per_row = lambda x: None if x is None else x.repeat_interleave(counts_t, output_size=rows)  # noqa: E731
     req_greedy = metadata.temperature < _SAMPLING_EPS
     temperature = torch.where(req_greedy, torch.ones_like(metadata.temperature), metadata.temperature)
-    processed = apply_top_k_top_p(logits.float() / per_row(temperature)[:, None], per_row(metadata.top_k),
-                                  per_row(metadata.top_p))
-    probs = processed.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_()
-    starts = [0, *counts_t.cumsum(0).tolist()[:-1]]
-    for r, gen in (metadata.generators or {}).items():
-        noise[starts[r] : starts[r] + counts[r]].exponential_(generator=gen)
-    sampled = probs.div(noise).argmax(dim=-1)  # the exponential race: one exact draw per row
-    return torch.where(req_greedy.repeat_interleave(counts_t), greedy, sampled)
+    starts = np.cumsum([0, *counts[:-1]]).tolist()
+    row_generators = {row: gen for r, gen in sorted((metadata.generators or {}).items())
+                      for row in range(starts[r], starts[r] + counts[r])}
+    sampled, _ = sampler.topk_topp_sampler(logits.float() / per_row(temperature)[:, None], row_generators,
+                                           per_row(metadata.top_k), per_row(metadata.top_p))
+    return torch.where(per_row(req_greedy), greedy, sampled.view(-1))
 
 
 def _sample(orig):
     def wrapped(self, logits, spec_decode_metadata):
-        if not _active(self) or spec_decode_metadata is None:
-            return orig(self, logits, spec_decode_metadata)
+        if not _active(self) or spec_decode_metadata is None or _step(self).call is None:
+            return orig(self, logits, spec_decode_metadata)  # no tree planned (vLLM's dummy sampler run)
         metadata = self.input_batch.sampling_metadata
         unsupported = [name for name, used in (
             ("logprobs", metadata.max_num_logprobs is not None),
@@ -164,77 +235,76 @@ def _sample(orig):
                                       "verification (unset DDTREE_VLLM_TREE for such requests)")
         step = _step(self)
         device = logits.device
-        ks = list(spec_decode_metadata.num_draft_tokens)
-        B, K = len(ks), max(ks)
-        counts = [k + 1 for k in ks]
-        target = _target_tokens(logits, counts, metadata)
+        ks = np.asarray(spec_decode_metadata.num_draft_tokens, dtype=np.int64)
+        B, T = len(ks), int(ks.max()) + 1
+        counts = (ks + 1).tolist()
+        target = _target_tokens(self.sampler, logits, counts, metadata)
 
-        # The batch's trees, padded to K + 1 slots; a request without a draft is a root-only tree.
-        tokens = torch.zeros(B, K + 1, dtype=torch.long, device=device)
-        parents = torch.full((B, K + 1), -1, dtype=torch.int32, device=device)
-        target_tokens = torch.zeros(B, K + 1, dtype=torch.long, device=device)
-        rows = torch.full((B, K + 1), -1, dtype=torch.long)
-        start = 0
-        for r, k in enumerate(ks):
-            tree = step.trees.get(r)
-            if tree is not None:
-                tokens[r, : k + 1] = torch.tensor(tree.tokens, device=device)
-                parents[r, : k + 1] = tree.parents.to(device)
-            rows[r, : k + 1] = torch.arange(start, start + k + 1)
-            target_tokens[r, : k + 1] = target[start : start + k + 1]
-            start += k + 1
-        num_nodes = torch.tensor(ks, dtype=torch.int32, device=device)
-        accepted, accept_len, next_token = ops.accept_tree(tokens, parents, num_nodes, target_tokens)
+        # The batch's trees as [B, T]; a request without a draft is a root-only tree (num_nodes 0).
+        col = np.arange(T)
+        in_tree = col[None] <= ks[:, None]
+        flat = (np.arange(B)[:, None] * T + col[None])[in_tree]  # where logits row j goes in [B, T]
+        target_tokens = torch.zeros(B * T, dtype=torch.long, device=device)
+        target_tokens[torch.from_numpy(flat).to(device)] = target
+        num_nodes = torch.from_numpy(ks).to(device=device, dtype=torch.int32)
+        tokens, parents = step.tokens[:, :T], step.parents[:, :T].contiguous()
+        accepted, accept_len, next_token = ops.accept_tree(tokens, parents, num_nodes, target_tokens.view(B, T))
 
         # vLLM's layout: the accepted nodes' tokens, then the bonus token, -1 after.
-        col = torch.arange(K + 1, device=device)
+        idx = torch.arange(T, device=device)
         path = tokens.gather(1, accepted.clamp(min=0))
         out = torch.cat([path[:, 1:], path[:, :1]], dim=1)
         last = (accept_len.long() - 1)[:, None]
-        out = torch.where(col[None] == last, next_token[:, None], out)
-        out = torch.where(col[None] <= last, out, torch.full_like(out, PLACEHOLDER_TOKEN_ID))
-        self._ddtree_move_accepted(step, ks, accepted, accept_len)
+        out = torch.where(idx[None] == last, next_token[:, None], out)
+        out = torch.where(idx[None] <= last, out, torch.full_like(out, PLACEHOLDER_TOKEN_ID))
+        self._ddtree_move_accepted(step, accepted, accept_len)
         return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
 
     return wrapped
 
 
-def _move_accepted(self, step: _Step, ks: list[int], accepted: torch.Tensor, accept_len: torch.Tensor) -> None:
-    """Put each request's accepted path where a chain's would be: KV at positions context + 1..a, and
-    the rows of the step's hidden states and input ids at query rows 1..a; positions back to a chain's."""
+def _move_accepted(self, step: _Step, accepted: torch.Tensor, accept_len: torch.Tensor) -> None:
+    """Put each tree's accepted path where a chain's would be: KV at positions context + 1..a, and the
+    rows of the step's hidden states and input ids at query rows 1..a; positions back to a chain's.
+    Fixed-size index tensors, no host synchronisation: a slot that does not move is copied onto itself
+    (slot 0, the request's own root, for padding), and every copy reads before any writes."""
     device = accepted.device
-    num_reqs = len(ks)
-    has_tree = torch.tensor([k > 0 and r in step.trees for r, k in enumerate(ks)], device=device)
-    if not bool(has_tree.any()):
-        return
-    move_len = torch.where(has_tree, accept_len, torch.zeros_like(accept_len))
-    context = torch.as_tensor(step.context[:num_reqs], dtype=torch.long, device=device)
-    starts = torch.as_tensor(self.query_start_loc.np[:num_reqs], dtype=torch.long, device=device)
-    col = torch.arange(accepted.shape[1], device=device)
-    if bool((move_len > 1).any()):
-        for group_id, caches in _target_caches(self):
-            table = self.input_batch.block_table[group_id].get_device_tensor(num_reqs).to(torch.int32)
-            ops.paged_compact_kv(caches, table, context, accepted, move_len.to(torch.int32))
-        moving = (col[None] >= 1) & (col[None] < move_len[:, None])
-        src = (starts[:, None] + accepted.clamp(min=0))[moving]
-        dst = (starts[:, None] + col[None])[moving]
-        tensors = [self.input_ids.gpu]
-        if step.hidden is not None:
-            hidden, aux = step.hidden
-            tensors.append(hidden)
-            tensors.extend(aux or [])
-        for t in tensors:
-            t[dst.to(t.device)] = t[src.to(t.device)]
+    B, T = accepted.shape
+    idx = torch.arange(T, device=device)
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    own = to(np.arange(T)[None] < np.minimum(step.q_lens, T)[:, None])  # [B, T] slots this request owns
+    moving = step.is_tree[:, None] & (idx[None] >= 1) & (idx[None] < accept_len[:, None])
+    src_slot = torch.where(moving, accepted.long(), torch.where(own, idx[None], 0))
+    dst_slot = torch.where(moving | own, idx[None], 0)
+    context = to(step.context)
+    starts = to(step.starts)
+    move_cache_rows = _move_cache_rows()
+    for group_id, caches in _target_caches(self):
+        table = self.input_batch.block_table[group_id].get_device_tensor(B)
+        block_size = self.kv_cache_config.kv_cache_groups[group_id].kv_cache_spec.block_size
+        src_pos, dst_pos = context[:, None] + src_slot, context[:, None] + dst_slot
+        src_blocks = table.gather(1, (src_pos // block_size)).long().reshape(-1)
+        dst_blocks = table.gather(1, (dst_pos // block_size)).long().reshape(-1)
+        src_off, dst_off = (src_pos % block_size).reshape(-1), (dst_pos % block_size).reshape(-1)
+        for kv in caches:
+            move_cache_rows(kv, src_blocks, src_off, dst_blocks, dst_off)
+    src_rows = (starts[:, None] + src_slot).reshape(-1)
+    dst_rows = (starts[:, None] + dst_slot).reshape(-1)
+    tensors = [self.input_ids.gpu]
+    if step.hidden is not None:
+        hidden, aux = step.hidden
+        tensors.append(hidden)
+        tensors.extend(aux or [])
+    for t in tensors:
+        t[dst_rows.to(t.device)] = t[src_rows.to(t.device)]
     # Positions back to the chain's (context + row), rejected rows included: the DFlash drafter takes
     # its block's positions from the segment's last row.
-    rows = has_tree[:, None] & (col[None] <= torch.tensor(ks, device=device)[:, None])
-    self.positions[(starts[:, None] + col[None])[rows].to(self.positions.device)] = (
-        (context[:, None] + col[None])[rows].to(self.positions.device))
+    self.positions[step.call.rows] = step.chain_positions
 
 
 def _target_caches(self):
-    """(kv cache group, [K, V views of every target layer in it]); the drafter's layers are left alone:
-    DFlash rewrites its context KV from the target's hidden states each round."""
+    """(kv cache group, [the per-layer caches of every target layer in it]); the drafter's layers are left
+    alone: DFlash rewrites its context KV from the target's hidden states each round."""
     drafter_layers = set(getattr(self.drafter, "_draft_attn_layer_names", ()) or ())
     context = self.compilation_config.static_forward_context
     for group_id, group in enumerate(self.kv_cache_config.kv_cache_groups):
@@ -246,7 +316,7 @@ def _target_caches(self):
             if not isinstance(kv, torch.Tensor) or kv.data_ptr() in seen:
                 continue
             seen.add(kv.data_ptr())
-            caches.extend(kv_views(kv, group.kv_cache_spec.head_size))
+            caches.append(kv)
         if caches:
             yield group_id, caches
 
@@ -267,5 +337,6 @@ def patch() -> None:
     cls.sample_tokens = _sample_tokens(cls.sample_tokens)
     cls._sample = _sample(cls._sample)
     cls._ddtree_move_accepted = _move_accepted
+    cls._ddtree_plan = _plan
     gmr.DFlashProposer = DDTreeProposer  # the runner builds its dflash drafter from this name
     _PATCHED = True

