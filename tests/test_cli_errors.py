@@ -256,6 +256,19 @@ def test_profile_bad_contexts_and_out(pair, capsys, tmp_path):
     assert f"--out: {tmp_path} is a folder" in error_line(capsys, *base, "--out", str(tmp_path))
 
 
+def test_profile_out_and_vllm(pair, capsys, tmp_path):
+    _, target, drafter = pair
+    assert "--out: required (only --vllm writes to its cache without one)" in error_line(
+        capsys, "profile", "--target", target, "--device", "cpu")
+    assert "--vllm: give the pair vLLM will serve, --target DIR and --drafter DIR" in error_line(
+        capsys, "profile", "--vllm", "--target", target)
+    try:
+        import vllm.v1  # noqa: F401
+    except ImportError:  # the main test environment: no vLLM
+        assert "--vllm: vLLM is not installed in this Python" in error_line(
+            capsys, "profile", "--vllm", "--target", target, "--drafter", drafter)
+
+
 def test_train_bad_values(capsys, tmp_path):
     assert "--target-steps: must be at least 1" in error_line(capsys, "train", "--out", str(tmp_path),
                                                               "--target-steps", "0")
