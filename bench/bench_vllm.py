@@ -103,9 +103,9 @@ def engine(cfg: dict) -> dict:
 CONFIGS = [("vllm", None, None, 0), ("dflash-3", "dflash", None, 3), ("dflash-5", "dflash", None, 5),
            ("dflash-7", "dflash", None, 7), ("ddtree-7", "dflash", "ddtree", 7), ("ddtree-16", "dflash", "ddtree", 16),
            ("ddtree-32", "dflash", "ddtree", 32), ("caddtree-32", "dflash", "caddtree", 32),
-           ("caddtree-32-batch", "dflash", "caddtree", 32), ("caddtree-32-ragged", "dflash", "caddtree", 32)]
+           ("caddtree-32-request", "dflash", "caddtree", 32), ("caddtree-32-ragged", "dflash", "caddtree", 32)]
 BREAKDOWN_CONFIGS = [("vllm", None, None, 0), ("dflash-7", "dflash", None, 7), ("ddtree-7", "dflash", "ddtree", 7),
-                     ("caddtree-16", "dflash", "caddtree", 16), ("caddtree-16-batch", "dflash", "caddtree", 16),
+                     ("caddtree-16", "dflash", "caddtree", 16), ("caddtree-16-request", "dflash", "caddtree", 16),
                      ("caddtree-16-ragged", "dflash", "caddtree", 16)]
 
 
@@ -297,7 +297,7 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DDTREE_VLLM")}
         if tree:
             env["DDTREE_VLLM_TREE"] = tree
-        if name.endswith(("-batch", "-ragged")):
+        if name.endswith(("-request", "-ragged")):  # the plain name: the default mode (batch)
             env["DDTREE_VLLM_BUDGET_MODE"] = name.rsplit("-", 1)[1]
         if args.breakdown:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

@@ -79,12 +79,12 @@ def shipped(tmp_path_factory):
         "caddtree": run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 16), "caddtree", tmp),
         **{f"caddtree-{mode}": run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 16,
                                            env={"DDTREE_VLLM_BUDGET_MODE": mode}), "caddtree", tmp)
-           for mode in ("batch", "ragged")},
+           for mode in ("request", "ragged")},  # "caddtree" above: the default, batch mode
         "dflash": run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 7), None, tmp),
     }
 
 
-@pytest.mark.parametrize("mode", ["ddtree", "caddtree", "caddtree-batch", "caddtree-ragged", "dflash"])
+@pytest.mark.parametrize("mode", ["ddtree", "caddtree", "caddtree-request", "caddtree-ragged", "dflash"])
 def test_shipped_greedy_equals_vllm_without_speculation(shipped, mode):
     for b, (want, got) in enumerate(zip(shipped["plain"]["batches"], shipped[mode]["batches"])):
         assert got["token_ids"] == want["token_ids"], f"batch {b} ({GREEDY_BATCHES[b]['sampling']})"
@@ -115,7 +115,7 @@ def test_plugin_replaces_the_proposer_only_when_enabled(shipped):
     assert shipped["dflash"]["drafter_class"] == ["DFlashProposer"]
 
 
-@pytest.mark.parametrize("mode", ["caddtree", "caddtree-batch", "caddtree-ragged"])
+@pytest.mark.parametrize("mode", ["caddtree", "caddtree-request", "caddtree-ragged"])
 def test_caddtree_drafts_at_most_the_cap(shipped, mode):
     m = shipped[mode]["metrics"]
     assert 0 < m["vllm:spec_decode_num_draft_tokens"] <= 16 * m["vllm:spec_decode_num_drafts"]

@@ -21,7 +21,10 @@ TREE_ENV = "DDTREE_VLLM_TREE"
 COST_ENV = "DDTREE_VLLM_COST_MODEL"
 BUDGET_ENV = "DDTREE_VLLM_BUDGET_MODE"
 TREE_MODES = ("ddtree", "caddtree")
-BUDGET_MODES = ("request", "batch", "ragged")  # build_tree's budget_mode; the first is the default
+BUDGET_MODES = ("request", "batch", "ragged")  # build_tree's budget_mode
+# The default: vLLM's forward is one padded batch of every request's slots, which batch mode prices; it
+# measured best of the three at 1-64 concurrent requests (bench/RESULTS.md, the vLLM sweep).
+DEFAULT_BUDGET_MODE = "batch"
 SUPPORTED_VLLM = "0.32."  # version prefix this plugin is written against
 
 
@@ -46,7 +49,7 @@ def tree_mode() -> str | None:
 
 def budget_mode() -> str:
     """CaDDTree's budget mode: what the cost table prices (``ddtree.build_tree``'s ``budget_mode``)."""
-    mode = os.environ.get(BUDGET_ENV, "").strip() or BUDGET_MODES[0]
+    mode = os.environ.get(BUDGET_ENV, "").strip() or DEFAULT_BUDGET_MODE
     if mode not in BUDGET_MODES:
         raise PluginError(f"ddtree.vllm: {BUDGET_ENV}={mode!r}; choose one of {', '.join(BUDGET_MODES)}")
     return mode
