@@ -105,7 +105,8 @@ CONFIGS = [("vllm", None, None, 0), ("dflash-3", "dflash", None, 3), ("dflash-5"
            ("ddtree-32", "dflash", "ddtree", 32), ("caddtree-32", "dflash", "caddtree", 32),
            ("caddtree-32-request", "dflash", "caddtree", 32), ("caddtree-32-ragged", "dflash", "caddtree", 32)]
 BREAKDOWN_CONFIGS = [("vllm", None, None, 0), ("dflash-7", "dflash", None, 7), ("ddtree-7", "dflash", "ddtree", 7),
-                     ("caddtree-16", "dflash", "caddtree", 16), ("caddtree-16-request", "dflash", "caddtree", 16),
+                     ("ddtree-16", "dflash", "ddtree", 16), ("caddtree-16", "dflash", "caddtree", 16),
+                     ("caddtree-16-request", "dflash", "caddtree", 16),
                      ("caddtree-16-ragged", "dflash", "caddtree", 16)]
 
 
