@@ -777,7 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="output JSON file (its folder must exist); required without --vllm")
     p.add_argument("--vllm", action="store_true",
                    help="measure vLLM's own engine steps for the pair (--target, --drafter; in this process, vLLM "
-                        "installed) at batch sizes 1,4,16 (or --batch-sizes) and 0-32 nodes (up to --max-nodes), "
+                        "installed) at batch sizes 1,4,16,64 (or --batch-sizes) and 0-32 nodes (up to --max-nodes), "
                         "at the first of --contexts, and cache the model where the vLLM plugin looks for it")
     _run_options(p)
     _model_options(p)

@@ -30,7 +30,7 @@ import numpy as np
 
 CACHE_ENV = "DDTREE_VLLM_COST_CACHE"
 NODE_GRID = (0, 2, 4, 8, 16, 32)
-BATCH_SIZES = (1, 4, 16)
+BATCH_SIZES = (1, 4, 16, 64)  # up to 64 requests: where no draft at all may be the best choice
 
 
 def cache_dir() -> Path:
