@@ -66,6 +66,8 @@ class _Step:
         self.context: np.ndarray | None = None  # [B] tokens before this step's
         self.starts: np.ndarray | None = None  # [B] first query row
         self.q_lens: np.ndarray | None = None  # [B] query rows
+        self.context_t = self.starts_t = None  # the same two on the device
+        self.own_slots = None  # [B, T] bool on the device: the slots a request's query owns
         self.tokens = self.parents = None  # [B, T] the scheduled root + draft tokens, the trees' parents
         self.is_tree = None  # [B] bool: request verifies the tree its proposer drafted
         self.chain_positions = None  # [R] the call's rows' positions as a chain's (context + row)
@@ -161,6 +163,8 @@ def _plan(self, step: _Step, drafts: dict) -> None:
                          max_len=int((context[members] + T).max()), others=len(members) < int((q_lens > 0).sum()))
     step.chain_positions = to((context[members, None] + col[None])[real]).to(self.positions.dtype)
     step.context, step.starts, step.q_lens = context, starts, q_lens
+    step.context_t, step.starts_t = to(context), to(starts)
+    step.own_slots = to(np.arange(T)[None] < np.minimum(q_lens, T)[:, None])
     step.tokens, step.parents, step.is_tree = tokens, parents, is_tree & to(ks > 0)
 
 
@@ -266,40 +270,53 @@ def _sample(orig):
 def _move_accepted(self, step: _Step, accepted: torch.Tensor, accept_len: torch.Tensor) -> None:
     """Put each tree's accepted path where a chain's would be: KV at positions context + 1..a, and the
     rows of the step's hidden states and input ids at query rows 1..a; positions back to a chain's.
-    Fixed-size index tensors, no host synchronisation: a slot that does not move is copied onto itself
-    (slot 0, the request's own root, for padding), and every copy reads before any writes."""
-    device = accepted.device
-    B, T = accepted.shape
-    idx = torch.arange(T, device=device)
-    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    own = to(np.arange(T)[None] < np.minimum(step.q_lens, T)[:, None])  # [B, T] slots this request owns
-    moving = step.is_tree[:, None] & (idx[None] >= 1) & (idx[None] < accept_len[:, None])
-    src_slot = torch.where(moving, accepted.long(), torch.where(own, idx[None], 0))
-    dst_slot = torch.where(moving | own, idx[None], 0)
-    context = to(step.context)
-    starts = to(step.starts)
-    move_cache_rows = _move_cache_rows()
-    for group_id, caches in _target_caches(self):
-        table = self.input_batch.block_table[group_id].get_device_tensor(B)
-        block_size = self.kv_cache_config.kv_cache_groups[group_id].kv_cache_spec.block_size
-        src_pos, dst_pos = context[:, None] + src_slot, context[:, None] + dst_slot
-        src_blocks = table.gather(1, (src_pos // block_size)).long().reshape(-1)
-        dst_blocks = table.gather(1, (dst_pos // block_size)).long().reshape(-1)
-        src_off, dst_off = (src_pos % block_size).reshape(-1), (dst_pos % block_size).reshape(-1)
-        for kv in caches:
-            move_cache_rows(kv, src_blocks, src_off, dst_blocks, dst_off)
-    src_rows = (starts[:, None] + src_slot).reshape(-1)
-    dst_rows = (starts[:, None] + dst_slot).reshape(-1)
-    tensors = [self.input_ids.gpu]
-    if step.hidden is not None:
-        hidden, aux = step.hidden
-        tensors.append(hidden)
-        tensors.extend(aux or [])
-    for t in tensors:
-        t[dst_rows.to(t.device)] = t[src_rows.to(t.device)]
+    Every copy reads before any writes (a node's slot is never below its depth, the slot it moves to)."""
+    b, src, dst = _moves(step, accepted, accept_len, compact=accepted.device.type == "cpu")
+    if b is not None:
+        context, starts = step.context_t[b], step.starts_t[b]
+        move_cache_rows = _move_cache_rows()
+        for group_id, caches in _target_caches(self):
+            table = self.input_batch.block_table[group_id].get_device_tensor(step.context.shape[0])
+            block_size = self.kv_cache_config.kv_cache_groups[group_id].kv_cache_spec.block_size
+            src_pos, dst_pos = context + src, context + dst
+            src_blocks, dst_blocks = table[b, src_pos // block_size].long(), table[b, dst_pos // block_size].long()
+            for kv in caches:
+                move_cache_rows(kv, src_blocks, src_pos % block_size, dst_blocks, dst_pos % block_size)
+        src_rows, dst_rows = starts + src, starts + dst
+        tensors = [self.input_ids.gpu]
+        if step.hidden is not None:
+            hidden, aux = step.hidden
+            tensors.append(hidden)
+            tensors.extend(aux or [])
+        for t in tensors:
+            t[dst_rows.to(t.device)] = t[src_rows.to(t.device)]
     # Positions back to the chain's (context + row), rejected rows included: the DFlash drafter takes
     # its block's positions from the segment's last row.
     self.positions[step.call.rows] = step.chain_positions
+
+
+def _moves(step: _Step, accepted: torch.Tensor, accept_len: torch.Tensor, compact: bool):
+    """(request, source slot, destination slot) ``[P]`` each of the slots to move, or Nones if none moves.
+
+    A slot moves when it is on a tree's accepted path (depth j >= 1) at another slot than j. ``compact``
+    (CPU tensors, where reading a count costs no synchronisation): only those are listed, and a path that
+    is already in place (the drafter's first guesses, best-first, are slots 1, 2, ..) moves nothing. Else
+    the list has a fixed size, ``B * T``, with every slot that does not move copied onto itself (slot 0,
+    the request's own root, for padding), so no host synchronisation is needed on a device."""
+    device = accepted.device
+    B, T = accepted.shape
+    idx = torch.arange(T, device=device)
+    on_path = step.is_tree[:, None] & (idx[None] >= 1) & (idx[None] < accept_len[:, None])
+    moving = on_path & (accepted.long() != idx[None])
+    if compact:
+        b, dst = moving.nonzero(as_tuple=True)
+        if b.numel() == 0:
+            return None, None, None
+        return b, accepted[b, dst].long(), dst
+    own = step.own_slots  # [B, T] the slots this request owns
+    src = torch.where(moving, accepted.long(), torch.where(own, idx[None], 0))
+    dst = torch.where(moving | own, idx[None], 0)
+    return torch.arange(B, device=device).repeat_interleave(T), src.reshape(-1), dst.reshape(-1)
 
 
 def _target_caches(self):
