@@ -18,6 +18,8 @@ its own, so a decode is never padded to a prompt's length.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -86,8 +88,10 @@ class DDTreeAttentionMetadata:
     causal: bool  # False when any request attends non-causally (vLLM's DFlash drafter checks it)
 
 
+@functools.lru_cache(maxsize=64)
 def chain_mask(T: int, device) -> torch.Tensor:
-    """Packed ancestor mask of a chain of T slots: row i sees slots 0..i."""
+    """Packed ancestor mask of a chain of T slots: row i sees slots 0..i. Cached per (T, device), since a
+    step asks for it every time: read it, never write it."""
     return ops.pack_mask(torch.ones(T, T, dtype=torch.bool, device=device).tril())
 
 

@@ -126,9 +126,14 @@ class DDTreeCPUImpl(CPUAttentionBackendImpl):
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         keys_t, values = gather_blocks(kv_cache, call.block_table.long())
         M, T = call.tree_mask.shape[:2]
-        q = query.view(-1, self.num_heads, self.head_size).index_select(0, call.gather)
-        q = q.view(M, T, self.num_heads, self.head_size).transpose(1, 2)
-        o = tree_attention_torch(q, keys_t, values, attn_metadata.tree_bias, self.scale)
-        out = output.view(-1, self.num_heads, self.head_size)
-        out[call.rows] = o.transpose(1, 2).reshape(M * T, self.num_heads, self.head_size)[call.picks].to(out.dtype)
+        H, d = self.num_heads, self.head_size
+        rows = query.view(-1, H, d)
+        q = rows[: M * T] if call.dense else rows.index_select(0, call.gather)  # dense: no gather, no padding
+        o = tree_attention_torch(q.view(M, T, H, d).transpose(1, 2), keys_t, values, attn_metadata.tree_bias,
+                                 self.scale).transpose(1, 2)
+        out = output.view(-1, H, d)
+        if call.dense:
+            out[: M * T].view(M, T, H, d).copy_(o)
+        else:
+            out[call.rows] = o.reshape(M * T, H, d)[call.picks].to(out.dtype)
         return output

@@ -160,7 +160,8 @@ def _plan(self, step: _Step, drafts: dict) -> None:
                          gather=to(np.where(real, flat_rows, 0).reshape(-1)), rows=to(flat_rows[real]),
                          picks=to(picks), context_lens=ctx_m,
                          tree_mask=mask[m].contiguous(), num_nodes=to(q_lens[members] - 1).to(torch.int32),
-                         max_len=int((context[members] + T).max()), others=len(members) < int((q_lens > 0).sum()))
+                         max_len=int((context[members] + T).max()), others=len(members) < int((q_lens > 0).sum()),
+                         dense=len(members) == B and bool((q_lens == T).all()))
     step.chain_positions = to((context[members, None] + col[None])[real]).to(self.positions.dtype)
     step.context, step.starts, step.q_lens = context, starts, q_lens
     step.context_t, step.starts_t = to(context), to(starts)

@@ -31,6 +31,7 @@ class TreeCall:
     num_nodes: torch.Tensor  # [M] i32: query rows - 1
     max_len: int  # max over the call of context + T
     others: bool  # some request of the step is not in the call (a long prompt chunk)
+    dense: bool = False  # the call's rows are the step's first M * T query rows, in order, no padding
     block_table: Optional[torch.Tensor] = None  # [M, blocks] i32 covering context + T, set per group
 
     def with_block_table(self, block_table: torch.Tensor, block_size: int) -> "TreeCall":
