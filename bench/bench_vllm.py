@@ -271,7 +271,11 @@ def main() -> None:
     if args.target and not args.drafter:
         ap.error("argument --target: give --drafter too")
     if args.profile:
-        cmd = [sys.executable, "-m", "ddtree", "profile", "--vllm", "--dtype", args.dtype]
+        # The batch sizes benchmarked (and 1, which every cost model starts at): a big target at --batches 1 is
+        # not profiled at 64 requests.
+        sizes = sorted({1, *batches})
+        cmd = [sys.executable, "-m", "ddtree", "profile", "--vllm", "--dtype", args.dtype,
+               "--batch-sizes", ",".join(map(str, sizes))]
         if args.target:
             cmd += ["--target", args.target, "--drafter", args.drafter]
         else:

@@ -526,6 +526,7 @@ def cmd_profile(args) -> int:
     if args.out is None:
         raise UsageError("argument --out: required (only --vllm writes to its cache without one)")
     _check_out_file(args.out)
+    args.batch_sizes = args.batch_sizes or [1]
     target_cfg, _ = _pair_folders(args, need_drafter=bool(args.drafter))
     device = _device(args)
     dtype = _dtype(args, device)
@@ -575,7 +576,7 @@ def _profile_vllm(args) -> int:
     from .vllm.profile import BATCH_SIZES, NODE_GRID, cache_path, profile_engine
 
     grid = [n for n in NODE_GRID if n <= args.max_nodes]
-    sizes = args.batch_sizes if args.batch_sizes != [1] else list(BATCH_SIZES)
+    sizes = args.batch_sizes or list(BATCH_SIZES)
     model, key = profile_engine(args.target, args.drafter, dtype=args.dtype or "float32",
                                 node_grid=grid, batch_sizes=sizes, context=args.contexts[0])
     cached = cache_path(key)
@@ -770,10 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=contexts, default="128,1024,4096", metavar="L1,L2,...",
                    help="context lengths measured, comma-separated")
     p.add_argument("--repeats", type=positive_int, metavar="N", default=10, help="timed repeats per point (the median is kept)")
-    p.add_argument("--batch-sizes", type=batch_sizes, default="1", metavar="1,B2,...",
+    p.add_argument("--batch-sizes", type=batch_sizes, default=None, metavar="1,B2,...",
                    help="batch sizes whose padded verify cost (B requests x (n+1) slots) is measured, from 1 and "
-                        "increasing, e.g. 1,4,16,64; the ragged cost is modelled from them (no runner has a varlen "
-                        "verify)")
+                        "increasing, e.g. 1,4,16,64 (default 1; with --vllm 1,4,16,64); the ragged cost is modelled "
+                        "from them (no runner has a varlen verify)")
     p.add_argument("--out", metavar="FILE", help="output JSON file (its folder must exist); required without --vllm")
     p.add_argument("--vllm", action="store_true",
                    help="measure vLLM's own engine steps for the pair (--target, --drafter; in this process, vLLM "
