@@ -270,26 +270,20 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     if args.target and not args.drafter:
         ap.error("argument --target: give --drafter too")
+    from ddtree.demo import pretrained_pair
+
+    shipped_target, shipped_drafter = map(str, pretrained_pair(args.block))
     if args.profile:
         # The batch sizes benchmarked (and 1, which every cost model starts at): a big target at --batches 1 is
         # not profiled at 64 requests.
         sizes = sorted({1, *batches})
+        target_dir, profiled_drafter = (args.target, args.drafter) if args.target else (shipped_target, shipped_drafter)
         cmd = [sys.executable, "-m", "ddtree", "profile", "--vllm", "--dtype", args.dtype,
-               "--batch-sizes", ",".join(map(str, sizes))]
-        if args.target:
-            cmd += ["--target", args.target, "--drafter", args.drafter]
-        else:
-            from ddtree.demo import pretrained_pair
-
-            cmd += [x for pair in zip(("--target", "--drafter"), map(str, pretrained_pair(args.block))) for x in pair]
+               "--batch-sizes", ",".join(map(str, sizes)), "--target", target_dir, "--drafter", profiled_drafter]
         env = {k: v for k, v in os.environ.items() if not k.startswith("DDTREE_VLLM")}
         subprocess.run(cmd, env=env, check=True)
     # DFlash at every draft length its block allows, from the list and the longest (block - 1).
-    drafter_dir = args.drafter
-    if not drafter_dir:
-        from ddtree.demo import pretrained_pair
-
-        drafter_dir = str(pretrained_pair(args.block)[1])
+    drafter_dir = args.drafter or shipped_drafter
     with open(os.path.join(drafter_dir, "config.json")) as f:
         block = json.load(f).get("block_size", 8)
     configs = [c for c in (BREAKDOWN_CONFIGS if args.breakdown else CONFIGS) if c[1] is None or c[2] or c[3] < block]
