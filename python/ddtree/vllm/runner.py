@@ -129,9 +129,10 @@ def _plan(self, step: _Step, drafts: dict) -> None:
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731 host -> device
 
     # The scheduled tokens of every request as [B, T] (root + draft; 0 past its query rows).
-    rows_all = np.where(col[None] < np.minimum(q_lens, T)[:, None], starts[:, None] + col[None], 0)
-    tokens = self.input_ids.gpu[to(rows_all)].long()
-    tokens = torch.where(to(col[None] < np.minimum(q_lens, T)[:, None]), tokens, torch.zeros_like(tokens))
+    own = col[None] < np.minimum(q_lens, T)[:, None]  # [B, T] the slots a request's query owns
+    own_t = to(own)
+    tokens = self.input_ids.gpu[to(np.where(own, starts[:, None] + col[None], 0))].long()
+    tokens = torch.where(own_t, tokens, torch.zeros_like(tokens))
     # A request verifies its proposer's tree when it has a draft and the draft is that tree's first k nodes.
     idx = torch.arange(T, device=device)
     chain_parents = (idx - 1).to(torch.int32).expand(B, T)
@@ -165,7 +166,7 @@ def _plan(self, step: _Step, drafts: dict) -> None:
     step.chain_positions = to((context[members, None] + col[None])[real]).to(self.positions.dtype)
     step.context, step.starts, step.q_lens = context, starts, q_lens
     step.context_t, step.starts_t = to(context), to(starts)
-    step.own_slots = to(np.arange(T)[None] < np.minimum(q_lens, T)[:, None])
+    step.own_slots = own_t
     step.tokens, step.parents, step.is_tree = tokens, parents, is_tree & to(ks > 0)
 
 
