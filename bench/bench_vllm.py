@@ -243,6 +243,13 @@ def print_breakdown(results: dict, batches: list[int]) -> None:
             print(f"{'ddtree-7 step / dflash-7 step':<36}{ratio:>19.2f}")
 
 
+def _engine_env() -> dict:
+    """This process's environment for an engine, without the plugin's per-configuration settings (tree and
+    budget mode: each configuration sets its own); a cost model or cost cache given by the user passes."""
+    keep = ("DDTREE_VLLM_COST_MODEL", "DDTREE_VLLM_COST_CACHE")
+    return {k: v for k, v in os.environ.items() if not k.startswith("DDTREE_VLLM") or k in keep}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -280,8 +287,7 @@ def main() -> None:
         target_dir, profiled_drafter = (args.target, args.drafter) if args.target else (shipped_target, shipped_drafter)
         cmd = [sys.executable, "-m", "ddtree", "profile", "--vllm", "--dtype", args.dtype,
                "--batch-sizes", ",".join(map(str, sizes)), "--target", target_dir, "--drafter", profiled_drafter]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DDTREE_VLLM")}
-        subprocess.run(cmd, env=env, check=True)
+        subprocess.run(cmd, env=_engine_env(), check=True)
     # DFlash at every draft length its block allows, from the list and the longest (block - 1).
     drafter_dir = args.drafter or shipped_drafter
     with open(os.path.join(drafter_dir, "config.json")) as f:
@@ -293,7 +299,7 @@ def main() -> None:
     for name, method, tree, n in configs:
         if args.configs and name not in args.configs.split(","):
             continue
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DDTREE_VLLM")}
+        env = _engine_env()
         if tree:
             env["DDTREE_VLLM_TREE"] = tree
         if name.endswith(("-request", "-ragged")):  # the plain name: the default mode (batch)

@@ -98,6 +98,12 @@ class CostModel:
     ``[S-1, C, G]`` the padded ``Cv(B, n; l)`` for ``batch_sizes[1:]`` (batch 1 is ``verify_ms``), each row
     non-decreasing; batch_draft_ms ``[S-1]`` the drafter round at those batch sizes (``None``:
     ``Cd`` at every batch size). See the module docstring for how other batch sizes are read.
+
+    chain (optional): where an engine verifies a chain (each draft token the child of the one before)
+    more cheaply than a tree of as many nodes (vLLM's own causal step, no tree mask), the chain's costs as
+    a model of their own: its ``node_grid`` are chain lengths ``k`` (0: no draft), its curves ``Cv(B, k)``
+    at the same contexts and batch sizes. CaDDTree's batch mode then weighs the step's tree against the
+    best chain (:func:`ddtree.chain_choice.chain_or_tree`). None: chains cost what trees do.
     """
 
     node_grid: list[int]
@@ -111,6 +117,7 @@ class CostModel:
     batch_sizes: Optional[list[int]] = None
     batch_verify_ms: Optional[np.ndarray] = None
     batch_draft_ms: Optional[list[float]] = None
+    chain: Optional["CostModel"] = None
     # (device, N, bucket, buckets, mode, B) -> dense table
     _tables: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -140,6 +147,12 @@ class CostModel:
             except ValueError as e:
                 raise ValueError(f"verify_ms at context {c}: {e}") from None
         self._check_batches()
+        if self.chain is not None:
+            if not isinstance(self.chain, CostModel) or self.chain.chain is not None:
+                raise ValueError("chain must be a CostModel without a chain of its own")
+            if self.chain.contexts != self.contexts or self.chain.batch_sizes != self.batch_sizes:
+                raise ValueError(f"chain: its contexts and batch sizes must be the model's ({self.contexts}, "
+                                 f"{self.batch_sizes}), got {self.chain.contexts}, {self.chain.batch_sizes}")
 
     def _check_batches(self) -> None:
         sizes = [1] if self.batch_sizes is None else list(self.batch_sizes)
@@ -425,6 +438,7 @@ class CostModel:
             "batch_model": {"padded": PADDED_MODEL if self.has_batch_curves else PADDED_FALLBACK,
                             "ragged": RAGGED_MODEL, "contexts": CONTEXT_MODEL},
             "measured": self.measured,
+            **({"chain": self.chain.to_dict()} if self.chain is not None else {}),
         }
 
     @classmethod
@@ -466,7 +480,13 @@ class CostModel:
                     batches["batch_verify_ms"] = np.asarray(batches["batch_verify_ms"], dtype=np.float64)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"cost model JSON has a malformed field: {e}") from None
-        return cls(node_grid, contexts, verify, draft, meta=meta, measured=d.get("measured"), **batches)
+        chain = d.get("chain")
+        if chain is not None:
+            try:
+                chain = cls.from_dict(chain)
+            except ValueError as e:
+                raise ValueError(f"cost model 'chain': {e}") from None
+        return cls(node_grid, contexts, verify, draft, meta=meta, measured=d.get("measured"), chain=chain, **batches)
 
     def save(self, path) -> None:
         """Write the model as JSON (never pickle) to ``path``."""
@@ -487,7 +507,7 @@ class CostModel:
 
 
 _CORE_KEYS = {"format", "version", "units", "draft_cost_ms", "contexts", "node_grid", "verify_ms", "measured",
-              "batch_sizes", "batch_verify_ms", "batch_draft_ms", "batch_model"}
+              "batch_sizes", "batch_verify_ms", "batch_draft_ms", "batch_model", "chain"}
 # What the JSON says about how batches are priced (see the module docstring).
 PADDED_MODEL = ("measured: padded forwards of B requests x (n+1) slots at the profiled batch sizes; linear in B "
                 "between them; past the largest, its curve at the same total slots plus a per-row cost (what a row "

@@ -98,6 +98,8 @@ def run(job: dict) -> dict:
         result["host_syncs"] = host_syncs
     if spec is not None:  # which proposer the workers built (cloudpickled to them by value)
         result["drafter_class"] = llm.collective_rpc(lambda worker: type(worker.model_runner.drafter).__name__)
+        # DDTree's drafting rounds of each kind (tree, or CaDDTree's top-1 chain), where the proposer counts them.
+        result["rounds"] = llm.collective_rpc(lambda worker: getattr(worker.model_runner.drafter, "rounds", None))
     return result
 
 

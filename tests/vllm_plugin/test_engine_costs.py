@@ -49,13 +49,24 @@ def test_profile_measures_every_point_in_the_engine(profiled):
     assert json.loads(out.read_text()) == json.loads(cached[0].read_text())
     assert model.node_grid == [0, 2, 4] and model.batch_sizes == [1, 3] and model.contexts == [24]
     points = model.measured["engine_steps"]
-    # Every (batch, nodes) point timed on real steps of exactly that shape, the drafter's round apart.
-    assert sorted((p["batch"], p["nodes"]) for p in points) == [(b, n) for b in (1, 3) for n in (0, 2, 4)]
+    # Every (batch, nodes) point timed on real steps of exactly that shape, the drafter's round apart;
+    # then the top-1 chains of 1, 2 and 4 tokens (the drafter's depth here: min(max nodes, block - 1)).
+    trees = [(p["batch"], p["nodes"]) for p in points if not p["chain"]]
+    chains = [(p["batch"], p["nodes"]) for p in points if p["chain"]]
+    assert sorted(trees) == [(b, n) for b in (1, 3) for n in (0, 2, 4)]
+    assert sorted(chains) == [(b, k) for b in (1, 3) for k in (1, 2, 4)]
+    assert model.chain.node_grid == [0, 1, 2, 4] and model.chain.batch_sizes == [1, 3]
+    # A chain of no tokens is the plain step the trees measured at n = 0.
+    assert model.chain.verify_ms[0, 0] == model.verify_ms[0, 0]
+    assert model.chain.batch_verify_ms[0, 0, 0] == model.batch_verify_ms[0, 0, 0]
     assert all(p["steps"] >= 1 and p["verify_ms"] > 0 and p["draft_ms"] > 0 for p in points)
     assert model.meta["key"]["dtype"] == "float32" and model.meta["key"]["vllm"].startswith("0.32")
-    # Cd(B): the median of the drafter's rounds over the node counts (the drafter's work does not depend on n).
+    # Cd(B): the median of the drafter's rounds over the tree sizes (the drafter's forward does not depend on
+    # n; the chains' rounds build smaller trees, so they are left out). The chain model carries the same Cd.
     for B, cd in zip((1, 3), [model.draft_cost, *model.batch_draft_ms]):
-        assert cd == pytest.approx(float(np.median([p["draft_ms"] for p in points if p["batch"] == B])))
+        rounds = [p["draft_ms"] for p in points if p["batch"] == B and not p["chain"]]
+        assert cd == pytest.approx(float(np.median(rounds)))
+    assert [model.chain.draft_cost, *model.chain.batch_draft_ms] == [model.draft_cost, *model.batch_draft_ms]
 
 
 def _caddtree_log(cache: Path, tmp_path: Path, **env) -> str:

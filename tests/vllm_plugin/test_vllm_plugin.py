@@ -38,6 +38,9 @@ GREEDY_BATCHES = [
 def run_job(job: dict, tree: str | None, tmp_path: Path, expect_error: bool = False):
     """Run one engine (DDTREE_VLLM_TREE=tree, or unset) on a job; its result, or its output on failure."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DDTREE_VLLM")}
+    # CaDDTree without a cost model given prices with the roofline estimate here, as on a fresh machine:
+    # an empty cost cache, not whatever `ddtree profile --vllm` cached on this one.
+    env["DDTREE_VLLM_COST_CACHE"] = str(tmp_path / "no-cost-cache")
     if tree is not None:
         env["DDTREE_VLLM_TREE"] = tree
     # The job asks the workers which proposer they built by sending them a function (a test-only need).
@@ -70,6 +73,19 @@ def mean_acceptance(metrics: dict) -> float:
 # ---- the shipped pair ------------------------------------------------------------------------------
 
 
+def chain_or_tree_costs(tmp: Path, cheap: str) -> str:
+    """A cost model file (batch 1 curves only) under which the step's chain (``cheap="chain"``) or its
+    tree (``"tree"``) always wins: the other's every draft token is dear. Trees' plain step is priced
+    above the chain's so that no tie between 'no tree' and 'no chain' can go to the tree."""
+    from ddtree.cost import CostModel
+
+    tree_ms, chain_ms = ([6.0, 60.0], [5.0, 5.0]) if cheap == "chain" else ([5.0, 5.5], [5.0, 50.0])
+    chain = CostModel([0, 7], [64], [chain_ms], 1.0)
+    path = tmp / f"costs-{cheap}.json"
+    CostModel([0, 16], [64], [tree_ms], 1.0, chain=chain).save(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shipped")
@@ -81,10 +97,13 @@ def shipped(tmp_path_factory):
                                            env={"DDTREE_VLLM_BUDGET_MODE": mode}), "caddtree", tmp)
            for mode in ("request", "ragged")},  # "caddtree" above: the default, batch mode
         "dflash": run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 7), None, tmp),
+        **{f"caddtree-{cheap}s": run_job(job(SHIPPED_TARGET, SHIPPED_DRAFTER, "dflash", 16, env={
+            "DDTREE_VLLM_COST_MODEL": chain_or_tree_costs(tmp, cheap)}), "caddtree", tmp) for cheap in ("chain", "tree")},
     }
 
 
-@pytest.mark.parametrize("mode", ["ddtree", "caddtree", "caddtree-request", "caddtree-ragged", "dflash"])
+@pytest.mark.parametrize("mode", ["ddtree", "caddtree", "caddtree-request", "caddtree-ragged", "dflash",
+                                  "caddtree-chains", "caddtree-trees"])
 def test_shipped_greedy_equals_vllm_without_speculation(shipped, mode):
     for b, (want, got) in enumerate(zip(shipped["plain"]["batches"], shipped[mode]["batches"])):
         assert got["token_ids"] == want["token_ids"], f"batch {b} ({GREEDY_BATCHES[b]['sampling']})"
@@ -108,6 +127,21 @@ def test_shipped_tree_accepts_more_than_dflash(shipped):
     tree = mean_acceptance(shipped["ddtree"]["metrics"])
     chain = mean_acceptance(shipped["dflash"]["metrics"])
     assert tree > chain, f"ddtree {tree:.2f} tokens per round, dflash {chain:.2f}"
+
+
+def test_caddtree_drafts_the_chain_where_it_is_priced_faster(shipped):
+    # Chains cheap: every round drafts the top-1 chain (vLLM's own DFlash step verifies it), at most the
+    # drafter's depth (7) tokens a round. Trees cheap: never a chain. Without chain costs (the default run,
+    # an empty cost cache: the roofline fallback): never a chain.
+    chains, trees = shipped["caddtree-chains"], shipped["caddtree-trees"]
+    assert chains["rounds"][0]["tree"] == 0 and chains["rounds"][0]["chain"] > 10, chains["rounds"]
+    m = chains["metrics"]
+    assert 0 < m["vllm:spec_decode_num_draft_tokens"] <= 7 * m["vllm:spec_decode_num_drafts"]
+    assert trees["rounds"][0]["chain"] == 0 and trees["rounds"][0]["tree"] > 10, trees["rounds"]
+    assert shipped["caddtree"]["rounds"][0]["chain"] == 0
+    # The chain's rounds accept what vLLM's DFlash accepts with 7 tokens, within a round's worth of drift
+    # (the two decode the same greedy text; rounds start where the previous one stopped).
+    assert mean_acceptance(m) == pytest.approx(mean_acceptance(shipped["dflash"]["metrics"]), rel=0.1)
 
 
 def test_plugin_replaces_the_proposer_only_when_enabled(shipped):

@@ -8,7 +8,9 @@ verify a tree of ``n`` nodes, in the worker: the step (the plugin's plan, the ta
 ``B (n + 1)`` rows, sampling and the accept walk, KV moves, the drafter) less the drafter's round, plus
 the step's share of what the run spent outside the worker (scheduling, hand-offs, outputs), is
 ``Cv(B, n)``; the drafter's round (its forward, marginals and tree) is ``Cd(B)``. ``n = 0`` is a plain
-decoding step. The result is a :class:`ddtree.cost.CostModel` JSON (batch curves included, so every
+decoding step. The same for the drafter's top-1 chains of ``k`` tokens, ``k`` up to its depth: vLLM
+verifies those as its own DFlash step, and ``Cv_chain(B, k)`` (the model's ``chain``) lets CaDDTree's
+batch mode draft the chain where it is faster than any tree (:mod:`ddtree.chain_choice`). The result is a :class:`ddtree.cost.CostModel` JSON (batch curves included, so every
 budget mode reads it), written to the cache the plugin looks in (:func:`cache_path`) and, with ``--out``,
 to a file of your choice.
 
@@ -30,6 +32,7 @@ import numpy as np
 
 CACHE_ENV = "DDTREE_VLLM_COST_CACHE"
 NODE_GRID = (0, 2, 4, 8, 16, 32)
+CHAIN_GRID = (1, 2, 4, 8, 16)  # chain lengths below the drafter's depth, which is measured too
 BATCH_SIZES = (1, 4, 16, 64)  # up to 64 requests: where no draft at all may be the best choice
 
 
@@ -114,8 +117,9 @@ def _install_clock(worker) -> None:
     runner.execute_model, runner.sample_tokens, runner.drafter.propose = timed_execute, timed_sample, timed_propose
 
 
-def _set_budget(worker, n: int) -> None:
+def _set_budget(worker, n: int, chain: bool = False) -> None:
     worker.model_runner.drafter.budget = n
+    worker.model_runner.drafter.force_chain = chain
 
 
 def _take_steps(worker) -> dict:
@@ -164,8 +168,6 @@ def profile_engine(target: str, drafter: str, *, dtype: str = "float32", node_gr
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from ..cost import CostModel
-
     node_grid, batch_sizes = sorted(set(int(n) for n in node_grid)), sorted(set(int(b) for b in batch_sizes))
     if batch_sizes[0] != 1:
         raise ValueError(f"batch_sizes: must start at 1 (the per-request curve), got {batch_sizes}")
@@ -190,42 +192,61 @@ def profile_engine(target: str, drafter: str, *, dtype: str = "float32", node_gr
     warm = [TokensPrompt(prompt_token_ids=torch.randint(3, vocab, (context,), generator=g).tolist()) for _ in range(2)]
     llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
     llm.collective_rpc(_take_steps)
+    depth = worker["depth"]
+    chain_grid = [0] + sorted({k for k in CHAIN_GRID if k < depth} | {depth})
     verify = np.zeros((len(batch_sizes), len(node_grid)))
+    chain_verify = np.zeros((len(batch_sizes), len(chain_grid)))
     draft = np.zeros(len(batch_sizes))
     measured = []
+    # Trees of n nodes, then chains of k tokens (vLLM's own DFlash step verifies those; k = 0 is the same
+    # plain step as n = 0).
+    runs = [(n, False) for n in node_grid] + [(k, True) for k in chain_grid[1:]]
     for i, B in enumerate(batch_sizes):
         drafts = []
-        for j, n in enumerate(node_grid):
-            llm.collective_rpc(_set_budget, args=(n,))
+        for n, chain in runs:
+            llm.collective_rpc(_set_budget, args=(n, chain))
             prompts = [TokensPrompt(prompt_token_ids=torch.randint(3, vocab, (context,), generator=g).tolist())
                        for _ in range(B)]
             # Each step gives 1 to depth + 1 tokens: enough for `steps` full steps after the prompt's.
-            params = SamplingParams(temperature=0.0, max_tokens=(steps + 2) * (min(n, worker["depth"]) + 1),
-                                    ignore_eos=True)
+            params = SamplingParams(temperature=0.0, max_tokens=(steps + 2) * (min(n, depth) + 1), ignore_eos=True)
             t = time.perf_counter()
             llm.generate(prompts, params, use_tqdm=False)
             wall = time.perf_counter() - t
             run = llm.collective_rpc(_take_steps)[0]["steps"]
             outside = max(0.0, wall - sum(s["step_s"] for s in run)) / max(len(run), 1)
             full = [s for s in run if s["reqs"] == B and not s["prompt"] and s["tokens"] == B * (n + 1)]
+            what = f"{'chains of' if chain else 'trees of'} {n} {'tokens' if chain else 'nodes'}"
             if not full:
-                raise RuntimeError(f"no step verified {B} trees of {n} nodes (steps: {run[:4]})")
+                raise RuntimeError(f"no step verified {B} {what} (steps: {run[:4]})")
             cv = float(np.median([s["step_s"] - s["draft_s"] for s in full]) + outside) * 1e3
             cd = float(np.median([s["draft_s"] for s in full])) * 1e3
-            verify[i, j] = cv
-            drafts.append(cd)
-            measured.append({"batch": B, "nodes": n, "steps": len(full), "verify_ms": cv, "draft_ms": cd,
-                             "outside_worker_ms": outside * 1e3})
-            log(f"B {B:3d}  n {n:4d}: step less drafter {cv:8.2f} ms (of which outside the worker "
-                f"{outside * 1e3:5.2f}), drafter {cd:7.2f} ms ({len(full)} steps)")
+            if chain:
+                chain_verify[i, chain_grid.index(n)] = cv
+            else:
+                verify[i, node_grid.index(n)] = cv
+                drafts.append(cd)
+            measured.append({"batch": B, "nodes": n, "chain": chain, "steps": len(full), "verify_ms": cv,
+                             "draft_ms": cd, "outside_worker_ms": outside * 1e3})
+            log(f"B {B:3d}  {'chain' if chain else 'tree '} {n:4d}: step less drafter {cv:8.2f} ms (of which "
+                f"outside the worker {outside * 1e3:5.2f}), drafter {cd:7.2f} ms ({len(full)} steps)")
         draft[i] = float(np.median(drafts))
-    curves = [_monotone(row) for row in verify]
+        chain_verify[i, 0] = verify[i, node_grid.index(0)] if 0 in node_grid else chain_verify[i, 1]
     key = engine_key(target, drafter, dtype, worker["device"], worker["threads"], vllm.__version__)
-    model = CostModel(node_grid=node_grid, contexts=[context], verify_ms=np.array([curves[0]]),
-                      draft_cost=float(draft[0]), batch_sizes=batch_sizes,
-                      batch_verify_ms=np.array([[c] for c in curves[1:]]).reshape(len(batch_sizes) - 1, 1, len(node_grid)),
-                      batch_draft_ms=[float(d) for d in draft[1:]],
-                      meta={"source": "ddtree profile --vllm (engine steps, wall time)", "key": key,
-                            "target": str(target), "drafter": str(drafter), "steps": steps},
-                      measured={"engine_steps": measured})
+    model = _batch_model(node_grid, verify, context, batch_sizes, draft,
+                         meta={"source": "ddtree profile --vllm (engine steps, wall time)", "key": key,
+                               "target": str(target), "drafter": str(drafter), "steps": steps},
+                         measured={"engine_steps": measured},
+                         chain=_batch_model(chain_grid, chain_verify, context, batch_sizes, draft))
     return model, key
+
+
+def _batch_model(grid, verify: np.ndarray, context: int, batch_sizes, draft: np.ndarray, **extra):
+    """A CostModel of ``verify [S, G]`` (one curve per batch size, made non-decreasing) at one context and
+    the drafter's rounds ``draft [S]``."""
+    from ..cost import CostModel
+
+    curves = [_monotone(row) for row in verify]
+    return CostModel(node_grid=grid, contexts=[context], verify_ms=np.array([curves[0]]), draft_cost=float(draft[0]),
+                     batch_sizes=batch_sizes, batch_draft_ms=[float(d) for d in draft[1:]],
+                     batch_verify_ms=np.array([[c] for c in curves[1:]]).reshape(len(batch_sizes) - 1, 1, len(grid)),
+                     **extra)

@@ -18,6 +18,7 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from .. import ops
+from ..chain_choice import chain_or_tree
 
 logger = init_logger("vllm.plugins.ddtree")  # under vLLM's logger: its handler and format
 
@@ -60,6 +61,10 @@ class DDTreeProposer(DFlashProposer):
         self.depth = min(self.budget, block - 1) if block else self.budget
         self.vocab_size = vllm_config.model_config.get_vocab_size()
         self.cost_model = None  # caddtree: chosen at the first round, once the worker's threads are set
+        self.force_chain = False  # draft the top-1 chain of min(budget, depth) tokens (`ddtree profile --vllm`)
+        self.tree = None  # this round's ops.build_tree result ([B, N + 1] tensors); the next step verifies it
+        self.tree_rows: dict[str, int] = {}  # request id -> its row of self.tree (empty: the step drafted chains)
+        self.rounds = {"tree": 0, "chain": 0}  # drafting rounds of each kind (for tests and benchmarks)
         self._vllm_config, self._device = vllm_config, device
         self.max_context = vllm_config.model_config.max_model_len
         if self.mode == "ddtree":
@@ -70,8 +75,9 @@ class DDTreeProposer(DFlashProposer):
         self.cost_model, source = _cost_model(self._vllm_config, self._device, self.draft_model_config.hf_config)
         logger.info("ddtree.vllm: DFlash drafts become caddtree trees of depth %d: the cost-aware budget (at most %d "
                     "nodes, %s mode), priced by %s", self.depth, self.budget, self.budget_mode, source)
-        self.tree = None  # this round's ops.build_tree result ([B, N + 1] tensors); the next step verifies it
-        self.tree_rows: dict[str, int] = {}  # request id -> its row of self.tree
+        if self.cost_model.chain is not None and self.budget_mode == "batch":
+            logger.info("ddtree.vllm: chains priced apart: a step drafts the top-1 chain instead of the tree "
+                        "when the chain's measured cost makes it faster")
         self._draft_logits = None
 
     def _sample_draft_tokens(self, hidden_states, sampling_metadata):
@@ -104,8 +110,34 @@ class DDTreeProposer(DFlashProposer):
                                else self.cost_model.draft_cost_at(B))
         tree = ops.build_tree(logprobs, token_ids, next_token_ids.long(), context, N, cost, draft_cost,
                               self.budget_mode)
-        # The step's one host read: each request's node count and tokens, for the scheduler's draft lists.
-        rows = torch.cat([tree.num_nodes[:, None].to(tree.tokens.dtype), tree.tokens], dim=1).tolist()
+        # The step's one host read: each request's tree (node count, tokens) and, where chains are priced
+        # apart, the drafter's top-1 tokens and the step's choice (chain or tree, the chain's length).
+        parts = [tree.num_nodes[:, None].to(tree.tokens.dtype), tree.tokens[:, 1:]]
+        choice = self._chain_choice(logprobs, context, tree, cost, draft_cost, N)
+        if choice is not None:
+            use_chain, k = choice
+            parts += [token_ids[:, :, 0], torch.stack([use_chain.to(k.dtype), k]).expand(B, 2)]
+        rows = torch.cat(parts, dim=1).tolist()
         req_ids = self._runner.input_batch.req_ids[:B]
+        if choice is not None and rows[0][-2]:  # chains: vLLM verifies them as its own DFlash drafts
+            self.tree, self.tree_rows = None, {}
+            self.rounds["chain"] += 1
+            k, first = rows[0][-1], N + 1
+            return [row[first : first + k] for row in rows]
         self.tree, self.tree_rows = tree, {req_id: b for b, req_id in enumerate(req_ids)}
-        return [row[2 : row[0] + 2] for row in rows]
+        self.rounds["tree"] += 1
+        return [row[1 : row[0] + 1] for row in rows]
+
+    def _chain_choice(self, logprobs, context, tree, cost, draft_cost: float, N: int):
+        """(use_chain 0-d bool, chain length 0-d int) on the device, or None where chains are not priced
+        apart: the profile's fixed chain, else CaDDTree's batch mode with measured chain costs."""
+        depth = min(N, logprobs.shape[1])
+        if self.force_chain:
+            return (torch.ones((), dtype=torch.bool, device=logprobs.device),
+                    torch.tensor(depth, device=logprobs.device))
+        model = self.cost_model
+        if model is None or model.chain is None or self.budget_mode != "batch" or depth < 1:
+            return None
+        chain_cost = model.chain.table(context, depth, self.max_context, mode="batch")[0]
+        tree_cost = cost[0].gather(0, tree.num_nodes.max().long().reshape(1))
+        return chain_or_tree(logprobs[:, :depth, 0], tree.expected_tokens, tree_cost, chain_cost, draft_cost)

@@ -100,8 +100,8 @@ def _prepare_inputs(orig):
         step = _step(self)
         step.call = None
         drafts = scheduler_output.scheduled_spec_decode_tokens
-        if not drafts:
-            return result
+        if not drafts or not self.drafter.tree_rows:
+            return result  # no draft, or chains only (CaDDTree's choice): vLLM's own DFlash step verifies them
         self._ddtree_plan(step, drafts)
         return result
 
