@@ -139,6 +139,13 @@ def test_caddtree_drafts_the_chain_where_it_is_priced_faster(shipped):
     assert 0 < m["vllm:spec_decode_num_draft_tokens"] <= 7 * m["vllm:spec_decode_num_drafts"]
     assert trees["rounds"][0]["chain"] == 0 and trees["rounds"][0]["tree"] > 10, trees["rounds"]
     assert shipped["caddtree"]["rounds"][0]["chain"] == 0
+    # Once the chain wins, the next CHAIN_ROUNDS - 1 rounds draft it unpriced (no tree built): a priced
+    # round per CHAIN_ROUNDS chain rounds, give or take the last; trees are priced every round.
+    from ddtree.vllm.proposer import CHAIN_ROUNDS
+
+    r = chains["rounds"][0]
+    assert CHAIN_ROUNDS > 1 and r["priced"] == -(-r["chain"] // CHAIN_ROUNDS), r
+    assert trees["rounds"][0]["priced"] == trees["rounds"][0]["tree"]
     # The chain's rounds accept what vLLM's DFlash accepts with 7 tokens, within a round's worth of drift
     # (the two decode the same greedy text; rounds start where the previous one stopped).
     assert mean_acceptance(m) == pytest.approx(mean_acceptance(shipped["dflash"]["metrics"]), rel=0.1)

@@ -22,6 +22,13 @@ from ..chain_choice import chain_or_tree
 
 logger = init_logger("vllm.plugins.ddtree")  # under vLLM's logger: its handler and format
 
+# Once the chain wins a priced round, this many rounds (that one included) draft the chain of the chosen
+# length before the tree is built and priced again: pricing costs a step the top-k marginals, the tree
+# build and the choice (0.3-1 ms on the shipped pair, 5-10% of a chain step there), and in an engine where
+# chains win they keep winning for many rounds (the batch and the costs change slowly). A tree round is
+# priced every round.
+CHAIN_ROUNDS = 4
+
 
 def _cost_model(vllm_config, device, drafter_config):
     """CaDDTree's cost model and where it came from: DDTREE_VLLM_COST_MODEL, else this engine's cached
@@ -64,7 +71,8 @@ class DDTreeProposer(DFlashProposer):
         self.force_chain = False  # draft the top-1 chain of min(budget, depth) tokens (`ddtree profile --vllm`)
         self.tree = None  # this round's ops.build_tree result ([B, N + 1] tensors); the next step verifies it
         self.tree_rows: dict[str, int] = {}  # request id -> its row of self.tree (empty: the step drafted chains)
-        self.rounds = {"tree": 0, "chain": 0}  # drafting rounds of each kind (for tests and benchmarks)
+        self.rounds = {"tree": 0, "chain": 0, "priced": 0}  # drafting rounds of each kind; rounds priced
+        self._unpriced_chains, self._chain_len = 0, 0  # rounds left to draft the last chosen chain unpriced
         self._vllm_config, self._device = vllm_config, device
         self.max_context = vllm_config.model_config.max_model_len
         if self.mode == "ddtree":
@@ -90,9 +98,15 @@ class DDTreeProposer(DFlashProposer):
         if num_speculative_tokens == 0:
             return super().propose(num_speculative_tokens, **kwargs)
         next_token_ids = kwargs["next_token_ids"]
-        super().propose(self.depth, **kwargs)
+        chain = super().propose(self.depth, **kwargs)  # [B, depth]: the argmax chain, as vLLM's DFlash drafts
         self.num_speculative_tokens = self.budget
         B = next_token_ids.shape[0]
+        if self._unpriced_chains > 0:  # the chain won the last priced round: draft it as vLLM's DFlash would
+            self._unpriced_chains -= 1
+            self._draft_logits = None
+            self.tree, self.tree_rows = None, {}
+            self.rounds["chain"] += 1
+            return chain[:, : self._chain_len].tolist()
         logits = self._draft_logits.view(B, self.depth, -1)[..., : self.vocab_size]
         self._draft_logits = None
         N = min(self.budget, num_speculative_tokens)
@@ -110,6 +124,7 @@ class DDTreeProposer(DFlashProposer):
                                else self.cost_model.draft_cost_at(B))
         tree = ops.build_tree(logprobs, token_ids, next_token_ids.long(), context, N, cost, draft_cost,
                               self.budget_mode)
+        self.rounds["priced"] += 1
         # The step's one host read: each request's tree (node count, tokens) and, where chains are priced
         # apart, the drafter's top-1 tokens and the step's choice (chain or tree, the chain's length).
         parts = [tree.num_nodes[:, None].to(tree.tokens.dtype), tree.tokens[:, 1:]]
@@ -123,6 +138,8 @@ class DDTreeProposer(DFlashProposer):
             self.tree, self.tree_rows = None, {}
             self.rounds["chain"] += 1
             k, first = rows[0][-1], N + 1
+            if not self.force_chain:  # the next rounds draft this chain without pricing (see CHAIN_ROUNDS)
+                self._unpriced_chains, self._chain_len = CHAIN_ROUNDS - 1, k
             return [row[first : first + k] for row in rows]
         self.tree, self.tree_rows = tree, {req_id: b for b, req_id in enumerate(req_ids)}
         self.rounds["tree"] += 1
