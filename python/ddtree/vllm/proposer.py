@@ -18,7 +18,7 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from .. import ops
-from ..chain_choice import chain_or_tree
+from ..chain_choice import AcceptanceScale, chain_expected_per_request, chain_or_tree
 
 logger = init_logger("vllm.plugins.ddtree")  # under vLLM's logger: its handler and format
 
@@ -73,6 +73,7 @@ class DDTreeProposer(DFlashProposer):
         self.tree_rows: dict[str, int] = {}  # request id -> its row of self.tree (empty: the step drafted chains)
         self.rounds = {"tree": 0, "chain": 0, "priced": 0}  # drafting rounds of each kind; rounds priced
         self._unpriced_chains, self._chain_len = 0, 0  # rounds left to draft the last chosen chain unpriced
+        self.acceptance = AcceptanceScale(self.depth + 1)  # measured / predicted draft tokens, tree and chain
         self._vllm_config, self._device = vllm_config, device
         self.max_context = vllm_config.model_config.max_model_len
         if self.mode == "ddtree":
@@ -103,6 +104,8 @@ class DDTreeProposer(DFlashProposer):
         B = next_token_ids.shape[0]
         if self._unpriced_chains > 0:  # the chain won the last priced round: draft it as vLLM's DFlash would
             self._unpriced_chains -= 1
+            self.acceptance.round(self._runner.input_batch.req_ids[:B],
+                                  self._runner.input_batch.num_computed_tokens_cpu[:B])
             self._draft_logits = None
             self.tree, self.tree_rows = None, {}
             self.rounds["chain"] += 1
@@ -129,12 +132,18 @@ class DDTreeProposer(DFlashProposer):
         # apart, the drafter's top-1 tokens and the step's choice (chain or tree, the chain's length).
         parts = [tree.num_nodes[:, None].to(tree.tokens.dtype), tree.tokens[:, 1:]]
         choice = self._chain_choice(logprobs, context, tree, cost, draft_cost, N)
-        if choice is not None:
+        if choice is not None:  # + the top-1 tokens, the choice, and each kind's expected tokens in micro-tokens
             use_chain, k = choice
-            parts += [token_ids[:, :, 0], torch.stack([use_chain.to(k.dtype), k]).expand(B, 2)]
+            expected = torch.stack([tree.expected_tokens, chain_expected_per_request(logprobs[:, :, 0], k)], 1)
+            parts += [token_ids[:, :, 0], (expected.double() * 1e6).round().to(k.dtype),
+                      torch.stack([use_chain.to(k.dtype), k]).expand(B, 2)]
         rows = torch.cat(parts, dim=1).tolist()
         req_ids = self._runner.input_batch.req_ids[:B]
-        if choice is not None and rows[0][-2]:  # chains: vLLM verifies them as its own DFlash drafts
+        if choice is not None:
+            chain = bool(rows[0][-2])
+            self.acceptance.round(req_ids, self._runner.input_batch.num_computed_tokens_cpu[:B],
+                                  "chain" if chain else "tree", [row[-3 if chain else -4] * 1e-6 for row in rows])
+        if choice is not None and chain:  # chains: vLLM verifies them as its own DFlash drafts
             self.tree, self.tree_rows = None, {}
             self.rounds["chain"] += 1
             k, first = rows[0][-1], N + 1
@@ -157,4 +166,6 @@ class DDTreeProposer(DFlashProposer):
             return None
         chain_cost = model.chain.table(context, depth, self.max_context, mode="batch")[0]
         tree_cost = cost[0].gather(0, tree.num_nodes.max().long().reshape(1))
-        return chain_or_tree(logprobs[:, :depth, 0], tree.expected_tokens, tree_cost, chain_cost, draft_cost)
+        # Each kind's expected draft tokens as measured in this engine so far (1 until measured).
+        return chain_or_tree(logprobs[:, :depth, 0], tree.expected_tokens, tree_cost, chain_cost, draft_cost,
+                             self.acceptance.scale("tree"), self.acceptance.scale("chain"))
