@@ -10,8 +10,8 @@ the step's share of what the run spent outside the worker (scheduling, hand-offs
 ``Cv(B, n)``; the drafter's round (its forward, marginals and tree) is ``Cd(B)``. ``n = 0`` is a plain
 decoding step. The same for the drafter's top-1 chains of ``k`` tokens, ``k`` up to its depth: vLLM
 verifies those as its own DFlash step, and ``Cv_chain(B, k)`` (the model's ``chain``) lets CaDDTree's
-batch mode draft the chain where it is faster than any tree (:mod:`ddtree.chain_choice`). The result is a :class:`ddtree.cost.CostModel` JSON (batch curves included, so every
-budget mode reads it), written to the cache the plugin looks in (:func:`cache_path`) and, with ``--out``,
+batch mode draft the chain where it is faster than any tree (:mod:`ddtree.chain_choice`). The result is
+a :class:`ddtree.cost.CostModel` JSON (batch curves included, so every budget mode reads it), written to the cache the plugin looks in (:func:`cache_path`) and, with ``--out``,
 to a file of your choice.
 
 The plugin prices trees with, in order: ``DDTREE_VLLM_COST_MODEL`` (a file), the cached measurement for
