@@ -25,22 +25,25 @@ from __future__ import annotations
 import torch
 
 
+def _path_probs(top1_logprobs: torch.Tensor) -> torch.Tensor:
+    """``[B, D]`` top-1 log-probabilities -> ``[B, D]`` path probabilities ``P_b(d)`` (non-increasing in d).
+    A non-finite log-probability (``-inf``: no such token; NaN: a broken drafter) counts as probability 0
+    from that depth on; one above 0 (rounding) as 1."""
+    lp = torch.nan_to_num(top1_logprobs.float(), nan=float("-inf"), posinf=0.0).clamp(max=0.0)
+    return torch.cumsum(lp, dim=1).exp()
+
+
 def chain_expected_tokens(top1_logprobs: torch.Tensor) -> torch.Tensor:
     """``[B, D]`` log-probabilities of each depth's top-1 token -> ``[D + 1]`` the batch's expected tokens
-    with a chain of ``k = 0..D`` tokens: ``B + sum_b sum_{d <= k} P_b(d)``. A non-finite log-probability
-    (``-inf``: no such token; NaN: a broken drafter) counts as probability 0 from that depth on."""
-    lp = torch.nan_to_num(top1_logprobs.float(), nan=float("-inf"), posinf=0.0).clamp(max=0.0)
-    path = torch.cumsum(lp, dim=1).exp()  # [B, D]: P_b(d), non-increasing in d
-    B = lp.shape[0]
-    per_k = torch.cumsum(path.sum(dim=0), dim=0)  # [D]: sum_b sum_{d <= k} P_b(d)
-    return torch.cat([per_k.new_zeros(1), per_k]) + B
+    with a chain of ``k = 0..D`` tokens: ``B + sum_b sum_{d <= k} P_b(d)``."""
+    per_k = torch.cumsum(_path_probs(top1_logprobs).sum(dim=0), dim=0)  # [D]: sum_b sum_{d <= k} P_b(d)
+    return torch.nn.functional.pad(per_k, (1, 0)) + top1_logprobs.shape[0]
 
 
 def chain_expected_per_request(top1_logprobs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``[B]`` each request's expected tokens with the chain of ``k`` (0-d int tensor) top-1 tokens."""
-    lp = torch.nan_to_num(top1_logprobs.float(), nan=float("-inf"), posinf=0.0).clamp(max=0.0)
-    cum = torch.nn.functional.pad(torch.cumsum(torch.cumsum(lp, dim=1).exp(), dim=1), (1, 0))  # [B, D + 1]
-    return 1.0 + cum.gather(1, k.reshape(1, 1).expand(lp.shape[0], 1)).squeeze(1)
+    cum = torch.nn.functional.pad(torch.cumsum(_path_probs(top1_logprobs), dim=1), (1, 0))  # [B, D + 1]
+    return 1.0 + cum.gather(1, k.reshape(1, 1).expand(cum.shape[0], 1)).squeeze(1)
 
 
 def chain_or_tree(top1_logprobs: torch.Tensor, tree_expected: torch.Tensor, tree_cost: torch.Tensor,
