@@ -66,6 +66,8 @@
 //   * paged_tree_attention is tree_attention on that layout: ctx + T must fit the table row (as
 //     ctx + T <= S does the dense cache), and the block ids of positions [0, ctx + num_nodes] must lie
 //     in [0, num_blocks).
+//     On CPU the caches may have any strides (read in place: vLLM CPU_ATTN's transposed keys are a
+//     permuted view), and the output keeps q's memory layout.
 //   * paged_compact_kv is compact_kv on that layout, per cache; the block ids of the positions it reads
 //     and writes must lie in [0, num_blocks). Reads happen before writes within a request; the rows
 //     different requests read or write must be distinct (in vLLM, the blocks past a request's context

@@ -124,6 +124,58 @@ def test_paged_tree_attention_empty_rows_and_full_table(device):
     assert ((out[1].double() - expected[1]).abs() <= tolerance(torch.bfloat16) * (vmax + expected[1].abs())).all()
 
 
+def cpu_attn_views(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's CPU backend (CPU_ATTN) cache ``[num_blocks, Hkv, block_size, 2 d]``, per (block, head) the keys
+    transposed ``[d, block_size]`` then the values ``[block_size, d]``, as the op's logical
+    ``[num_blocks, block_size, Hkv, d]`` K and V views (no copy: keys with position stride 1)."""
+    nb, h, bs, two_d = cache.shape
+    halves = cache.view(nb, h, 2, bs * (two_d // 2))
+    keys = halves[:, :, 0].view(nb, h, two_d // 2, bs).permute(0, 3, 1, 2)
+    values = halves[:, :, 1].view(nb, h, bs, two_d // 2).permute(0, 2, 1, 3)
+    return keys, values
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 16, 128])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 8, 64), (6, 4, 2, 9, 32), (3, 16, 8, 17, 128), (64, 2, 1, 8, 64)])
+def test_paged_tree_attention_reads_cpu_attn_layout_in_place(shape, block_size, dtype, threads):
+    """CPU: the caches are read through their strides, whatever they are: CPU_ATTN's transposed keys and a
+    query that is a transposed view of the engine's [tokens, Hq, d] rows (the plugin's call), against the
+    float64 reference; the output keeps the query's layout. Shapes span the op's serial and parallel
+    sizes; 64 requests of 8 slots is a batch-64 verification of the shipped pair."""
+    B, Hq, Hkv, T, d = shape
+    gen = torch.Generator().manual_seed(seed_of("cpu_attn layout", shape, block_size, dtype))
+    ctx = context_lens(B, 300, gen)
+    tree = make_tree(B, T, gen, ctx, shrink=True)
+    S = int(ctx.max()) + T
+    q, k, v = make_qkv(B, Hq, Hkv, T, d, S, dtype, gen)
+    max_blocks = math.ceil(S / block_size)
+    table, num_blocks = make_table(B, max_blocks, 2, gen)
+    cache = (100 * torch.randn(num_blocks, Hkv, block_size, 2 * d, generator=gen)).to(dtype)
+    keys, values = cpu_attn_views(cache)
+    page(k, table, keys)
+    page(v, table, values)
+    rows = q.transpose(1, 2).contiguous()  # [B, T, Hq, d], as the engine holds its query rows
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ddtree.paged_tree_attention(rows.transpose(1, 2), keys, values, table, ctx, tree.tree_mask,
+                                          tree.num_nodes, 1 / math.sqrt(d))
+    finally:
+        torch.set_num_threads(before)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    expected = ref.tree_attention(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 1 / math.sqrt(d))
+    tol = tolerance(dtype)
+    for b in range(B):
+        n = int(tree.num_nodes[b])
+        vmax = float(v[b, :, : int(ctx[b]) + n + 1].double().abs().max())
+        got, exp = out[b, :, : n + 1].double(), expected[b, :, : n + 1]
+        err = (got - exp).abs()
+        assert (err <= tol * (vmax + exp.abs())).all(), f"request {b}: max error {float(err.max())}"
+        assert torch.isfinite(out[b, :, n + 1:]).all(), "rows past num_nodes must be finite"
+
+
 # --------------------------------------------------------------------------------------------------
 # paged_compact_kv
 

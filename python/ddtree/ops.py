@@ -273,7 +273,9 @@ def paged_tree_attention(
     tree's keys/values already at positions ``context_len + slot``; block_table ``[B, max_blocks]`` i32
     (``context_len + T <= max_blocks * block_size``; the blocks of positions ``[0, context_len +
     num_nodes]`` must exist); context_lens ``[B]`` i64; tree_mask ``[B, T, ceil(T/32)]`` i32; num_nodes
-    ``[B]`` i32. Returns ``[B, Hq, T, d]`` in q's dtype, as :func:`tree_attention` would on the dense cache.
+    ``[B]`` i32. Returns ``[B, Hq, T, d]`` in q's dtype (and, on CPU, q's memory layout), as
+    :func:`tree_attention` would on the dense cache. On CPU the caches are read in place through any strides
+    (vLLM's CPU backend keeps keys transposed per block: pass them as a permuted view).
     """
     return _ops.paged_tree_attention(q, k_cache, v_cache, block_table, context_lens, tree_mask, num_nodes, scale)
 
