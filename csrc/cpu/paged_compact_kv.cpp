@@ -5,7 +5,9 @@
 //
 // As in compact_kv.cpp, each (cache, request) gathers its accepted rows (every head) into a scratch
 // buffer, then scatters them; rows are addressed through the strides and copied as raw bytes, so any
-// dtype works and the caches are written in place. Work is split over (cache, request) pairs.
+// dtype works and the caches are written in place. Any strides: a row whose head dim is not contiguous
+// (vLLM CPU_ATTN's transposed keys, passed as a permuted view) is copied element by element. Work is split
+// over (cache, request) pairs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -16,6 +18,8 @@
 #include "ops.h"
 
 namespace ddtree::cpu {
+
+constexpr int64_t kParallelRows = 4096;  // (cache, accepted position) pairs from which threads pay
 
 void paged_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& block_table_in,
                       const at::Tensor& context_lens_in, const at::Tensor& accepted_slots_in,
@@ -61,16 +65,31 @@ void paged_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& b
     }
   }
 
+  // A step's few accepted rows per request move on the calling thread (a parallel region costs more).
+  int64_t rows = 0;
+  for (int64_t b = 0; b < B; ++b) rows += alen[b];
   const int64_t n_caches = static_cast<int64_t>(caches.size());
-  at::parallel_for(0, n_caches * B, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = rows * n_caches < kParallelRows ? n_caches * B + 1 : 1;
+  at::parallel_for(0, n_caches * B, grain, [&](int64_t begin, int64_t end) {
     std::vector<char> scratch;
     for (int64_t cb = begin; cb < end; ++cb) {
       const at::Tensor& cache = caches[cb / B];
       const int64_t b = cb % B, a = alen[b];
       if (a == 0 || cache.numel() == 0) continue;
       const int64_t H = cache.size(2), elem = cache.element_size();
-      const int64_t row_bytes = cache.size(3) * elem;
+      const int64_t d = cache.size(3), row_bytes = d * elem;
       const int64_t s_block = cache.stride(0) * elem, s_slot = cache.stride(1) * elem, s_head = cache.stride(2) * elem;
+      const int64_t s_chan = cache.stride(3) * elem;
+      // A cache row to (to_scratch) or from contiguous scratch.
+      const auto copy_row = [&](char* row_ptr, char* packed, bool to_scratch) {
+        if (s_chan == elem) {
+          to_scratch ? std::memcpy(packed, row_ptr, row_bytes) : std::memcpy(row_ptr, packed, row_bytes);
+          return;
+        }
+        for (int64_t c = 0; c < d; ++c)
+          to_scratch ? std::memcpy(packed + c * elem, row_ptr + c * s_chan, elem)
+                     : std::memcpy(row_ptr + c * s_chan, packed + c * elem, elem);
+      };
       char* base = static_cast<char*>(cache.data_ptr());
       const auto row = [&](int64_t p) {
         return base + table[b * max_blocks + p / block_size] * s_block + (p % block_size) * s_slot;
@@ -78,10 +97,10 @@ void paged_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& b
       scratch.resize(a * H * row_bytes);
       for (int64_t i = 0; i < a; ++i)
         for (int64_t h = 0; h < H; ++h)
-          std::memcpy(scratch.data() + (i * H + h) * row_bytes, row(ctx[b] + slots[b * A + i]) + h * s_head, row_bytes);
+          copy_row(row(ctx[b] + slots[b * A + i]) + h * s_head, scratch.data() + (i * H + h) * row_bytes, true);
       for (int64_t i = 0; i < a; ++i)
         for (int64_t h = 0; h < H; ++h)
-          std::memcpy(row(ctx[b] + i) + h * s_head, scratch.data() + (i * H + h) * row_bytes, row_bytes);
+          copy_row(row(ctx[b] + i) + h * s_head, scratch.data() + (i * H + h) * row_bytes, false);
     }
   });
 }

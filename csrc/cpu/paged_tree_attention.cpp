@@ -5,10 +5,10 @@
 //
 // One unit of work per (request, kv head): its G = Hq / Hkv query heads stacked as R = G * T fp32 rows, so
 // each key and value is read once for G heads; the visible positions [0, ctx + num_nodes] walked block by
-// block. Logits: per row, one axpy over a block's positions for each of the d channels (keys as [d, positions]:
-// in place when the cache holds them so in fp32, widened into scratch otherwise); the tree slots a row does
-// not see are set to -inf; one exact softmax per row in fp32; the values added row by row. A row that sees no
-// key outputs zeros. Small calls (a batch-1 step of a small model) run on the calling thread: on a busy
+// block: logits = rows @ keys [d, positions] (small_gemm.h; in place when the cache holds the keys so in
+// fp32, as CPU_ATTN does, widened into scratch otherwise); the tree slots a row does not see set to -inf;
+// one exact softmax per row in fp32; outputs += weights @ values [positions, d]. A row that sees no key
+// outputs zeros. Small calls (a batch-1 step of a small model) run on the calling thread: on a busy
 // 2-core machine every parallel region waits for a descheduled thread.
 // Only positions [0, ctx + num_nodes] are read, so only their blocks' table entries are checked.
 #include <ATen/ATen.h>
@@ -24,12 +24,13 @@
 
 #include "check_cpu.h"
 #include "ops.h"
+#include "small_gemm.h"
 
 namespace ddtree::cpu {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kParallelMacs = 1 << 20;  // multiply-adds of a call from which a parallel region pays
+constexpr int64_t kParallelMacs = 1 << 18;  // multiply-adds of a call from which a parallel region pays (~15 us)
 
 // Element (block, offset, head, channel) of a cache, through its strides.
 template <typename scalar_t>
@@ -85,15 +86,7 @@ void attend_unit(const scalar_t* q, const int64_t qs[3], const Strided<scalar_t>
       kc = s.keys.data();
       kstride = cnt;
     }
-    for (int64_t r = 0; r < R; ++r) {
-      float* l = s.logits.data() + r * visible + p0;
-      const float* qr = s.q.data() + r * d;
-      for (int64_t c = 0; c < d; ++c) {
-        const float a = qr[c];
-        const float* kr = kc + c * kstride;
-        for (int64_t j = 0; j < cnt; ++j) l[j] += a * kr[j];
-      }
-    }
+    gemm_acc(s.logits.data() + p0, visible, s.q.data(), d, kc, kstride, R, cnt, d);
   }
 
   // The tree slots a row does not see, then one softmax per row (weights in place, 1 / sum in inv).
@@ -116,23 +109,23 @@ void attend_unit(const scalar_t* q, const int64_t qs[3], const Strided<scalar_t>
     inv[r] = 1.0f / sum;
   }
 
-  // Values: each position's row once, added into every row that weighs it.
-  s.values.resize(d);
-  for (int64_t p = 0; p < visible; ++p) {
-    const scalar_t* vr = v.row(blocks[p / block_size], p % block_size, h);
-    const float* vf;
-    if (kF32 && v.s3 == 1) {
-      vf = reinterpret_cast<const float*>(vr);
+  // Values, block by block: acc += weights[:, block] @ values of the block ([positions, d] rows).
+  for (int64_t p0 = 0; p0 < visible; p0 += block_size) {
+    const int64_t cnt = std::min(block_size, visible - p0);
+    const scalar_t* vb = v.row(blocks[p0 / block_size], 0, h);
+    const float* vc;
+    int64_t vstride;
+    if (kF32 && v.s3 == 1) {  // both layouts: a value row is d contiguous floats
+      vc = reinterpret_cast<const float*>(vb);
+      vstride = v.s1;
     } else {
-      for (int64_t c = 0; c < d; ++c) s.values[c] = static_cast<float>(vr[c * v.s3]);
-      vf = s.values.data();
+      s.values.resize(cnt * d);
+      for (int64_t j = 0; j < cnt; ++j)
+        for (int64_t c = 0; c < d; ++c) s.values[j * d + c] = static_cast<float>(vb[j * v.s1 + c * v.s3]);
+      vc = s.values.data();
+      vstride = d;
     }
-    for (int64_t r = 0; r < R; ++r) {
-      const float w = s.logits[r * visible + p];
-      if (w == 0.0f) continue;  // an unseen tree slot (or an underflowed weight)
-      float* a = s.acc.data() + r * d;
-      for (int64_t c = 0; c < d; ++c) a[c] += w * vf[c];
-    }
+    gemm_acc(s.acc.data(), d, s.logits.data() + p0, visible, vc, vstride, R, d, cnt);
   }
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < T; ++i) {

@@ -11,17 +11,8 @@ import torch  # noqa: E402
 
 from vllm import _custom_ops as vllm_ops  # noqa: E402
 
-import numpy as np  # noqa: E402
-
 from ddtree import ops  # noqa: E402
-from ddtree.vllm.cpu_attention import (  # noqa: E402
-    cpu_kv_views,
-    gather_blocks,
-    move_cache_rows,
-    tree_attention_torch,
-    visibility_bias,
-)
-from ddtree.vllm.tree_call import TreeCall  # noqa: E402
+from ddtree.vllm.cpu_attention import cpu_kv_views, move_cache_rows, paged_kv_views  # noqa: E402
 
 NUM_BLOCKS, HEADS, BLOCK, D = 6, 2, 32, 32
 
@@ -34,22 +25,22 @@ def written_cache(positions_of_slots, keys, values):
     return cache
 
 
-def test_gather_blocks_finds_what_vllm_wrote():
+def test_paged_views_find_what_vllm_wrote():
     torch.manual_seed(0)
     # Request 0 owns blocks 4, 1; request 1 owns block 2, 5. Positions 0..63 of each.
     table = torch.tensor([[4, 1], [2, 5]])
     slots = [int(table[b, p // BLOCK]) * BLOCK + p % BLOCK for b in range(2) for p in range(2 * BLOCK)]
     keys, values = torch.randn(len(slots), HEADS, D), torch.randn(len(slots), HEADS, D)
     cache = written_cache(slots, keys, values)
-    k_t, v = gather_blocks(cache, table)
-    assert k_t.shape == (2, HEADS, D, 2 * BLOCK)
-    want_k = keys.view(2, 2 * BLOCK, HEADS, D).transpose(1, 2)
-    want_v = values.view(2, 2 * BLOCK, HEADS, D).transpose(1, 2)
-    assert torch.equal(k_t.transpose(2, 3), want_k) and torch.equal(v, want_v)
+    k, v = paged_kv_views(cache)  # [num_blocks, BLOCK, H, d] views
+    assert k.shape == v.shape == (NUM_BLOCKS, BLOCK, HEADS, D)
+    assert k.data_ptr() == cache.data_ptr(), "a view of the cache, not a copy"
+    rows = table.reshape(-1).long()
+    assert torch.equal(k[rows].reshape(-1, HEADS, D), keys) and torch.equal(v[rows].reshape(-1, HEADS, D), values)
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_tree_verification_equals_tree_attention(seed):
+def test_tree_verification_on_the_cache_equals_tree_attention(seed):
     # Three requests at different contexts, one tree each (one cut to fewer nodes than the call's slots),
     # through the cache as vLLM writes it, against ddtree's tree_attention on the same keys and values.
     g = torch.Generator().manual_seed(seed)
@@ -65,13 +56,8 @@ def test_tree_verification_equals_tree_attention(seed):
     slots = [int(table[b, p // BLOCK]) * BLOCK + p % BLOCK for b in range(3) for p in range(S)]
     cache = written_cache(slots, keys.reshape(-1, HEADS, D), values.reshape(-1, HEADS, D))
     q = torch.randn(3, Hq, T, D, generator=g)
-    real = np.arange(T)[None] <= nodes.numpy()[:, None]
-    call = TreeCall(members=torch.arange(3), members_np=np.arange(3), slots=torch.zeros(3, T, dtype=torch.long),
-                    gather=torch.zeros(3 * T, dtype=torch.long), rows=torch.zeros(int(real.sum()), dtype=torch.long),
-                    picks=torch.from_numpy(np.nonzero(real.reshape(-1))[0]), context_lens=ctx, tree_mask=mask,
-                    num_nodes=nodes, max_len=int((ctx + T).max()), others=False, block_table=table.to(torch.int32))
-    k_t, v = gather_blocks(cache, table)
-    got = tree_attention_torch(q, k_t, v, visibility_bias(call, S, torch.float32), 0.125)
+    k, v = paged_kv_views(cache)
+    got = ops.paged_tree_attention(q, k, v, table.to(torch.int32), ctx, mask, nodes, 0.125)
     want = ops.tree_attention(q, keys.transpose(1, 2), values.transpose(1, 2), ctx, mask, nodes, 0.125)
     for b in range(3):  # the real slots only (padding rows are discarded by the backend)
         n = int(nodes[b]) + 1
