@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from vllm import _custom_ops as vllm_ops  # noqa: E402
 
 from ddtree import ops  # noqa: E402
-from ddtree.vllm.cpu_attention import cpu_kv_views, move_cache_rows, paged_kv_views  # noqa: E402
+from ddtree.vllm.cpu_attention import paged_kv_views  # noqa: E402
 
 NUM_BLOCKS, HEADS, BLOCK, D = 6, 2, 32, 32
 
@@ -64,17 +64,23 @@ def test_tree_verification_on_the_cache_equals_tree_attention(seed):
         torch.testing.assert_close(got[b, :, :n], want[b, :, :n], rtol=1e-5, atol=1e-5)
 
 
-def test_move_cache_rows_reads_before_writing():
+def test_accepted_paths_move_on_the_cache_in_place():
+    """The runner's KV move on CPU: paged_compact_kv over every layer's paged_kv_views, on what vLLM wrote.
+    Request 0 (context 28, blocks 1, 4) accepts slots 0, 3, 1, 2 (positions 29-31 read and overwritten, across
+    its block boundary at 32); request 1 (context 5, block 0) accepts 0, 1 (in place)."""
     torch.manual_seed(1)
     slots = list(range(NUM_BLOCKS * BLOCK))
     keys, values = torch.randn(len(slots), HEADS, D), torch.randn(len(slots), HEADS, D)
-    cache = written_cache(slots, keys, values)
-    # Swap slots 33 and 70, copy 5 -> 6, and copy slot 7 onto itself.
-    src, dst = torch.tensor([33, 70, 5, 7]), torch.tensor([70, 33, 6, 7])
-    move_cache_rows(cache, src // BLOCK, src % BLOCK, dst // BLOCK, dst % BLOCK)
+    caches = [written_cache(slots, keys, values), written_cache(slots, 2 * keys, 2 * values)]
+    table = torch.tensor([[1, 4], [0, 2]], dtype=torch.int32)
+    accepted = torch.tensor([[0, 3, 1, 2], [0, 1, -1, -1]])
+    ops.paged_compact_kv([view for c in caches for view in paged_kv_views(c)], table, torch.tensor([28, 5]),
+                         accepted, torch.tensor([4, 2], dtype=torch.int32))
+    slot_of = lambda b, p: int(table[b, p // BLOCK]) * BLOCK + p % BLOCK  # noqa: E731
     want_k, want_v = keys.clone(), values.clone()
-    want_k[dst], want_v[dst] = keys[src], values[src]
-    k, v = cpu_kv_views(cache)  # [nb, H, d, bs], [nb, H, bs, d]
-    got_k = k.permute(0, 3, 1, 2).reshape(-1, HEADS, D)
-    got_v = v.permute(0, 2, 1, 3).reshape(-1, HEADS, D)
-    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    for i, a in enumerate([0, 3, 1, 2]):
+        want_k[slot_of(0, 28 + i)], want_v[slot_of(0, 28 + i)] = keys[slot_of(0, 28 + a)], values[slot_of(0, 28 + a)]
+    for scale, cache in zip((1, 2), caches):
+        k, v = paged_kv_views(cache)  # [num_blocks, BLOCK, H, d]
+        assert torch.equal(k.reshape(-1, HEADS, D), scale * want_k)
+        assert torch.equal(v.reshape(-1, HEADS, D), scale * want_v)

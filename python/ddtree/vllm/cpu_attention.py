@@ -43,14 +43,6 @@ def paged_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return keys.permute(0, 3, 1, 2), values.permute(0, 2, 1, 3)
 
 
-def move_cache_rows(kv_cache: torch.Tensor, src_blocks, src_offsets, dst_blocks, dst_offsets) -> None:
-    """Move the key and value rows (block, offset) -> (block, offset) of one layer's CPU_ATTN cache, every
-    read before any write (the right-hand sides are gathered first)."""
-    keys, values = cpu_kv_views(kv_cache)
-    keys[dst_blocks, :, :, dst_offsets] = keys[src_blocks, :, :, src_offsets]
-    values[dst_blocks, :, dst_offsets] = values[src_blocks, :, src_offsets]
-
-
 class DDTreeCPUBackend(CPUAttentionBackend):
     @staticmethod
     def get_impl_cls() -> type["DDTreeCPUImpl"]:

@@ -39,20 +39,10 @@ from vllm.v1.worker import gpu_model_runner as gmr
 
 from .. import ops
 from . import check_config
-from .attention import chain_mask
+from .attention import chain_mask, move_cache_rows
 from .proposer import DDTreeProposer
 from .tree_call import TreeCall, set_tree_call
 
-
-def _move_cache_rows():
-    """The KV row mover of the cache layout the plugin's backend uses on this platform."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        from .cpu_attention import move_cache_rows
-    else:
-        from .attention import move_cache_rows
-    return move_cache_rows
 
 _SAMPLING_EPS = 1e-5  # vLLM's: a temperature below this is greedy
 
@@ -273,17 +263,24 @@ def _move_accepted(self, step: _Step, accepted: torch.Tensor, accept_len: torch.
     """Put each tree's accepted path where a chain's would be: KV at positions context + 1..a, and the
     rows of the step's hidden states and input ids at query rows 1..a; positions back to a chain's.
     Every copy reads before any writes (a node's slot is never below its depth, the slot it moves to)."""
-    b, src, dst = _moves(step, accepted, accept_len, compact=accepted.device.type == "cpu")
+    on_cpu = accepted.device.type == "cpu"
+    b, src, dst = _moves(step, accepted, accept_len, compact=on_cpu)
     if b is not None:
-        context, starts = step.context_t[b], step.starts_t[b]
-        move_cache_rows = _move_cache_rows()
+        B = step.context.shape[0]
         for group_id, caches in _target_caches(self):
-            table = self.input_batch.block_table[group_id].get_device_tensor(step.context.shape[0])
+            table = self.input_batch.block_table[group_id].get_device_tensor(B)
+            if on_cpu:  # every layer's K and V in one call; paths already in place copy onto themselves
+                from .cpu_attention import paged_kv_views
+                views = [view for kv in caches for view in paged_kv_views(kv)]
+                torch.ops.ddtree.paged_compact_kv(views, table.to(torch.int32), step.context_t,
+                                                  accepted.long(), accept_len)
+                continue
             block_size = self.kv_cache_config.kv_cache_groups[group_id].kv_cache_spec.block_size
-            src_pos, dst_pos = context + src, context + dst
+            src_pos, dst_pos = step.context_t[b] + src, step.context_t[b] + dst
             src_blocks, dst_blocks = table[b, src_pos // block_size].long(), table[b, dst_pos // block_size].long()
             for kv in caches:
                 move_cache_rows(kv, src_blocks, src_pos % block_size, dst_blocks, dst_pos % block_size)
+        starts = step.starts_t[b]
         src_rows, dst_rows = starts + src, starts + dst
         tensors = [self.input_ids.gpu]
         if step.hidden is not None:
