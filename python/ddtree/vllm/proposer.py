@@ -71,6 +71,7 @@ class DDTreeProposer(DFlashProposer):
         self.force_chain = False  # draft the top-1 chain of min(budget, depth) tokens (`ddtree profile --vllm`)
         self.tree = None  # this round's ops.build_tree result ([B, N + 1] tensors); the next step verifies it
         self.tree_rows: dict[str, int] = {}  # request id -> its row of self.tree (empty: the step drafted chains)
+        self.tree_drafts: dict[str, list[int]] = {}  # request id -> the tree's node tokens it returned as the draft
         self.rounds = {"tree": 0, "chain": 0, "priced": 0}  # drafting rounds of each kind; rounds priced
         self._unpriced_chains, self._chain_len = 0, 0  # rounds left to draft the last chosen chain unpriced
         self.acceptance = AcceptanceScale(self.depth + 1)  # measured / predicted draft tokens, tree and chain
@@ -107,7 +108,7 @@ class DDTreeProposer(DFlashProposer):
             self.acceptance.round(self._runner.input_batch.req_ids[:B],
                                   self._runner.input_batch.num_computed_tokens_cpu[:B])
             self._draft_logits = None
-            self.tree, self.tree_rows = None, {}
+            self.tree, self.tree_rows, self.tree_drafts = None, {}, {}
             self.rounds["chain"] += 1
             return chain[:, : self._chain_len].tolist()
         logits = self._draft_logits.view(B, self.depth, -1)[..., : self.vocab_size]
@@ -144,15 +145,17 @@ class DDTreeProposer(DFlashProposer):
             self.acceptance.round(req_ids, self._runner.input_batch.num_computed_tokens_cpu[:B],
                                   "chain" if chain else "tree", [row[-3 if chain else -4] * 1e-6 for row in rows])
         if choice is not None and chain:  # chains: vLLM verifies them as its own DFlash drafts
-            self.tree, self.tree_rows = None, {}
+            self.tree, self.tree_rows, self.tree_drafts = None, {}, {}
             self.rounds["chain"] += 1
             k, first = rows[0][-1], N + 1
             if not self.force_chain:  # the next rounds draft this chain without pricing (see CHAIN_ROUNDS)
                 self._unpriced_chains, self._chain_len = CHAIN_ROUNDS - 1, k
             return [row[first : first + k] for row in rows]
+        drafts = [row[1 : row[0] + 1] for row in rows]
         self.tree, self.tree_rows = tree, {req_id: b for b, req_id in enumerate(req_ids)}
+        self.tree_drafts = dict(zip(req_ids, drafts))
         self.rounds["tree"] += 1
-        return [row[1 : row[0] + 1] for row in rows]
+        return drafts
 
     def _chain_choice(self, logprobs, context, tree, cost, draft_cost: float, N: int):
         """(use_chain 0-d bool, chain length 0-d int) on the device, or None where chains are not priced

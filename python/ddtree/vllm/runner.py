@@ -103,61 +103,71 @@ def _plan(self, step: _Step, drafts: dict) -> None:
     preemption), their depth-based positions and the target forward's tree call."""
     B = self.input_batch.num_reqs
     req_ids = self.input_batch.req_ids[:B]
-    ks = np.array([len(drafts.get(r, ())) for r in req_ids], dtype=np.int64)
     tree = self.drafter.tree
-    rows_of = self.drafter.tree_rows
-    src = np.array([rows_of.get(r, -1) for r in req_ids], dtype=np.int64)
+    rows_of, proposed = self.drafter.tree_rows, self.drafter.tree_drafts
+    scheduled = [drafts.get(r, ()) for r in req_ids]
+    ks = np.fromiter(map(len, scheduled), dtype=np.int64, count=B)
+    src = np.fromiter((rows_of.get(r, -1) for r in req_ids), dtype=np.int64, count=B)
+    # A request verifies its proposer's tree when its draft is that tree's first k nodes (the scheduler may
+    # cut a draft short); compared on the host, where both lists already are.
+    is_tree = np.fromiter((k > 0 and s >= 0 and list(d) == proposed[r][:k]
+                           for r, d, k, s in zip(req_ids, scheduled, ks, src)), dtype=bool, count=B)
     starts = self.query_start_loc.np[:B].astype(np.int64)
     q_lens = self.query_start_loc.np[1 : B + 1].astype(np.int64) - starts
     context = self.input_batch.num_computed_tokens_cpu[:B].astype(np.int64)
-    T = int(ks.max()) + 1
+    T, W = int(ks.max()) + 1, (int(ks.max()) + 32) // 32
     col = np.arange(T)
     members = np.nonzero((q_lens > 0) & (q_lens <= T))[0]  # in the tree call; the rest: long prompt chunks
     real = col[None] < q_lens[members, None]  # [M, T] the call's real slots
     flat_rows = starts[members, None] + col[None]
+    dense = len(members) == B and bool((q_lens == T).all())  # the call is the step's first B * T rows
     device = self.positions.device
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731 host -> device
-
-    # The scheduled tokens of every request as [B, T] (root + draft; 0 past its query rows).
     own = col[None] < np.minimum(q_lens, T)[:, None]  # [B, T] the slots a request's query owns
     own_t = to(own)
-    tokens = self.input_ids.gpu[to(np.where(own, starts[:, None] + col[None], 0))].long()
-    tokens = torch.where(own_t, tokens, torch.zeros_like(tokens))
-    # A request verifies its proposer's tree when it has a draft and the draft is that tree's first k nodes.
-    idx = torch.arange(T, device=device)
-    chain_parents = (idx - 1).to(torch.int32).expand(B, T)
-    is_tree = to((ks > 0) & (src >= 0))
-    if tree is not None and tree.tokens.shape[1] >= T:
-        safe = to(np.maximum(src, 0))
-        t_tokens, t_parents = tree.tokens[safe, :T].long(), tree.parents[safe, :T]
-        t_depths, t_mask = tree.depths[safe, :T].long(), tree.tree_mask[safe, :T, : (T + 31) // 32]
-        in_draft = to(col[None] <= ks[:, None])
-        is_tree = is_tree & ((t_tokens == tokens) | ~in_draft | (idx[None] == 0)).all(dim=1)
-    else:
-        is_tree = torch.zeros_like(is_tree)
-        t_parents, t_depths = chain_parents, idx.expand(B, T)
-        t_mask = chain_mask(T, device).expand(B, T, (T + 31) // 32)
-    parents = torch.where(is_tree[:, None], t_parents, chain_parents)
-    depths = torch.where(is_tree[:, None], t_depths, idx[None].expand(B, T))
-    mask = torch.where(is_tree[:, None, None], t_mask, chain_mask(T, device)[None])
+
+    if is_tree.all() and (src == np.arange(B)).all():
+        # Every request verifies its own tree, rows in the proposer's order (requests that finished since
+        # were the last rows): the trees' tensors as they are.
+        tokens, parents = tree.tokens[:B, :T].long(), tree.parents[:B, :T]
+        depths, mask = tree.depths[:B, :T].long(), tree.tree_mask[:B, :T, :W]
+    else:  # the scheduled tokens (root + draft, 0 past a request's query rows); chains where no tree
+        tokens = self.input_ids.gpu[to(np.where(own, starts[:, None] + col[None], 0))].long()
+        tokens = torch.where(own_t, tokens, torch.zeros_like(tokens))
+        idx = torch.arange(T, device=device)
+        chain_parents, chain_depths = (idx - 1).to(torch.int32).expand(B, T), idx.expand(B, T)
+        chain = chain_mask(T, device).expand(B, T, W)
+        if tree is not None and is_tree.any():
+            safe, tree_t = to(np.maximum(src, 0)), to(is_tree)
+            parents = torch.where(tree_t[:, None], tree.parents[safe, :T], chain_parents)
+            depths = torch.where(tree_t[:, None], tree.depths[safe, :T].long(), chain_depths)
+            mask = torch.where(tree_t[:, None, None], tree.tree_mask[safe, :T, :W], chain)
+        else:
+            parents, depths, mask = chain_parents, chain_depths, chain
 
     # Rotary positions: context + depth (a chain's depth is its row, so only trees change).
-    m = to(members)
-    ctx_m = to(context[members])
     picks = (np.arange(len(members))[:, None] * T + col[None])[real]  # the real slots in the call's [M * T]
-    tree_positions = (ctx_m[:, None] + depths[m]).reshape(-1)[to(picks)]
-    self.positions[to(flat_rows[real])] = tree_positions.to(self.positions.dtype)
+    if dense:
+        m, ctx_m = to(np.arange(B)), to(context)
+        tree_positions = (ctx_m[:, None] + depths).reshape(-1)
+        self.positions[: B * T] = tree_positions.to(self.positions.dtype)
+        call_mask = mask.contiguous()
+    else:
+        m, ctx_m = to(members), to(context[members])
+        tree_positions = (ctx_m[:, None] + depths[m]).reshape(-1)[to(picks)]
+        self.positions[to(flat_rows[real])] = tree_positions.to(self.positions.dtype)
+        call_mask = mask[m].contiguous()
     step.call = TreeCall(members=m, members_np=members, slots=to(np.where(real, flat_rows, -1)),
                          gather=to(np.where(real, flat_rows, 0).reshape(-1)), rows=to(flat_rows[real]),
-                         picks=to(picks), context_lens=ctx_m,
-                         tree_mask=mask[m].contiguous(), num_nodes=to(q_lens[members] - 1).to(torch.int32),
+                         picks=to(picks), context_lens=ctx_m, tree_mask=call_mask,
+                         num_nodes=to((q_lens[members] - 1).astype(np.int32)),
                          max_len=int((context[members] + T).max()), others=len(members) < int((q_lens > 0).sum()),
-                         dense=len(members) == B and bool((q_lens == T).all()))
-    step.chain_positions = to((context[members, None] + col[None])[real]).to(self.positions.dtype)
+                         dense=dense)
+    step.chain_positions = to((context[members, None] + col[None])[real].astype(np.int64)).to(self.positions.dtype)
     step.context, step.starts, step.q_lens = context, starts, q_lens
     step.context_t, step.starts_t = to(context), to(starts)
     step.own_slots = own_t
-    step.tokens, step.parents, step.is_tree = tokens, parents, is_tree & to(ks > 0)
+    step.tokens, step.parents, step.is_tree = tokens, parents, to(is_tree & (ks > 0))
 
 
 def _build_attention_metadata(orig):
