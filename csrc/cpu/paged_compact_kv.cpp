@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -80,27 +81,46 @@ void paged_compact_kv(const std::vector<at::Tensor>& caches, const at::Tensor& b
       const int64_t d = cache.size(3), row_bytes = d * elem;
       const int64_t s_block = cache.stride(0) * elem, s_slot = cache.stride(1) * elem, s_head = cache.stride(2) * elem;
       const int64_t s_chan = cache.stride(3) * elem;
-      // A cache row to (to_scratch) or from contiguous scratch.
+      // A cache row to (to_scratch) or from contiguous scratch; strided rows element by element, typed so
+      // that each element is one load and one store.
+      const auto strided_copy = [&](auto tag, char* row_ptr, char* packed, bool to_scratch) {
+        using T = decltype(tag);
+        T* p = reinterpret_cast<T*>(packed);
+        for (int64_t c = 0; c < d; ++c) {
+          T* r = reinterpret_cast<T*>(row_ptr + c * s_chan);
+          to_scratch ? (void)(p[c] = *r) : (void)(*r = p[c]);
+        }
+      };
       const auto copy_row = [&](char* row_ptr, char* packed, bool to_scratch) {
         if (s_chan == elem) {
           to_scratch ? std::memcpy(packed, row_ptr, row_bytes) : std::memcpy(row_ptr, packed, row_bytes);
-          return;
+        } else if (elem == 2) {
+          strided_copy(uint16_t{}, row_ptr, packed, to_scratch);
+        } else if (elem == 4) {
+          strided_copy(uint32_t{}, row_ptr, packed, to_scratch);
+        } else if (elem == 8) {
+          strided_copy(uint64_t{}, row_ptr, packed, to_scratch);
+        } else {
+          for (int64_t c = 0; c < d; ++c)
+            to_scratch ? std::memcpy(packed + c * elem, row_ptr + c * s_chan, elem)
+                       : std::memcpy(row_ptr + c * s_chan, packed + c * elem, elem);
         }
-        for (int64_t c = 0; c < d; ++c)
-          to_scratch ? std::memcpy(packed + c * elem, row_ptr + c * s_chan, elem)
-                     : std::memcpy(row_ptr + c * s_chan, packed + c * elem, elem);
       };
       char* base = static_cast<char*>(cache.data_ptr());
       const auto row = [&](int64_t p) {
         return base + table[b * max_blocks + p / block_size] * s_block + (p % block_size) * s_slot;
       };
       scratch.resize(a * H * row_bytes);
+      // A row already in place (slots[i] == i) is skipped: only row i writes position ctx + i, and every
+      // read happens before any write, so copying it onto itself changes nothing.
       for (int64_t i = 0; i < a; ++i)
-        for (int64_t h = 0; h < H; ++h)
-          copy_row(row(ctx[b] + slots[b * A + i]) + h * s_head, scratch.data() + (i * H + h) * row_bytes, true);
+        if (slots[b * A + i] != i)
+          for (int64_t h = 0; h < H; ++h)
+            copy_row(row(ctx[b] + slots[b * A + i]) + h * s_head, scratch.data() + (i * H + h) * row_bytes, true);
       for (int64_t i = 0; i < a; ++i)
-        for (int64_t h = 0; h < H; ++h)
-          copy_row(row(ctx[b] + i) + h * s_head, scratch.data() + (i * H + h) * row_bytes, false);
+        if (slots[b * A + i] != i)
+          for (int64_t h = 0; h < H; ++h)
+            copy_row(row(ctx[b] + i) + h * s_head, scratch.data() + (i * H + h) * row_bytes, false);
     }
   });
 }
