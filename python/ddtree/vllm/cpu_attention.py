@@ -77,7 +77,10 @@ class DDTreeCPUImpl(CPUAttentionBackendImpl):
                                       "no alibi, sliding window, soft cap or sinks")
         if call.others:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
-        keys, values = paged_kv_views(kv_cache)
+        views = self.__dict__.get("_ddtree_views")
+        if views is None or views[0] is not kv_cache:  # the layer's cache is allocated once: its views too
+            views = self._ddtree_views = (kv_cache, *paged_kv_views(kv_cache))
+        _, keys, values = views
         M, T = call.tree_mask.shape[:2]
         H, d = self.num_heads, self.head_size
         rows = query.view(-1, H, d)

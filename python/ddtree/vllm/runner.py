@@ -30,6 +30,8 @@ is an independent draw from the target's distribution there, and the walk follow
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -117,14 +119,16 @@ def _plan(self, step: _Step, drafts: dict) -> None:
     context = self.input_batch.num_computed_tokens_cpu[:B].astype(np.int64)
     T, W = int(ks.max()) + 1, (int(ks.max()) + 32) // 32
     col = np.arange(T)
-    members = np.nonzero((q_lens > 0) & (q_lens <= T))[0]  # in the tree call; the rest: long prompt chunks
-    real = col[None] < q_lens[members, None]  # [M, T] the call's real slots
-    flat_rows = starts[members, None] + col[None]
-    dense = len(members) == B and bool((q_lens == T).all())  # the call is the step's first B * T rows
     device = self.positions.device
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731 host -> device
-    own = col[None] < np.minimum(q_lens, T)[:, None]  # [B, T] the slots a request's query owns
-    own_t = to(own)
+    dense = bool((q_lens == T).all())  # every request in the call with T rows: the step's first B * T rows
+    if dense:
+        own = None
+        members, flat, num_nodes, own_t, chain_rows = _dense_indices(B, T, device)
+    else:
+        members = np.nonzero((q_lens > 0) & (q_lens <= T))[0]  # in the tree call; the rest: long prompt chunks
+        own = col[None] < np.minimum(q_lens, T)[:, None]  # [B, T] the slots a request's query owns
+        own_t = to(own)
 
     if is_tree.all() and (src == np.arange(B)).all():
         # Every request verifies its own tree, rows in the proposer's order (requests that finished since
@@ -132,6 +136,7 @@ def _plan(self, step: _Step, drafts: dict) -> None:
         tokens, parents = tree.tokens[:B, :T].long(), tree.parents[:B, :T]
         depths, mask = tree.depths[:B, :T].long(), tree.tree_mask[:B, :T, :W]
     else:  # the scheduled tokens (root + draft, 0 past a request's query rows); chains where no tree
+        own = np.ones((B, T), dtype=bool) if own is None else own
         tokens = self.input_ids.gpu[to(np.where(own, starts[:, None] + col[None], 0))].long()
         tokens = torch.where(own_t, tokens, torch.zeros_like(tokens))
         idx = torch.arange(T, device=device)
@@ -146,28 +151,41 @@ def _plan(self, step: _Step, drafts: dict) -> None:
             parents, depths, mask = chain_parents, chain_depths, chain
 
     # Rotary positions: context + depth (a chain's depth is its row, so only trees change).
-    picks = (np.arange(len(members))[:, None] * T + col[None])[real]  # the real slots in the call's [M * T]
-    if dense:
-        m, ctx_m = to(np.arange(B)), to(context)
-        tree_positions = (ctx_m[:, None] + depths).reshape(-1)
-        self.positions[: B * T] = tree_positions.to(self.positions.dtype)
-        call_mask = mask.contiguous()
+    if dense:  # no gathers: request b's slots are rows b * T ..
+        ctx_m = to(context)
+        self.positions[: B * T] = (ctx_m[:, None] + depths).reshape(-1)
+        step.call = TreeCall(members=members, members_np=np.arange(B), slots=flat.view(B, T), gather=flat, rows=flat,
+                             picks=flat, context_lens=ctx_m, tree_mask=mask.contiguous(), num_nodes=num_nodes,
+                             max_len=int(context.max()) + T, others=False, dense=True)
+        step.chain_positions = (ctx_m[:, None] + chain_rows).reshape(-1)  # context + row
     else:
+        real = col[None] < q_lens[members, None]  # [M, T] the call's real slots
+        flat_rows = starts[members, None] + col[None]
+        picks = (np.arange(len(members))[:, None] * T + col[None])[real]  # the real slots in the call's [M * T]
         m, ctx_m = to(members), to(context[members])
         tree_positions = (ctx_m[:, None] + depths[m]).reshape(-1)[to(picks)]
         self.positions[to(flat_rows[real])] = tree_positions.to(self.positions.dtype)
-        call_mask = mask[m].contiguous()
-    step.call = TreeCall(members=m, members_np=members, slots=to(np.where(real, flat_rows, -1)),
-                         gather=to(np.where(real, flat_rows, 0).reshape(-1)), rows=to(flat_rows[real]),
-                         picks=to(picks), context_lens=ctx_m, tree_mask=call_mask,
-                         num_nodes=to((q_lens[members] - 1).astype(np.int32)),
-                         max_len=int((context[members] + T).max()), others=len(members) < int((q_lens > 0).sum()),
-                         dense=dense)
-    step.chain_positions = to((context[members, None] + col[None])[real].astype(np.int64)).to(self.positions.dtype)
+        step.call = TreeCall(members=m, members_np=members, slots=to(np.where(real, flat_rows, -1)),
+                             gather=to(np.where(real, flat_rows, 0).reshape(-1)), rows=to(flat_rows[real]),
+                             picks=to(picks), context_lens=ctx_m, tree_mask=mask[m].contiguous(),
+                             num_nodes=to((q_lens[members] - 1).astype(np.int32)),
+                             max_len=int((context[members] + T).max()),
+                             others=len(members) < int((q_lens > 0).sum()))
+        step.chain_positions = to((context[members, None] + col[None])[real]).to(self.positions.dtype)
     step.context, step.starts, step.q_lens = context, starts, q_lens
-    step.context_t, step.starts_t = to(context), to(starts)
+    step.context_t, step.starts_t = ctx_m if dense else to(context), to(starts)
     step.own_slots = own_t
     step.tokens, step.parents, step.is_tree = tokens, parents, to(is_tree & (ks > 0))
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_indices(B: int, T: int, device: torch.device):
+    """A dense call's index tensors, made once per (B, T) and only read: the members 0..B-1, the flat query
+    rows 0..B*T-1 (its gather, rows and picks alike), num_nodes (T - 1 each, i32), the [B, T] slots each
+    request owns (all) and the rows 0..T-1 of a chain."""
+    return (torch.arange(B, device=device), torch.arange(B * T, device=device),
+            torch.full((B,), T - 1, dtype=torch.int32, device=device), torch.ones(B, T, dtype=torch.bool, device=device),
+            torch.arange(T, device=device))
 
 
 def _build_attention_metadata(orig):
@@ -279,11 +297,9 @@ def _move_accepted(self, step: _Step, accepted: torch.Tensor, accept_len: torch.
         B = step.context.shape[0]
         for group_id, caches in _target_caches(self):
             table = self.input_batch.block_table[group_id].get_device_tensor(B)
-            if on_cpu:  # every layer's K and V in one call; paths already in place copy onto themselves
-                from .cpu_attention import paged_kv_views
-                views = [view for kv in caches for view in paged_kv_views(kv)]
-                torch.ops.ddtree.paged_compact_kv(views, table.to(torch.int32), step.context_t,
-                                                  accepted.long(), accept_len)
+            if on_cpu:  # every layer's K and V in one call (rows already in place are skipped)
+                torch.ops.ddtree.paged_compact_kv(_paged_views(self, group_id, caches), table.to(torch.int32),
+                                                  step.context_t, accepted.long(), accept_len)
                 continue
             block_size = self.kv_cache_config.kv_cache_groups[group_id].kv_cache_spec.block_size
             src_pos, dst_pos = step.context_t[b] + src, step.context_t[b] + dst
@@ -302,6 +318,18 @@ def _move_accepted(self, step: _Step, accepted: torch.Tensor, accept_len: torch.
     # Positions back to the chain's (context + row), rejected rows included: the DFlash drafter takes
     # its block's positions from the segment's last row.
     self.positions[step.call.rows] = step.chain_positions
+
+
+def _paged_views(self, group_id: int, caches: list) -> list:
+    """The group's CPU_ATTN caches as paged_compact_kv's K and V views, made once per set of caches (vLLM
+    allocates them once; dozens of view ops a step otherwise)."""
+    from .cpu_attention import paged_kv_views
+
+    cached = self.__dict__.setdefault("_ddtree_paged_views", {})
+    key = tuple(kv.data_ptr() for kv in caches)
+    if group_id not in cached or cached[group_id][0] != key:
+        cached[group_id] = (key, [view for kv in caches for view in paged_kv_views(kv)])
+    return cached[group_id][1]
 
 
 def _moves(step: _Step, accepted: torch.Tensor, accept_len: torch.Tensor, compact: bool):
