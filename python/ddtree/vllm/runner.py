@@ -130,6 +130,8 @@ def _plan(self, step: _Step, drafts: dict) -> None:
         own = col[None] < np.minimum(q_lens, T)[:, None]  # [B, T] the slots a request's query owns
         own_t = to(own)
 
+    if tree is None or tree.tokens.shape[1] < T:  # no tree as wide as the step's drafts: chains only (a guard)
+        is_tree[:] = False
     if is_tree.all() and (src == np.arange(B)).all():
         # Every request verifies its own tree, rows in the proposer's order (requests that finished since
         # were the last rows): the trees' tensors as they are.
@@ -142,7 +144,7 @@ def _plan(self, step: _Step, drafts: dict) -> None:
         idx = torch.arange(T, device=device)
         chain_parents, chain_depths = (idx - 1).to(torch.int32).expand(B, T), idx.expand(B, T)
         chain = chain_mask(T, device).expand(B, T, W)
-        if tree is not None and is_tree.any():
+        if is_tree.any():
             safe, tree_t = to(np.maximum(src, 0)), to(is_tree)
             parents = torch.where(tree_t[:, None], tree.parents[safe, :T], chain_parents)
             depths = torch.where(tree_t[:, None], tree.depths[safe, :T].long(), chain_depths)
