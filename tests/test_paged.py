@@ -176,6 +176,37 @@ def test_paged_tree_attention_reads_cpu_attn_layout_in_place(shape, block_size, 
         assert torch.isfinite(out[b, :, n + 1:]).all(), "rows past num_nodes must be finite"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_tree_attention_never_reads_an_unseen_slot(dtype):
+    """CPU: a tree slot's key and value are read only for the rows that see it. With NaN in the last slot's K
+    and V (seen by itself alone: no node comes after it), every other row equals the reference computed with
+    finite values there, and the last row is NaN."""
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, T, d, block_size = 3, 4, 2, 9, 32, 16
+    ctx = torch.tensor([0, 20, 37])
+    tree = make_tree(B, T, gen, ctx)
+    S = int(ctx.max()) + T
+    q, k, v = make_qkv(B, Hq, Hkv, T, d, S, dtype, gen)
+    table, num_blocks = make_table(B, math.ceil(S / block_size), 1, gen)
+    cache = torch.zeros(num_blocks, Hkv, block_size, 2 * d, dtype=dtype)
+    keys, values = cpu_attn_views(cache)
+    k_nan, v_nan = k.clone(), v.clone()
+    for b in range(B):
+        last = int(ctx[b]) + int(tree.num_nodes[b])
+        k_nan[b, :, last], v_nan[b, :, last] = float("nan"), float("nan")
+    page(k_nan, table, keys)
+    page(v_nan, table, values)
+    out = ddtree.paged_tree_attention(q, keys, values, table, ctx, tree.tree_mask, tree.num_nodes, 0.2)
+    expected = ref.tree_attention(q, k, v, ctx, tree.tree_mask, tree.num_nodes, 0.2)
+    for b in range(B):
+        n = int(tree.num_nodes[b])
+        assert n >= 1, "the test needs a tree with nodes"
+        vmax = float(v[b].double().abs().max())
+        got, exp = out[b, :, :n].double(), expected[b, :, :n]
+        assert ((got - exp).abs() <= tolerance(dtype) * (vmax + exp.abs())).all(), f"request {b}"
+        assert torch.isnan(out[b, :, n]).all(), "the slot's own row sees its NaN"
+
+
 # --------------------------------------------------------------------------------------------------
 # paged_compact_kv
 

@@ -7,8 +7,8 @@
 // each key and value is read once for G heads; the visible positions [0, ctx + num_nodes] walked block by
 // block: logits = rows @ keys [d, positions] (small_gemm.h; in place when the cache holds the keys so in
 // fp32, as CPU_ATTN does, widened into scratch otherwise); the tree slots a row does not see set to -inf;
-// one exact softmax per row in fp32; outputs += weights @ values [positions, d]. A row that sees no key
-// outputs zeros. Small calls (a batch-1 step of a small model) run on the calling thread: on a busy
+// one exact softmax per row in fp32; outputs += weights @ values [positions, d] over the context, and each
+// tree slot's value added to the rows that see it only. A row that sees no key outputs zeros. Small calls (a batch-1 step of a small model) run on the calling thread: on a busy
 // 2-core machine every parallel region waits for a descheduled thread.
 // Only positions [0, ctx + num_nodes] are read, so only their blocks' table entries are checked.
 #include <ATen/ATen.h>
@@ -109,9 +109,9 @@ void attend_unit(const scalar_t* q, const int64_t qs[3], const Strided<scalar_t>
     inv[r] = 1.0f / sum;
   }
 
-  // Values, block by block: acc += weights[:, block] @ values of the block ([positions, d] rows).
-  for (int64_t p0 = 0; p0 < visible; p0 += block_size) {
-    const int64_t cnt = std::min(block_size, visible - p0);
+  // Values of the context, block by block: acc += weights[:, block] @ values of the block ([positions, d]).
+  for (int64_t p0 = 0; p0 < ctx; p0 += block_size) {
+    const int64_t cnt = std::min(block_size, ctx - p0);
     const scalar_t* vb = v.row(blocks[p0 / block_size], 0, h);
     const float* vc;
     int64_t vstride;
@@ -126,6 +126,23 @@ void attend_unit(const scalar_t* q, const int64_t qs[3], const Strided<scalar_t>
       vstride = d;
     }
     gemm_acc(s.acc.data(), d, s.logits.data() + p0, visible, vc, vstride, R, d, cnt);
+  }
+  // The tree slots' values, each into the rows that see it only: a slot a row does not see is never read
+  // for it (its value may be anything, even non-finite, and leave the row unchanged).
+  s.values.resize(d);
+  for (int64_t j = 0; j <= n; ++j) {
+    const int64_t p = ctx + j;
+    const scalar_t* vr = v.row(blocks[p / block_size], p % block_size, h);
+    for (int64_t c = 0; c < d; ++c) s.values[c] = static_cast<float>(vr[c * v.s3]);
+    for (int64_t i = 0; i < T; ++i) {
+      if (!((static_cast<uint32_t>(mask[i * W + j / 32]) >> (j % 32)) & 1u)) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = g * T + i;
+        const float w = s.logits[r * visible + p];
+        float* a = s.acc.data() + r * d;
+        for (int64_t c = 0; c < d; ++c) a[c] += w * s.values[c];
+      }
+    }
   }
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < T; ++i) {
