@@ -444,6 +444,11 @@ def test_batch_and_ragged_values_follow_the_documented_model():
                                rtol=1e-12)
     # Drafter rounds: linear between profiled sizes, last slope past them.
     assert [model.draft_cost_at(B) for B in (1, 4, 10, 16, 28)] == pytest.approx([1.0, 1.5, 2.25, 3.0, 4.5])
+    # Profiled at batch size 1 alone (`ddtree profile --vllm --batches 1`): the batch-1 round at every size,
+    # not an IndexError in the engine's first step of two requests.
+    one = CostModel.fit([0, 4], [0], [[[1.0, 5.0]]], 2.0, batch_sizes=[1], batch_draft_ms=[])
+    assert [one.draft_cost_at(B) for B in (1, 2, 64)] == [2.0, 2.0, 2.0]
+    assert CostModel.from_dict(one.to_dict()).draft_cost_at(8) == 2.0
 
 
 @pytest.mark.parametrize("B", [1, 3, 4, 16, 50])

@@ -256,7 +256,7 @@ class CostModel:
         the last segment's slope (>= 0) past the largest; :attr:`draft_cost` at every size if the drafter
         was not profiled per batch size."""
         B = _check_batch_size(batch_size)
-        if self.batch_draft_ms is None:
+        if not self.batch_draft_ms:  # None, or profiled at batch size 1 alone: no slope to extrapolate
             return self.draft_cost
         sizes = np.asarray(self.batch_sizes, dtype=np.float64)
         drafts = np.asarray([self.draft_cost, *self.batch_draft_ms])
